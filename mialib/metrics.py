@@ -1,0 +1,138 @@
+"""Attack-agnostic metrics on scikit-learn, with the calibration -> test protocol.
+
+Scores follow one convention: higher means "member". Labels are 1 for members, 0 for non-members.
+Thresholds and every other choice are made on the calibration split and applied once to the test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score, roc_curve
+
+FPR_TARGETS = (0.01, 0.001)
+
+
+def _check(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise ValueError(f"labels and scores must be 1-d arrays of one length, got {labels.shape} and {scores.shape}")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or infinite; drop or fix them first")
+    if set(np.unique(labels)) != {0, 1}:
+        raise ValueError("labels must contain both members (1) and non-members (0), and nothing else")
+    return labels.astype(int), scores
+
+
+def auc(labels, scores) -> float:
+    labels, scores = _check(labels, scores)
+    return float(roc_auc_score(labels, scores))
+
+
+def tpr_at_fpr(labels, scores, fpr_target: float) -> float:
+    """TPR at the largest ROC false-positive rate not above ``fpr_target`` (never the nearest one)."""
+    labels, scores = _check(labels, scores)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(tpr[fpr <= fpr_target].max())
+
+
+def balanced_accuracy_at(labels, scores, threshold: float) -> float:
+    """Mean of TPR and TNR when "member" means ``score >= threshold``."""
+    labels, scores = _check(labels, scores)
+    predicted = scores >= threshold
+    return float(0.5 * (predicted[labels == 1].mean() + (~predicted[labels == 0]).mean()))
+
+
+def rates_at(labels, scores, threshold: float) -> tuple[float, float]:
+    """(TPR, FPR) when "member" means ``score >= threshold``."""
+    labels, scores = _check(labels, scores)
+    predicted = scores >= threshold
+    return float(predicted[labels == 1].mean()), float(predicted[labels == 0].mean())
+
+
+def best_accuracy_threshold(labels, scores) -> float:
+    """Threshold maximising balanced accuracy (the paper's ASR threshold), among the ROC thresholds."""
+    labels, scores = _check(labels, scores)
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    thresholds = np.where(np.isinf(thresholds), scores.max() + 1.0, thresholds)
+    return float(thresholds[np.argmax(tpr - fpr)])
+
+
+def threshold_at_fpr(labels, scores, fpr_target: float) -> float:
+    """Lowest threshold whose false-positive rate on these scores is not above ``fpr_target``."""
+    labels, scores = _check(labels, scores)
+    fpr, _, thresholds = roc_curve(labels, scores)
+    thresholds = np.where(np.isinf(thresholds), scores.max() + 1.0, thresholds)
+    return float(thresholds[fpr <= fpr_target].min())
+
+
+@dataclass
+class AttackMetrics:
+    """Test-split metrics of one attack, with thresholds transferred from the calibration split."""
+
+    auc: float
+    balanced_accuracy: float  # at the calibration threshold that maximised balanced accuracy there
+    threshold: float
+    tpr_at_1fpr: float  # on the test ROC (threshold-free)
+    tpr_at_01fpr: float
+    transfer_tpr_at_1fpr: float  # TPR at the threshold that gave FPR <= 1 % on calibration ...
+    transfer_fpr_at_1fpr: float  # ... and the FPR it actually reached on test
+    n_test_members: int
+    n_test_nonmembers: int
+    calibration_auc: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(cal_labels, cal_scores, test_labels, test_scores) -> AttackMetrics:
+    """Choose thresholds on calibration, report on test."""
+    cal_labels, cal_scores = _check(cal_labels, cal_scores)
+    test_labels, test_scores = _check(test_labels, test_scores)
+    threshold = best_accuracy_threshold(cal_labels, cal_scores)
+    low_fpr_threshold = threshold_at_fpr(cal_labels, cal_scores, 0.01)
+    transfer_tpr, transfer_fpr = rates_at(test_labels, test_scores, low_fpr_threshold)
+    return AttackMetrics(
+        auc=auc(test_labels, test_scores),
+        balanced_accuracy=balanced_accuracy_at(test_labels, test_scores, threshold),
+        threshold=threshold,
+        tpr_at_1fpr=tpr_at_fpr(test_labels, test_scores, 0.01),
+        tpr_at_01fpr=tpr_at_fpr(test_labels, test_scores, 0.001),
+        transfer_tpr_at_1fpr=transfer_tpr,
+        transfer_fpr_at_1fpr=transfer_fpr,
+        n_test_members=int((test_labels == 1).sum()),
+        n_test_nonmembers=int((test_labels == 0).sum()),
+        calibration_auc=auc(cal_labels, cal_scores),
+    )
+
+
+def evaluate_scores(scores: pd.DataFrame, by: tuple[str, ...] = ("attack",)) -> pd.DataFrame:
+    """Metrics per attack from a scores table (columns ``label, subset, score`` plus ``by``)."""
+    rows = []
+    for key, group in scores.groupby(list(by), sort=False):
+        cal = group[group["subset"] == "calibration"]
+        test = group[group["subset"] == "test"]
+        result = evaluate(cal["label"], cal["score"], test["label"], test["score"])
+        key = key if isinstance(key, tuple) else (key,)
+        rows.append({**dict(zip(by, key)), **result.as_dict()})
+    return pd.DataFrame(rows)
+
+
+def select_on_calibration(scores: pd.DataFrame, setting: str, allow_flip: bool = True) -> tuple[object, int, float]:
+    """Pick the setting (and score direction) with the highest calibration AUC.
+
+    ``scores`` holds raw scores of one attack for several values of the column ``setting``. Returns
+    (value, direction, calibration AUC after applying the direction). Test rows are never looked at.
+    """
+    cal = scores[scores["subset"] == "calibration"]
+    best = None
+    for value, group in cal.groupby(setting):
+        raw_auc = auc(group["label"], group["score"])
+        for direction in ((1, -1) if allow_flip else (1,)):
+            directed = raw_auc if direction == 1 else 1.0 - raw_auc
+            if best is None or directed > best[2]:
+                best = (value, direction, directed)
+    return best

@@ -1,0 +1,104 @@
+"""Execute every notebook at smoke size (papermill) and check the numbers it wrote against references."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from mialib import data, experiment
+from mialib.attacks.base import image_seed
+from mialib.target import load_target
+
+
+def test_all_notebooks_executed(smoke_outputs):
+    for name in experiment.NOTEBOOKS:
+        executed = smoke_outputs / "notebooks" / f"{name}.ipynb"
+        assert executed.exists()
+        cells = json.loads(executed.read_text())["cells"]
+        errors = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors
+    for figure in ("examples", "closest_cross_split_pairs", "memorisation_samples", "observation_ssim_vs_t", "trajectory_grid", "roc"):
+        for suffix in ("png", "pdf"):
+            assert (smoke_outputs / "figures" / f"{figure}.{suffix}").stat().st_size > 1000
+
+
+def test_01_split_counts_and_no_leak(smoke_outputs, smoke_params):
+    summary = json.loads((smoke_outputs / "data_split.json").read_text())
+    assert summary["shared_ids"] == summary["shared_groups"] == summary["shared_sha256s"] == 0
+    assert summary["near_duplicate_pairs"] == 0
+    assert summary["closest_pair_ssim"] < data.NEAR_DUPLICATE_SSIM
+    counts = {(r["split"], r["subset"]): r["images"] for r in summary["counts"]}
+    half = smoke_params["N_MEMBERS"] // 2
+    assert counts == {
+        ("public", ""): smoke_params["N_PUBLIC"],
+        ("member", "calibration"): smoke_params["N_MEMBERS"] - half,
+        ("member", "test"): half,
+        ("nonmember", "calibration"): smoke_params["N_NONMEMBERS"] - smoke_params["N_NONMEMBERS"] // 2,
+        ("nonmember", "test"): smoke_params["N_NONMEMBERS"] // 2,
+    }
+
+
+def test_02_observation_curve(smoke_outputs, smoke_params):
+    observation = pd.read_csv(smoke_outputs / "tables" / "observation.csv", index_col="t")
+    assert list(observation.index) == list(range(0, smoke_params["CURVE_T_MAX"] + 1, smoke_params["CURVE_STRIDE"]))
+    np.testing.assert_allclose(observation["difference"], observation["member"] - observation["nonmember"], atol=1e-12)
+    assert observation[["member", "nonmember"]].abs().le(1).all().all()
+    # SSIM falls as the inversion goes deeper, for both groups.
+    assert (observation["member"].iloc[-1] < observation["member"].iloc[0]) and (observation["nonmember"].iloc[-1] < observation["nonmember"].iloc[0])
+    # The t = 0 value is the VAE round trip, which 03 also reports as its own control.
+    scores = pd.read_parquet(smoke_outputs / "scores.parquet")
+    vae = scores[scores["attack"] == "VAE-only control"]
+    np.testing.assert_allclose(observation.loc[0, "member"], vae[vae["label"] == 1]["score"].mean(), atol=1e-9)
+    memorisation = pd.read_csv(smoke_outputs / "tables" / "memorisation.csv", index_col="split")
+    assert set(memorisation.index) == {"member", "nonmember"}
+
+
+def test_03_metrics_match_sklearn(smoke_outputs):
+    scores = pd.read_parquet(smoke_outputs / "scores.parquet")
+    table = pd.read_csv(smoke_outputs / "metrics.csv")
+    assert set(table["attack"]) == {"structural (paper)", "structural (calibrated)", "loss", "VAE-only control"}
+    assert not scores["score"].isna().any()
+    for row in table.itertuples():
+        rows = scores[(scores["attack"] == row.attack) & (scores["setting"] == row.setting)]
+        test = rows[rows["subset"] == "test"]
+        assert row.auc == pytest.approx(roc_auc_score(test["label"], test["score"]), abs=1e-12)
+        fpr, tpr, _ = roc_curve(test["label"], test["score"])
+        assert row.tpr_at_1fpr == pytest.approx(tpr[fpr <= 0.01].max(), abs=1e-12)
+        assert row.n_test_members == (test["label"] == 1).sum()
+    evals = table.set_index("attack")["unet_evals"]
+    assert evals["structural (paper)"] == 2 and evals["VAE-only control"] == 0 and evals["loss"] == 1
+
+
+def test_03_loss_attack_sees_memorisation(smoke_outputs):
+    """The smoke target memorises its 24 members: the loss attack separates them well above chance."""
+    table = pd.read_csv(smoke_outputs / "metrics.csv").set_index("attack")
+    assert table.loc["loss", "auc"] > 0.75
+
+
+def test_03_structural_score_equals_hand_computation(smoke_outputs, smoke_target_dir, smoke_params):
+    """Two images' paper-setting scores: DDIM written out by hand, SSIM by skimage."""
+    scores = pd.read_parquet(smoke_outputs / "scores.parquet")
+    paper = scores[scores["attack"] == "structural (paper)"].head(2)
+    images = experiment.prepare_data(**experiment.data_args(smoke_params)).set_index("id")
+    target = load_target(smoke_target_dir)
+    abar = target.scheduler.alphas_cumprod.double()
+    for image_id, expected in zip(paper["id"], paper["score"]):
+        x, _ = data.load_images(images.loc[[image_id]].reset_index(), smoke_params["IMAGE_SIZE"])
+        with torch.no_grad():
+            z = target.vae.encode(x).latent_dist.mean * target.vae.config.scaling_factor
+            tokens = target.tokenizer([images.loc[image_id, "caption"]], padding="max_length", max_length=target.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+            cond = target.text_encoder(tokens.input_ids)[0]
+            for t_from, t_to in ((0, 50), (50, 100)):
+                eps = target.unet(z, torch.tensor([t_from]), encoder_hidden_states=cond).sample
+                x0 = (z - (1 - abar[t_from]).sqrt().float() * eps) / abar[t_from].sqrt().float()
+                z = abar[t_to].sqrt().float() * x0 + (1 - abar[t_to]).sqrt().float() * eps
+            decoded = target.vae.decode(z / target.vae.config.scaling_factor).sample
+        reference = structural_similarity(x[0].double().numpy(), decoded[0].double().numpy(), data_range=2.0, channel_axis=0)
+        assert expected == pytest.approx(reference, abs=1e-5)
+    assert image_seed("a") == image_seed("a") != image_seed("b")
