@@ -225,7 +225,10 @@ def subsample_manifest(manifest: pd.DataFrame, n_public: int, n_members: int, n_
 
     Smaller presets are prefixes of the committed manifest, so they inherit its split guarantees.
     """
-    parts = [manifest[manifest["split"] == "public"].head(n_public)]
+    public = manifest[manifest["split"] == "public"]
+    if len(public) < n_public:
+        raise DataError(f"manifest has {len(public)} public images, preset asks for {n_public}")
+    parts = [public.head(n_public)]
     for split, count in (("member", n_members), ("nonmember", n_nonmembers)):
         rows = manifest[manifest["split"] == split]
         for subset, n in (("calibration", count - count // 2), ("test", count // 2)):
@@ -310,7 +313,7 @@ def preprocess(image: Image.Image, size: int) -> torch.Tensor:
     Transparent images are composited on white first (``convert("RGB")`` alone would turn transparent
     pixels black).
     """
-    if image.mode in ("RGBA", "LA", "P"):
+    if image.mode in ("RGBA", "LA", "P") or "transparency" in image.info:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)

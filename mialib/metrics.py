@@ -35,7 +35,7 @@ def auc(labels, scores) -> float:
 def tpr_at_fpr(labels, scores, fpr_target: float) -> float:
     """TPR at the largest ROC false-positive rate not above ``fpr_target`` (never the nearest one)."""
     labels, scores = _check(labels, scores)
-    fpr, tpr, _ = roc_curve(labels, scores)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     return float(tpr[fpr <= fpr_target].max())
 
 
@@ -64,7 +64,7 @@ def best_accuracy_threshold(labels, scores) -> float:
 def threshold_at_fpr(labels, scores, fpr_target: float) -> float:
     """Lowest threshold whose false-positive rate on these scores is not above ``fpr_target``."""
     labels, scores = _check(labels, scores)
-    fpr, _, thresholds = roc_curve(labels, scores)
+    fpr, _, thresholds = roc_curve(labels, scores, drop_intermediate=False)
     thresholds = np.where(np.isinf(thresholds), scores.max() + 1.0, thresholds)
     return float(thresholds[fpr <= fpr_target].min())
 

@@ -8,6 +8,7 @@ through :meth:`Target.eps`, which applies classifier-free guidance explicitly an
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +42,11 @@ class Target:
         return int(self.unet.config.sample_size) * downscale
 
     def fingerprint(self) -> str:
-        """sha256 over the U-Net and VAE weights (keys caches and results to the exact model)."""
+        """sha256 over every weight, the tokenizer's vocabulary and the scheduler config (keys caches)."""
         digest = hashlib.sha256()
-        for module in (self.unet, self.vae):
+        digest.update(json.dumps(dict(self.scheduler.config), sort_keys=True, default=str).encode())
+        digest.update(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode())
+        for module in (self.unet, self.vae, self.text_encoder):
             for key, tensor in sorted(module.state_dict().items()):
                 digest.update(key.encode())
                 digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -130,11 +133,12 @@ def load_target(
     model: str | os.PathLike,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
-    unet_path: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> Target:
     """Load a Stable Diffusion pipeline folder or hub id, weights from safetensors only.
 
-    ``unet_path`` swaps in another U-Net folder (for example a training checkpoint of the same model).
+    ``checkpoint`` is a folder holding ``unet/`` (and optionally ``text_encoder/``) that replace the model's
+    own, for example a training checkpoint of the embedded target.
     No remote code is ever executed. The scheduler is a ``DDIMScheduler`` built from the model's own
     scheduler config, so a PNDM-configured Stable Diffusion keeps its ``scaled_linear`` betas.
     """
@@ -144,15 +148,16 @@ def load_target(
     _check_supported(scheduler_config)
     scheduler = DDIMScheduler.from_config(scheduler_config)
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **kwargs)
-    if unet_path is not None:
-        unet = UNet2DConditionModel.from_pretrained(str(unet_path), **kwargs)
-    else:
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **kwargs)
+    unet_source = str(checkpoint) if checkpoint is not None else model
+    unet = UNet2DConditionModel.from_pretrained(unet_source, subfolder="unet", **kwargs)
+    text_source = model
+    if checkpoint is not None and (Path(checkpoint) / "text_encoder").exists():
+        text_source = str(checkpoint)
+    text_encoder = CLIPTextModel.from_pretrained(text_source, subfolder="text_encoder", **kwargs)
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
     for module in (vae, unet, text_encoder):
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     name = Path(model).name if Path(model).exists() else model
-    if unet_path is not None:
-        name = f"{name}@{Path(unet_path).parent.name if Path(unet_path).name == 'unet' else Path(unet_path).name}"
+    if checkpoint is not None:
+        name = f"{name}@{Path(checkpoint).name}"
     return Target(vae, unet, text_encoder, tokenizer, scheduler, name=name, device=torch.device(device), dtype=dtype)

@@ -1,0 +1,106 @@
+"""mialib.similarity against scikit-image and numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from mialib.similarity import mse, psnr, ssim
+
+
+def _random_pair(shape, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, shape)
+    y = np.clip(x + rng.normal(0, 0.3, shape), -1, 1)
+    return x, y
+
+
+def _structured_pair(shape):
+    """Two images with different content: a gradient with a square vs. a checkerboard with a disc."""
+    c, h, w = shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    x = np.stack([(xs / (w - 1)) * 2 - 1 + 0.2 * k for k in range(c)])
+    x[:, h // 4 : h // 2, w // 4 : w // 2] = -0.8
+    checker = np.where((ys // 3 + xs // 3) % 2 == 0, 0.7, -0.7).astype(np.float64)
+    disc = ((ys - h / 2) ** 2 + (xs - w / 3) ** 2) < (min(h, w) / 4) ** 2
+    y = np.stack([np.where(disc, 0.9 - 0.3 * k, checker) for k in range(c)])
+    return np.clip(x, -1, 1), y
+
+
+def _skimage_ssim(x, y, data_range):
+    return np.array([structural_similarity(a, b, channel_axis=0, data_range=data_range) for a, b in zip(x, y)])
+
+
+@pytest.mark.parametrize("data_range", [2.0, 1.0])
+@pytest.mark.parametrize("shape", [(3, 7, 7), (3, 16, 16), (3, 13, 29), (1, 32, 24), (3, 64, 64)])
+def test_ssim_equals_skimage_on_random_images(shape, data_range):
+    pairs = [_random_pair(shape, seed) for seed in range(3)]
+    x = np.stack([p[0] for p in pairs])
+    y = np.stack([p[1] for p in pairs])
+    got = ssim(torch.from_numpy(x), torch.from_numpy(y), data_range=data_range)
+    assert got.dtype == torch.float64 and got.shape == (3,)
+    np.testing.assert_allclose(got.numpy(), _skimage_ssim(x, y, data_range), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("data_range", [2.0, 1.0])
+@pytest.mark.parametrize("shape", [(3, 12, 12), (3, 20, 33), (1, 40, 40)])
+def test_ssim_equals_skimage_on_images_of_different_content(shape, data_range):
+    x, y = _structured_pair(shape)
+    expected = structural_similarity(x, y, channel_axis=0, data_range=data_range)
+    assert expected < 0.5  # the two pictures really are different
+    got = ssim(torch.from_numpy(x)[None], torch.from_numpy(y)[None], data_range=data_range)
+    np.testing.assert_allclose(got.numpy(), [expected], rtol=0, atol=1e-10)
+    # and the same picture against itself is exactly 1
+    same = ssim(torch.from_numpy(x)[None], torch.from_numpy(x)[None], data_range=data_range)
+    np.testing.assert_allclose(same.numpy(), [1.0], rtol=0, atol=1e-12)
+
+
+def test_ssim_of_float32_batch_matches_skimage_on_float64_copy():
+    x, y = _structured_pair((3, 32, 32))
+    xs = torch.from_numpy(np.stack([x, y])).float()
+    ys = torch.from_numpy(np.stack([y, x[:, ::-1].copy()])).float()
+    expected = _skimage_ssim(xs.double().numpy(), ys.double().numpy(), 2.0)
+    np.testing.assert_allclose(ssim(xs, ys).numpy(), expected, rtol=0, atol=1e-10)
+
+
+def test_ssim_rejects_images_smaller_than_the_window():
+    x = torch.zeros(1, 3, 6, 10, dtype=torch.float64)
+    with pytest.raises(ValueError, match="smaller than"):
+        ssim(x, x)
+    with pytest.raises(ValueError):  # skimage refuses the same input
+        structural_similarity(x[0].numpy(), x[0].numpy(), channel_axis=0, data_range=2.0)
+
+
+def test_ssim_rejects_mismatched_or_unbatched_shapes():
+    with pytest.raises(ValueError):
+        ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9))
+    with pytest.raises(ValueError):
+        ssim(torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
+
+
+@pytest.mark.parametrize("data_range", [2.0, 1.0])
+def test_psnr_equals_skimage(data_range):
+    x, y = _random_pair((4, 3, 16, 20), 7)
+    x2, y2 = _structured_pair((3, 16, 20))
+    x = np.concatenate([x, x2[None]])
+    y = np.concatenate([y, y2[None]])
+    expected = [peak_signal_noise_ratio(a, b, data_range=data_range) for a, b in zip(x, y)]
+    got = psnr(torch.from_numpy(x), torch.from_numpy(y), data_range=data_range)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+
+
+def test_mse_equals_numpy():
+    x, y = _random_pair((5, 3, 9, 11), 3)
+    expected = ((x - y) ** 2).reshape(5, -1).mean(axis=1)
+    got = mse(torch.from_numpy(x).float(), torch.from_numpy(y).float())
+    assert got.dtype == torch.float64
+    # float32 inputs are widened before subtracting: compare with numpy on the float32 values
+    x32, y32 = x.astype(np.float32).astype(np.float64), y.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(got.numpy(), ((x32 - y32) ** 2).reshape(5, -1).mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+    # a hand-computed case: one pixel off by 0.5 out of 4 values
+    a = torch.zeros(1, 1, 2, 2)
+    b = torch.tensor([[[[0.5, 0.0], [0.0, 0.0]]]])
+    assert mse(a, b).item() == pytest.approx(0.0625)

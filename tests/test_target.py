@@ -1,0 +1,228 @@
+"""mialib.target.load_target on a tiny seeded StableDiffusionPipeline saved with safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, PNDMScheduler
+
+import helpers
+from mialib.target import Target, load_target
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with helpers.one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(in-memory pipeline, its folder)."""
+    folder = tmp_path_factory.mktemp("tiny_target") / "tiny-sd"
+    pipeline = helpers.save_tiny_pipeline(folder)
+    return pipeline, folder
+
+
+@pytest.fixture(scope="module")
+def target(saved):
+    return load_target(saved[1])
+
+
+def _copy(saved, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(saved[1], folder)
+    return folder
+
+
+def _edit_scheduler_config(folder, **changes):
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+# --------------------------------------------------------------------------------------------------
+def test_weights_are_bit_identical(saved, target):
+    pipeline, _ = saved
+    for name in ("unet", "vae", "text_encoder"):
+        original = getattr(pipeline, name).state_dict()
+        loaded = getattr(target, name).state_dict()
+        assert sorted(original) == sorted(loaded), name
+        for key, tensor in original.items():
+            assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor), f"{name}.{key}"
+    assert not any(p.requires_grad for p in target.unet.parameters())
+    assert not target.unet.training and not target.vae.training
+
+
+def test_scheduler_is_ddim_with_the_models_schedule(saved, target):
+    pipeline, _ = saved
+    assert isinstance(target.scheduler, DDIMScheduler)
+    assert torch.equal(target.scheduler.alphas_cumprod, pipeline.scheduler.alphas_cumprod)
+    assert target.scheduler.config.beta_schedule == "scaled_linear"
+    assert target.scheduler.config.prediction_type == "epsilon"
+
+
+def test_scaling_factor_and_resolution_come_from_the_model(target):
+    assert target.scaling_factor == helpers.SCALING_FACTOR  # not Stable Diffusion's 0.18215
+    assert target.resolution == helpers.IMAGE_SIZE  # 16 px latent grid times the VAE's downscale 2
+    assert target.unet.config.sample_size == 16
+
+
+def test_tokenizer_round_trips(saved, target):
+    pipeline, _ = saved
+    assert target.tokenizer.model_max_length == helpers.MAX_TOKENS
+    for caption in helpers.CAPTIONS + ["", "unseen words tokenise too"]:
+        assert target.tokenizer(caption).input_ids == pipeline.tokenizer(caption).input_ids
+
+
+def test_only_safetensors_weights_are_written(saved):
+    _, folder = saved
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5"}]
+    weights = sorted(str(p.relative_to(folder)) for p in files if p.suffix == ".safetensors")
+    assert weights == [
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+
+
+def test_pickle_weights_are_refused(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    saved[0].unet.save_pretrained(folder / "unet", safe_serialization=False)
+    assert (folder / "unet" / "diffusion_pytorch_model.bin").exists()
+    with pytest.raises(OSError, match="safetensors"):
+        load_target(folder)
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_unsupported_prediction_type_raises(saved, tmp_path, prediction):
+    folder = _copy(saved, tmp_path)
+    _edit_scheduler_config(folder, prediction_type=prediction)
+    with pytest.raises(NotImplementedError, match=prediction):
+        load_target(folder)
+
+
+def test_pndm_configured_model_keeps_its_betas(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    shutil.rmtree(folder / "scheduler")
+    pndm = PNDMScheduler.from_config(saved[0].scheduler.config)
+    pndm.save_pretrained(folder / "scheduler")
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "PNDMScheduler"
+    target = load_target(folder)
+    assert isinstance(target.scheduler, DDIMScheduler)
+    assert torch.equal(target.scheduler.alphas_cumprod, pndm.alphas_cumprod)
+
+
+def test_checkpoint_swaps_the_unet_and_keeps_the_rest(saved, tmp_path):
+    pipeline, folder = saved
+    unet = helpers.build_tiny_pipeline().unet
+    with torch.no_grad():
+        unet.conv_out.bias.add_(1.0)
+    unet.save_pretrained(tmp_path / "step-000010" / "unet", safe_serialization=True)
+    target = load_target(folder, checkpoint=tmp_path / "step-000010")
+    assert torch.equal(target.unet.conv_out.bias, pipeline.unet.conv_out.bias + 1.0)
+    assert torch.equal(target.vae.encoder.conv_in.weight, pipeline.vae.encoder.conv_in.weight)
+    assert target.name == "tiny-sd@step-000010"
+
+
+# --------------------------------------------------------------------------------------------------
+def _reference_fingerprint(target) -> str:
+    digest = hashlib.sha256()
+    for module in (target.unet, target.vae):
+        state = module.state_dict()
+        for key in sorted(state):
+            digest.update(key.encode())
+            digest.update(state[key].to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _clone(target) -> Target:
+    import copy
+
+    return Target(
+        copy.deepcopy(target.vae),
+        copy.deepcopy(target.unet),
+        copy.deepcopy(target.text_encoder),
+        target.tokenizer,
+        target.scheduler,
+    )
+
+
+def test_fingerprint_is_deterministic_and_covers_the_tokenizer_and_scheduler(saved, target):
+    assert target.fingerprint() != _reference_fingerprint(target)  # more than the U-Net and VAE weights
+    changed = _clone(target)
+    changed.scheduler = type(target.scheduler).from_config({**target.scheduler.config, "beta_end": 0.02})
+    assert changed.fingerprint() != target.fingerprint()
+    assert load_target(saved[1]).fingerprint() == target.fingerprint()  # deterministic across loads
+
+
+@pytest.mark.parametrize("module, parameter", [("unet", "conv_out.bias"), ("vae", "decoder.conv_out.weight")])
+def test_fingerprint_changes_when_a_weight_changes(target, module, parameter):
+    changed = _clone(target)
+    before = changed.fingerprint()
+    with torch.no_grad():
+        tensor = getattr(changed, module).get_parameter(parameter)
+        tensor.view(-1)[0] += 1e-3
+    assert changed.fingerprint() != before
+    assert target.fingerprint() == before  # the original is untouched
+
+
+def test_fingerprint_changes_when_a_text_encoder_weight_changes(target):
+    changed = _clone(target)
+    before = changed.fingerprint()
+    with torch.no_grad():
+        changed.text_encoder.get_input_embeddings().weight.view(-1)[0] += 1.0
+    assert changed.fingerprint() != before
+
+
+# --------------------------------------------------------------------------------------------------
+def test_encode_prompts_matches_the_text_encoder(saved, target):
+    pipeline, _ = saved
+    captions = ["red apple", ""]
+    expected = helpers.reference_text_embeddings(pipeline, captions)
+    got = target.encode_prompts(captions)
+    assert got.shape == (2, helpers.MAX_TOKENS, 32)
+    assert torch.equal(got, expected)
+    assert not torch.equal(target.encode_prompts([""]), target.encode_prompts(["none"]))
+
+
+def test_encode_and_decode_use_the_models_scaling_factor(target):
+    images = helpers.make_images(2)
+    with torch.no_grad():
+        posterior = target.vae.encode(images).latent_dist
+        expected = posterior.mean * helpers.SCALING_FACTOR
+    latents = target.encode_images(images)
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        decoded = target.vae.decode(latents / helpers.SCALING_FACTOR).sample
+    torch.testing.assert_close(target.decode(latents), decoded, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError):
+        target.encode_images(images, mode="median")
+
+
+# --------------------------------------------------------------------------------------------------
+def test_tiny_components_need_channels_divisible_by_sixteen():
+    # tiny.build_components hard-codes norm_num_groups=16, so vae_channels=(8, 16) cannot be built
+    from mialib.tiny import TinyConfig, build_components, build_tokenizer
+
+    tokenizer = build_tokenizer(helpers.CAPTIONS, helpers.MAX_TOKENS)
+    config = TinyConfig(image_size=32, vae_channels=(8, 16), unet_channels=(16, 32), text_dim=32, max_tokens=16)
+    with pytest.raises(ValueError, match="divisible"):
+        build_components(config, tokenizer)
+
+
+def test_tiny_components_shapes(saved):
+    pipeline, _ = saved
+    assert tuple(pipeline.vae.config.block_out_channels) == helpers.VAE_CHANNELS
+    assert tuple(pipeline.unet.config.block_out_channels) == helpers.UNET_CHANNELS
+    with torch.no_grad():
+        latents = pipeline.vae.encode(helpers.make_images(1)).latent_dist.mode()
+    assert latents.shape == (1, 4, 16, 16)
+    assert helpers.build_tiny_pipeline().unet.conv_out.bias.equal(pipeline.unet.conv_out.bias)  # seeded
