@@ -383,3 +383,43 @@ def split_checks(images: pd.DataFrame, size: int = 32, near_duplicate_ssim: floa
     summary["closest_pair_ssim"] = float(closest["ssim"].max()) if len(closest) else float("nan")
     summary["near_duplicate_pairs"] = int((closest["ssim"] >= near_duplicate_ssim).sum())
     return summary, closest.sort_values("ssim", ascending=False).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The biased split: non-members from a shifted source, as the paper's LAION members vs COCO non-members
+# --------------------------------------------------------------------------------------------------
+SHIFT_TINT = (244, 236, 220)  # white becomes a warm cream, every colour is tinted the same way
+SHIFT_JPEG_QUALITY = 60
+
+
+def shift_source(image: Image.Image) -> Image.Image:
+    """Make an image look as if it came from another source: a warm colour cast and JPEG compression.
+
+    Deterministic, applied to the hash-checked render, so the shifted image is as reproducible as it.
+    """
+    import io
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) * (np.asarray(SHIFT_TINT, dtype=np.float32) / 255.0)
+    tinted = Image.fromarray(np.round(array).astype(np.uint8))
+    buffer = io.BytesIO()
+    tinted.save(buffer, format="JPEG", quality=SHIFT_JPEG_QUALITY)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def with_nonmember_style(images: pd.DataFrame, style: str, image_dir: str | os.PathLike) -> pd.DataFrame:
+    """The fair split (``style="same"``) or the biased one (``"shifted"``: every non-member image goes
+    through :func:`shift_source`, written to ``image_dir/shifted/``). Members are never changed."""
+    if style == "same":
+        return images
+    if style != "shifted":
+        raise ValueError(f"non-member style must be 'same' or 'shifted', not {style!r}")
+    folder = Path(image_dir) / "shifted"
+    folder.mkdir(parents=True, exist_ok=True)
+    images = images.copy()
+    for index in images.index[images["split"] == "nonmember"]:
+        path = folder / f"{images.at[index, 'id']}.png"
+        with Image.open(images.at[index, "path"]) as source:
+            shift_source(source).save(path)
+        images.at[index, "path"] = str(path)
+    return images

@@ -136,3 +136,45 @@ def select_on_calibration(scores: pd.DataFrame, setting: str, allow_flip: bool =
             if best is None or directed > best[2]:
                 best = (value, direction, directed)
     return best
+
+
+def bootstrap(
+    cal_labels, cal_scores, test_labels, test_scores, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> pd.DataFrame:
+    """Bootstrap intervals of the test metrics: AUC, balanced accuracy (at the fixed calibration
+    threshold), TPR at 1 % and 0.1 % FPR.
+
+    Test members and non-members are resampled separately (stratified), the calibration threshold is held
+    fixed, so the interval reflects test-sample variation. Returns one row per metric with the point
+    estimate and the ``level`` percentile interval.
+    """
+    cal_labels, cal_scores = _check(cal_labels, cal_scores)
+    test_labels, test_scores = _check(test_labels, test_scores)
+    threshold = best_accuracy_threshold(cal_labels, cal_scores)
+
+    def all_metrics(labels, scores):
+        return {
+            "auc": auc(labels, scores),
+            "balanced_accuracy": balanced_accuracy_at(labels, scores, threshold),
+            "tpr_at_1fpr": tpr_at_fpr(labels, scores, 0.01),
+            "tpr_at_01fpr": tpr_at_fpr(labels, scores, 0.001),
+        }
+
+    point = all_metrics(test_labels, test_scores)
+    rng = np.random.default_rng(seed)
+    members = np.flatnonzero(test_labels == 1)
+    nonmembers = np.flatnonzero(test_labels == 0)
+    draws = []
+    for _ in range(n_boot):
+        index = np.concatenate([rng.choice(members, len(members)), rng.choice(nonmembers, len(nonmembers))])
+        draws.append(all_metrics(test_labels[index], test_scores[index]))
+    draws = pd.DataFrame(draws)
+    tail = (1 - level) / 2 * 100
+    return pd.DataFrame(
+        {
+            "metric": list(point),
+            "estimate": list(point.values()),
+            "low": [float(np.percentile(draws[m], tail)) for m in point],
+            "high": [float(np.percentile(draws[m], 100 - tail)) for m in point],
+        }
+    )

@@ -105,6 +105,33 @@ def vae_scores(target, images, tensors, cache_dir, batch_size: int = 64, **setti
     return cached_batches("vae_control", settings, target.fingerprint(), images, tensors, compute, cache_dir, batch_size)
 
 
+def peak_memory_mb(device: str = "cpu") -> float:
+    """Peak memory so far: ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def attack_scores(target, attack: Callable, images, tensors, cache_dir, batch_size: int = 64, name: str | None = None, **settings) -> pd.DataFrame:
+    """Run any attack of the common signature over an image set: ``id, score, unet_evals, peak_memory_mb``
+    and the attack's per-image extras, cached per batch like every other computation here."""
+    name = name or attack.__name__
+
+    def compute(batch, rows):
+        if str(target.device).startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        out = attack(target, batch.to(target.device), list(rows["caption"]), list(rows["id"]), **settings)
+        frame = pd.DataFrame({"id": list(rows["id"]), "score": out.scores, "unet_evals": out.unet_evals})
+        for key, values in out.extras.items():
+            frame[key] = values
+        frame["peak_memory_mb"] = peak_memory_mb(target.device)
+        return frame
+
+    return cached_batches(name, settings, target.fingerprint(), images, tensors, compute, cache_dir, batch_size)
+
+
 def score_rows(images: pd.DataFrame, values: pd.DataFrame, column: str, attack: str, setting: str, direction: int = 1) -> pd.DataFrame:
     """Scores-table rows for one attack and setting: ``score = direction * values[column]`` per image."""
     merged = images[["id", "label", "split", "subset"]].merge(values, on="id", how="left", validate="one_to_one")

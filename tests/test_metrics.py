@@ -265,3 +265,22 @@ def test_evaluate_scores_groups_by_attack():
     assert list(table["attack"]) == ["a", "b"]
     assert list(table["threshold"]) == pytest.approx([0.6, 1.6])
     assert list(table["balanced_accuracy"]) == pytest.approx([2 / 3, 2 / 3])
+
+
+def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_more_samples():
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        labels = np.repeat([1, 0], n)
+        scores = rng.normal(labels * 0.8, 1.0)
+        return labels, scores
+
+    widths = []
+    for n in (50, 800):
+        cal = draw(n)
+        test = draw(n)
+        table = metrics.bootstrap(*cal, *test, n_boot=300, seed=1).set_index("metric")
+        assert table.loc["auc", "estimate"] == pytest.approx(roc_auc_score(*test))
+        assert (table["low"] <= table["estimate"]).all() and (table["estimate"] <= table["high"]).all()
+        widths.append(table.loc["auc", "high"] - table.loc["auc", "low"])
+    assert widths[1] < widths[0] / 2  # about 1 / sqrt(16) = 1/4 of the width

@@ -1,17 +1,28 @@
 """One file per attack. Every attack takes (target, images, captions, ids, settings...) and returns an
 ``AttackOutput`` whose ``scores`` follow the convention "higher means member"."""
 
+from .backward import backward_attack
 from .base import AttackOutput, condition, image_seed
+from .clid import clid_attack, reduce_caption
 from .loss import loss_attack, loss_errors
+from .pia import pia_attack
+from .pixel import pixel_attack
+from .secmi import secmi_attack
 from .structural import structural_attack, structural_curve
 from .vae_control import vae_control
 
 __all__ = [
     "AttackOutput",
+    "backward_attack",
+    "clid_attack",
     "condition",
     "image_seed",
     "loss_attack",
     "loss_errors",
+    "pia_attack",
+    "pixel_attack",
+    "reduce_caption",
+    "secmi_attack",
     "structural_attack",
     "structural_curve",
     "vae_control",

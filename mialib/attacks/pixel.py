@@ -1,0 +1,53 @@
+"""Pixel-level counterpart of structural membership inference (Li et al., ACM MM 2024).
+
+The same deterministic DDIM inversion to t and the same decode as :mod:`.structural`, but the decoded
+image is compared with the input pixel by pixel instead of by SSIM:
+
+    mse  = mean over pixels of (x - D(z_t))^2,     psnr = 10 log10(data_range^2 / mse)
+    score = direction * (-mse)   or   direction * psnr
+
+-MSE and PSNR rank images identically (PSNR is a decreasing function of MSE); both are returned in
+extras. Whether structure (SSIM) separates better than plain pixel error is what this control measures.
+Cost: t / stride U-Net evaluations per image at guidance 0 or 1, twice that otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import ddim
+from .base import AttackOutput
+from .structural import structural_curve
+
+METRICS = ("mse", "psnr")
+
+
+def pixel_attack(
+    target,
+    images: torch.Tensor,
+    captions: list[str],
+    ids: list[str],
+    t: int = 100,
+    stride: int = 50,
+    direction: int = 1,
+    metric: str = "mse",
+    guidance: float = 1.0,
+    prompt: str = "caption",
+    encode_mode: str = "mode",
+    schedule: str = "model",
+    data_range: float = 2.0,
+    seed: int = 0,
+) -> AttackOutput:
+    """Score = direction * (-MSE or PSNR) between x and D(DDIM-inverted latent at t); extras {"mse", "psnr"}."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
+    before = target.unet_evals
+    curve = structural_curve(
+        target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, data_range, seed
+    )
+    evals = (target.unet_evals - before) // len(images)
+    error = curve[int(t)]["mse"]
+    peak = 10 * np.log10(data_range**2 / error)
+    value = -error if metric == "mse" else peak
+    return AttackOutput(scores=direction * value, unet_evals=evals, extras={"mse": error, "psnr": peak})

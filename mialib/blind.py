@@ -1,0 +1,66 @@
+"""Blind baselines (Das et al. 2024): membership classifiers that never look at the model.
+
+They are trained on the calibration split and score the test split. If one of them separates members
+from non-members, the split differs in its images or captions and an attack's success there measures
+the split, not membership. Calibration-split scores come from cross-validation (each calibration image
+is scored by a classifier that did not train on it), so thresholds can be chosen there as for attacks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+
+
+def image_features(images: torch.Tensor, bins: int = 8) -> np.ndarray:
+    """Model-free features of images in [-1, 1] (n, 3, h, w): per-channel histograms, mean and standard
+    deviation, gradient energy, fraction of near-white pixels and an 8x8 grey thumbnail. Shape (n, d)."""
+    x = (images.detach().cpu().double() + 1) / 2
+    n = x.shape[0]
+    histograms = [torch.stack([torch.histc(x[i, c], bins=bins, min=0, max=1) for c in range(3)]).flatten() / x[0, 0].numel() for i in range(n)]
+    grey = x.mean(dim=1, keepdim=True)
+    gradient = (grey[..., 1:, :] - grey[..., :-1, :]).abs().flatten(1).mean(1, keepdim=True) + (
+        grey[..., :, 1:] - grey[..., :, :-1]
+    ).abs().flatten(1).mean(1, keepdim=True)
+    white = (x.min(dim=1).values > 0.95).double().flatten(1).mean(1, keepdim=True)
+    thumbnail = torch.nn.functional.adaptive_avg_pool2d(grey, 8).flatten(1)
+    features = torch.cat(
+        [torch.stack(histograms), x.mean(dim=(2, 3)), x.std(dim=(2, 3)), gradient, white, thumbnail], dim=1
+    )
+    return features.numpy()
+
+
+def _fit_and_score(model, features: np.ndarray, labels: np.ndarray, calibration: np.ndarray, seed: int) -> np.ndarray:
+    """Cross-validated scores on calibration rows, scores of a calibration-trained model on the rest."""
+    scores = np.empty(len(labels), dtype=np.float64)
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    scores[calibration] = cross_val_predict(model, features[calibration], labels[calibration], cv=folds, method="predict_proba")[:, 1]
+    model.fit(features[calibration], labels[calibration])
+    scores[~calibration] = model.predict_proba(features[~calibration])[:, 1]
+    return scores
+
+
+def image_only_scores(images: pd.DataFrame, tensors: torch.Tensor, seed: int = 0) -> pd.DataFrame:
+    """Gradient-boosted trees on :func:`image_features`; returns ``id, score`` (higher means member)."""
+    calibration = (images["subset"] == "calibration").to_numpy()
+    model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, random_state=seed)
+    scores = _fit_and_score(model, image_features(tensors), images["label"].to_numpy(), calibration, seed)
+    return pd.DataFrame({"id": list(images["id"]), "score": scores})
+
+
+def caption_only_scores(images: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Logistic regression on character 2-4-gram TF-IDF of the captions; returns ``id, score``."""
+    calibration = (images["subset"] == "calibration").to_numpy()
+    model = make_pipeline(
+        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), min_df=1, sublinear_tf=True),
+        LogisticRegression(C=1.0, max_iter=2000, random_state=seed),
+    )
+    captions = np.asarray(images["caption"], dtype=object)
+    scores = _fit_and_score(model, captions, images["label"].to_numpy(), calibration, seed)
+    return pd.DataFrame({"id": list(images["id"]), "score": scores})
