@@ -49,7 +49,9 @@ def _fit_and_score(model, features: np.ndarray, labels: np.ndarray, calibration:
 def image_only_scores(images: pd.DataFrame, tensors: torch.Tensor, seed: int = 0) -> pd.DataFrame:
     """Gradient-boosted trees on :func:`image_features`; returns ``id, score`` (higher means member)."""
     calibration = (images["subset"] == "calibration").to_numpy()
-    model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, random_state=seed)
+    # Leaves of at most 20 samples (sklearn's default), fewer on small calibration splits so trees can split.
+    leaf = int(np.clip(calibration.sum() // 10, 2, 20))
+    model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, min_samples_leaf=leaf, random_state=seed)
     scores = _fit_and_score(model, image_features(tensors), images["label"].to_numpy(), calibration, seed)
     return pd.DataFrame({"id": list(images["id"]), "score": scores})
 

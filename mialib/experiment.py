@@ -17,7 +17,22 @@ import yaml
 from . import data
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = ("01_data_split", "02_observation", "03_attack")
+NOTEBOOKS = ("01_data_split", "02_observation", "03_attack", "03_attack_biased")
+
+
+def notebook_runs(params: dict) -> dict[str, tuple[str, dict]]:
+    """Run name -> (source notebook, parameter overrides). ``03_attack_biased`` repeats the attack
+    comparison on the biased split (non-members from a shifted source) and compares it with the fair run."""
+    output_dir = params["OUTPUT_DIR"]
+    return {
+        "01_data_split": ("01_data_split", {}),
+        "02_observation": ("02_observation", {}),
+        "03_attack": ("03_attack", {}),
+        "03_attack_biased": (
+            "03_attack",
+            {"NONMEMBER_STYLE": "shifted", "OUTPUT_DIR": f"{output_dir}/biased", "FAIR_RESULTS": f"{output_dir}/metrics.csv"},
+        ),
+    }
 
 
 def load_preset(path: str | os.PathLike) -> dict:
@@ -116,10 +131,11 @@ def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] = N
     params = load_preset(preset_path)
     output_dir = resolve(params["OUTPUT_DIR"])
     (output_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    declared = {}
-    for name in notebooks:
-        source = ROOT / "notebooks" / f"{name}.ipynb"
-        declared[name] = set(papermill.inspect_notebook(str(source)))
+    runs = notebook_runs(params)
+    unknown = [name for name in notebooks if name not in runs]
+    if unknown:
+        raise ValueError(f"unknown notebook runs {unknown}; known: {list(runs)}")
+    declared = {name: set(papermill.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"))) for name in {runs[n][0] for n in runs}}
     used = set().union(*declared.values())
     # Keys for the target build and the preset name are read by `prepare`, not by notebooks.
     unused = set(params) - used - {"PRESET", "VAE_STEPS", "UNET_STEPS", "TRAIN_SEED", "TRAIN_BATCH_SIZE", "BUILD_TINY_TARGET"}
@@ -128,11 +144,13 @@ def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] = N
     (output_dir / "parameters.json").write_text(json.dumps(params, indent=2))
     timings = {}
     for name in notebooks:
+        source, overrides = runs[name]
+        values = {**params, **overrides}
         start = time.time()
         papermill.execute_notebook(
-            str(ROOT / "notebooks" / f"{name}.ipynb"),
+            str(ROOT / "notebooks" / f"{source}.ipynb"),
             str(output_dir / "notebooks" / f"{name}.ipynb"),
-            parameters={k: v for k, v in params.items() if k in declared[name]},
+            parameters={k: v for k, v in values.items() if k in declared[source]},
             kernel_name=kernel,
             cwd=str(ROOT / "notebooks"),
             progress_bar=False,

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import auc as sklearn_auc
 from sklearn.metrics import roc_auc_score, roc_curve
 
 FPR_TARGETS = (0.01, 0.001)
@@ -153,11 +154,13 @@ def bootstrap(
     threshold = best_accuracy_threshold(cal_labels, cal_scores)
 
     def all_metrics(labels, scores):
+        # One ROC per resample; the area and the operating points are read off it (roc_curve, sklearn.auc).
+        fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
         return {
-            "auc": auc(labels, scores),
+            "auc": float(sklearn_auc(fpr, tpr)),
             "balanced_accuracy": balanced_accuracy_at(labels, scores, threshold),
-            "tpr_at_1fpr": tpr_at_fpr(labels, scores, 0.01),
-            "tpr_at_01fpr": tpr_at_fpr(labels, scores, 0.001),
+            "tpr_at_1fpr": float(tpr[fpr <= 0.01].max()),
+            "tpr_at_01fpr": float(tpr[fpr <= 0.001].max()),
         }
 
     point = all_metrics(test_labels, test_scores)

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from . import ddim
 from .attacks import loss_errors, structural_curve, vae_control
 
-SCORE_COLUMNS = ["id", "label", "split", "subset", "attack", "setting", "score", "unet_evals", "seconds_per_image"]
+SCORE_COLUMNS = ["id", "label", "split", "subset", "attack", "setting", "score", "unet_evals", "seconds_per_image", "peak_memory_mb"]
+COST_COLUMNS = ("unet_evals", "seconds_per_image", "peak_memory_mb")
 
 
 def _key(*parts) -> str:
@@ -46,13 +47,17 @@ def cached_batches(
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=name, total=len(starts)):
         rows = images.iloc[start : start + batch_size]
-        path = folder / f"{_key(fingerprint, settings, list(rows['id']))}.parquet"
+        batch = tensors[start : start + batch_size]
+        # The key covers the pixels too: the same ids with other images (a biased split) never share a cache.
+        content = hashlib.sha256(batch.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        path = folder / f"{_key(fingerprint, settings, list(rows['id']), content)}.parquet"
         if path.exists():
             frames.append(pd.read_parquet(path))
             continue
         began = time.perf_counter()
-        frame = compute(tensors[start : start + batch_size], rows)
+        frame = compute(batch, rows)
         frame["seconds_per_image"] = (time.perf_counter() - began) / len(rows)
+        frame["peak_memory_mb"] = peak_memory_mb("cuda" if torch.cuda.is_available() else "cpu")
         partial = path.with_suffix(".partial")
         frame.to_parquet(partial)
         partial.replace(path)  # atomic: a killed run never leaves a half-written batch behind
@@ -120,20 +125,20 @@ def attack_scores(target, attack: Callable, images, tensors, cache_dir, batch_si
     name = name or attack.__name__
 
     def compute(batch, rows):
-        if str(target.device).startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
         out = attack(target, batch.to(target.device), list(rows["caption"]), list(rows["id"]), **settings)
         frame = pd.DataFrame({"id": list(rows["id"]), "score": out.scores, "unet_evals": out.unet_evals})
         for key, values in out.extras.items():
             frame[key] = values
-        frame["peak_memory_mb"] = peak_memory_mb(target.device)
         return frame
 
     return cached_batches(name, settings, target.fingerprint(), images, tensors, compute, cache_dir, batch_size)
 
 
 def score_rows(images: pd.DataFrame, values: pd.DataFrame, column: str, attack: str, setting: str, direction: int = 1) -> pd.DataFrame:
-    """Scores-table rows for one attack and setting: ``score = direction * values[column]`` per image."""
+    """Scores-table rows for one attack and setting: ``score = direction * values[column]`` per image.
+
+    Cost columns the values lack (a model-free baseline has no U-Net cost) are recorded as NaN."""
+    values = values.assign(**{c: np.nan for c in COST_COLUMNS if c not in values.columns})
     merged = images[["id", "label", "split", "subset"]].merge(values, on="id", how="left", validate="one_to_one")
     missing = merged["id"][merged[column].isna()]
     if len(missing):

@@ -23,9 +23,11 @@ def test_all_notebooks_executed(smoke_outputs):
         cells = json.loads(executed.read_text())["cells"]
         errors = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors
-    for figure in ("examples", "closest_cross_split_pairs", "memorisation_samples", "observation_ssim_vs_t", "trajectory_grid", "roc"):
+    for figure in ("examples", "closest_cross_split_pairs", "memorisation_samples", "observation_ssim_vs_t", "trajectory_grid", "roc", "../biased/figures/roc"):
         for suffix in ("png", "pdf"):
             assert (smoke_outputs / "figures" / f"{figure}.{suffix}").stat().st_size > 1000
+    for table in ("comparison.csv", "comparison.tex", "beats_blind.csv"):
+        assert (smoke_outputs / "tables" / table).stat().st_size > 100
 
 
 def test_01_split_counts_and_no_leak(smoke_outputs, smoke_params):
@@ -59,20 +61,64 @@ def test_02_observation_curve(smoke_outputs, smoke_params):
     assert set(memorisation.index) == {"member", "nonmember"}
 
 
-def test_03_metrics_match_sklearn(smoke_outputs):
-    scores = pd.read_parquet(smoke_outputs / "scores.parquet")
-    table = pd.read_csv(smoke_outputs / "metrics.csv")
-    assert set(table["attack"]) == {"structural (paper)", "structural (calibrated)", "loss", "VAE-only control"}
+ATTACKS = {
+    # attack: U-Net evaluations per image at the smoke preset's settings (None: no U-Net)
+    "structural (paper)": 2,
+    "pixel MSE (paper setting)": 2,
+    "structural (calibrated)": None,  # depends on the calibrated t
+    "pixel MSE (calibrated)": None,
+    "backward reconstruction": 4,
+    "loss": 1,
+    "SecMI": 12,
+    "PIA": 2,
+    "CLiD": 3,
+    "VAE-only control": 0,
+    "blind image-only": 0,
+    "blind caption-only": 0,
+}
+
+
+@pytest.mark.parametrize("run", ["", "biased"])
+def test_03_metrics_match_sklearn(smoke_outputs, run):
+    folder = smoke_outputs / run
+    scores = pd.read_parquet(folder / "scores.parquet")
+    table = pd.read_csv(folder / "metrics.csv")
+    assert set(table["attack"]) == set(ATTACKS)
     assert not scores["score"].isna().any()
     for row in table.itertuples():
         rows = scores[(scores["attack"] == row.attack) & (scores["setting"] == row.setting)]
         test = rows[rows["subset"] == "test"]
         assert row.auc == pytest.approx(roc_auc_score(test["label"], test["score"]), abs=1e-12)
-        fpr, tpr, _ = roc_curve(test["label"], test["score"])
+        fpr, tpr, _ = roc_curve(test["label"], test["score"], drop_intermediate=False)
         assert row.tpr_at_1fpr == pytest.approx(tpr[fpr <= 0.01].max(), abs=1e-12)
         assert row.n_test_members == (test["label"] == 1).sum()
-    evals = table.set_index("attack")["unet_evals"]
-    assert evals["structural (paper)"] == 2 and evals["VAE-only control"] == 0 and evals["loss"] == 1
+        # Bootstrap intervals hold the point estimate.
+        for metric in ("auc", "balanced_accuracy", "tpr_at_1fpr"):
+            assert getattr(row, f"{metric}_low") <= getattr(row, metric) <= getattr(row, f"{metric}_high")
+        expected = ATTACKS[row.attack]
+        if expected is not None:
+            assert row.unet_evals == expected
+        else:
+            t = int(row.setting.split(",")[0].removeprefix("t="))
+            assert row.unet_evals == t // 50  # stride 50 on the calibration path
+    verdict = pd.read_csv(folder / "tables" / "beats_blind.csv")
+    bar = table[table["attack"].str.startswith("blind")]["auc"].max()
+    assert (verdict["beats blind baselines"] == (verdict["auc_low"] > bar)).all()
+
+
+def test_03_biased_split_inflation(smoke_outputs):
+    fair = pd.read_csv(smoke_outputs / "metrics.csv").set_index("attack")
+    inflation = pd.read_csv(smoke_outputs / "biased" / "tables" / "bias_inflation.csv").set_index("attack")
+    np.testing.assert_allclose(inflation["auc_fair"], fair.loc[inflation.index, "auc"], atol=1e-12)
+    np.testing.assert_allclose(inflation["auc_inflation"], inflation["auc_biased"] - inflation["auc_fair"], atol=1e-12)
+    # Only non-member pixels changed: members' scores are identical in both runs.
+    fair_scores = pd.read_parquet(smoke_outputs / "scores.parquet")
+    biased_scores = pd.read_parquet(smoke_outputs / "biased" / "scores.parquet")
+    key = ["attack", "id"]
+    members = fair_scores[(fair_scores["label"] == 1) & (fair_scores["attack"] == "VAE-only control")].set_index(key)["score"]
+    np.testing.assert_allclose(members, biased_scores.set_index(key).loc[members.index, "score"], atol=1e-12)
+    # The source shift is visible without the model: the image-only blind classifier catches it.
+    assert inflation.loc["blind image-only", "auc_biased"] > 0.9
 
 
 def test_03_loss_attack_sees_memorisation(smoke_outputs):
