@@ -78,14 +78,7 @@ def invert(
     Returns ``{t: z_t}`` including the start.
     """
     steps = check_timesteps(timesteps, len(target.scheduler.alphas_cumprod), increasing=True)
-    abar = alphas_cumprod(target.scheduler, schedule)
-    trajectory = {steps[0]: latents}
-    sample = latents
-    for t_from, t_to in zip(steps[:-1], steps[1:]):
-        eps = target.eps(sample, t_from, cond, uncond, guidance)
-        sample = ddim_step(sample, eps, abar[t_from], abar[t_to])
-        trajectory[t_to] = sample
-    return trajectory
+    return _walk(target, latents, steps, cond, uncond, guidance, schedule)
 
 
 @torch.no_grad()
@@ -100,6 +93,11 @@ def denoise(
 ) -> dict[int, torch.Tensor]:
     """Deterministic DDIM sampling along decreasing ``timesteps`` (eps at the source timestep)."""
     steps = check_timesteps(timesteps, len(target.scheduler.alphas_cumprod), increasing=False)
+    return _walk(target, latents, steps, cond, uncond, guidance, schedule)
+
+
+def _walk(target, latents, steps, cond, uncond, guidance, schedule) -> dict[int, torch.Tensor]:
+    """Deterministic DDIM steps along ``steps``, eps evaluated at each step's source timestep."""
     abar = alphas_cumprod(target.scheduler, schedule)
     trajectory = {steps[0]: latents}
     sample = latents

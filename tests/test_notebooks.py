@@ -23,7 +23,7 @@ def test_all_notebooks_executed(smoke_outputs):
         cells = json.loads(executed.read_text())["cells"]
         errors = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors
-    for figure in ("examples", "closest_cross_split_pairs", "memorisation_samples", "observation_ssim_vs_t", "trajectory_grid", "roc", "../biased/figures/roc"):
+    for figure in ("examples", "closest_cross_split_pairs", "memorisation_samples", "observation_ssim_vs_t", "trajectory_grid", "roc", "../biased/figures/roc", "robustness_sweep", "robustness_examples"):
         for suffix in ("png", "pdf"):
             assert (smoke_outputs / "figures" / f"{figure}.{suffix}").stat().st_size > 1000
     for table in ("comparison.csv", "comparison.tex", "beats_blind.csv"):
@@ -148,3 +148,22 @@ def test_03_structural_score_equals_hand_computation(smoke_outputs, smoke_target
         reference = structural_similarity(x[0].double().numpy(), decoded[0].double().numpy(), data_range=2.0, channel_axis=0)
         assert expected == pytest.approx(reference, abs=1e-5)
     assert image_seed("a") == image_seed("a") != image_seed("b")
+
+
+def test_04_robustness(smoke_outputs, smoke_params):
+    result = pd.read_csv(smoke_outputs / "tables" / "robustness.csv")
+    fair = pd.read_csv(smoke_outputs / "metrics.csv").set_index("attack")
+    clean = result[result["distortion"] == "none"].set_index("attack")
+    # Undistorted, every attack at its calibrated settings reproduces 03's test AUC and TPR@1%FPR exactly.
+    assert len(clean) == 9
+    np.testing.assert_allclose(clean["auc"], fair.loc[clean.index, "auc"], atol=1e-9)
+    np.testing.assert_allclose(clean["tpr_at_1fpr"], fair.loc[clean.index, "tpr_at_1fpr"], atol=1e-9)
+    expected = {(name, float(s)) for name, strengths in smoke_params["ROBUSTNESS_SWEEP"].items() for s in strengths}
+    assert {(d, float(s)) for d, s in zip(result["distortion"], result["strength"]) if d != "none"} == expected
+    distorted = result[result["distortion"] != "none"]
+    assert distorted["auc"].between(0, 1).all() and len(distorted) == 9 * len(expected)
+    # Distortions change the scores: not every AUC stays what it was on clean images.
+    merged = distorted.merge(clean["auc"].rename("clean_auc").reset_index(), on="attack")
+    assert (merged["auc"] != merged["clean_auc"]).any()
+    layout = pd.read_csv(smoke_outputs / "tables" / "robustness_paper_layout.csv", index_col="attack")
+    assert "none" in layout.columns and "salt_pepper" in layout.columns
