@@ -17,7 +17,7 @@ import yaml
 from . import data
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = ("01_data_split", "02_observation", "03_attack", "03_attack_biased", "04_robustness")
+NOTEBOOKS = ("01_data_split", "02_observation", "03_attack", "03_attack_biased", "04_robustness", "05_ablations")
 
 
 def notebook_runs(params: dict) -> dict[str, tuple[str, dict]]:
@@ -33,6 +33,7 @@ def notebook_runs(params: dict) -> dict[str, tuple[str, dict]]:
             {"NONMEMBER_STYLE": "shifted", "OUTPUT_DIR": f"{output_dir}/biased", "FAIR_RESULTS": f"{output_dir}/metrics.csv"},
         ),
         "04_robustness": ("04_robustness", {}),
+        "05_ablations": ("05_ablations", {}),
     }
 
 

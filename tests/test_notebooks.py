@@ -23,7 +23,7 @@ def test_all_notebooks_executed(smoke_outputs):
         cells = json.loads(executed.read_text())["cells"]
         errors = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors
-    for figure in ("examples", "closest_cross_split_pairs", "memorisation_samples", "observation_ssim_vs_t", "trajectory_grid", "roc", "../biased/figures/roc", "robustness_sweep", "robustness_examples"):
+    for figure in ("examples", "closest_cross_split_pairs", "memorisation_samples", "observation_ssim_vs_t", "trajectory_grid", "roc", "../biased/figures/roc", "robustness_sweep", "robustness_examples", "ablation_t_and_stride", "training_dynamics"):
         for suffix in ("png", "pdf"):
             assert (smoke_outputs / "figures" / f"{figure}.{suffix}").stat().st_size > 1000
     for table in ("comparison.csv", "comparison.tex", "beats_blind.csv"):
@@ -167,3 +167,41 @@ def test_04_robustness(smoke_outputs, smoke_params):
     assert (merged["auc"] != merged["clean_auc"]).any()
     layout = pd.read_csv(smoke_outputs / "tables" / "robustness_paper_layout.csv", index_col="attack")
     assert "none" in layout.columns and "salt_pepper" in layout.columns
+
+
+def test_05_ablations_agree_with_03_and_count_evaluations(smoke_outputs, smoke_params):
+    ablations = pd.read_csv(smoke_outputs / "tables" / "ablations.csv")
+    fair = pd.read_csv(smoke_outputs / "metrics.csv").set_index("attack")
+    paper_auc = fair.loc["structural (paper)", "auc"]
+
+    def row(study, value):
+        match = ablations[(ablations["study"] == study) & (ablations["value"].astype(str) == str(value))]
+        assert len(match) == 1, (study, value)
+        return match.iloc[0]
+
+    # Every study passes through the paper setting once; all must reproduce 03's test AUC.
+    for study, value in [("T (+SSIM)", 100), ("stride at T=100", 50), ("guidance", 1.0), ("prompt", "true caption"),
+                         ("encoding", "posterior mode"), ("schedule", "model alphas_cumprod"), ("path", "forward only (invert)"),
+                         ("similarity", "SSIM, data range 2.0")]:
+        assert row(study, value)["auc"] == pytest.approx(paper_auc, abs=1e-9)
+    assert row("path", "invert then denoise")["auc"] == pytest.approx(fair.loc["backward reconstruction", "auc"], abs=1e-9)
+    assert row("similarity", "-MSE")["auc"] == pytest.approx(fair.loc["pixel MSE (paper setting)", "auc"], abs=1e-9)
+    # MSE and PSNR rank images identically.
+    assert row("similarity", "PSNR")["auc"] == pytest.approx(row("similarity", "-MSE")["auc"], abs=1e-12)
+    for stride in smoke_params["ABLATION_STRIDES"]:
+        assert row("stride at T=100", stride)["unet_evals"] == 100 // stride
+    for guidance in smoke_params["ABLATION_GUIDANCE"]:
+        assert row("guidance", guidance)["unet_evals"] == (2 if guidance in (0.0, 1.0) else 4)
+    assert row("prompt", "empty")["auc"] != row("prompt", "true caption")["auc"]
+
+
+def test_05_training_dynamics_end_at_the_final_model(smoke_outputs, smoke_params):
+    dynamics = pd.read_csv(smoke_outputs / "tables" / "training_dynamics.csv")
+    assert sorted(dynamics["step"].unique()) == sorted(smoke_params["CHECKPOINTS"])
+    # The last checkpoint is the saved model: its AUCs equal 04's clean-image AUCs exactly.
+    final = dynamics[dynamics["step"] == smoke_params["UNET_STEPS"]].set_index("attack")
+    clean = pd.read_csv(smoke_outputs / "tables" / "robustness.csv").query("distortion == 'none'").set_index("attack")
+    np.testing.assert_allclose(final["auc"], clean.loc[final.index, "auc"], atol=1e-9)
+    # The model-free VAE control cannot change with U-Net training.
+    vae = dynamics[dynamics["attack"] == "VAE-only control"]["auc"]
+    assert vae.max() - vae.min() < 1e-12
