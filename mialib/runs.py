@@ -1,8 +1,13 @@
 """Batched, cached, resumable scoring over an image set, and the per-image scores table.
 
 Every batch result is written to ``<cache_dir>/<name>/<key>.parquet`` where the key hashes the model
-fingerprint, the settings and the batch's image ids; an interrupted run resumes from the batches already
-on disk, and a rerun with the same settings costs nothing.
+fingerprint, the settings, the batch's image ids, captions and pixels; an interrupted run resumes from
+the batches already on disk, and a rerun with the same settings costs nothing.
+
+DDIM inversion trajectories are cached too (``<cache_dir>/trajectory/<key>.safetensors``, keyed by
+model, image, caption and inversion settings, not by the total timestep): every study that needs an
+image's path at a stride reads the one file, a shorter path is its prefix, and a longer one extends it
+from its last latent instead of starting again.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ddim
-from .attacks import loss_errors, structural_curve, vae_control
+from .attacks import inversion_trajectory, loss_errors, trajectory_measures, vae_control
 
 SCORE_COLUMNS = ["id", "label", "split", "subset", "attack", "setting", "score", "unet_evals", "seconds_per_image", "peak_memory_mb"]
 COST_COLUMNS = ("unet_evals", "seconds_per_image", "peak_memory_mb")
@@ -28,6 +33,14 @@ COST_COLUMNS = ("unet_evals", "seconds_per_image", "peak_memory_mb")
 
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _batch_identity(rows: pd.DataFrame, batch: torch.Tensor) -> list:
+    """What a batch's cached result depends on besides the settings: ids, captions and the pixels (the same
+    ids with other images, e.g. a biased split or a distortion, or with other captions never share a cache)."""
+    content = hashlib.sha256(batch.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    captions = list(rows["caption"]) if "caption" in rows else None
+    return [list(rows["id"]), captions, content]
 
 
 def cached_batches(
@@ -48,15 +61,14 @@ def cached_batches(
     for start in tqdm(starts, desc=name, total=len(starts)):
         rows = images.iloc[start : start + batch_size]
         batch = tensors[start : start + batch_size]
-        # The key covers the pixels too: the same ids with other images (a biased split) never share a cache.
-        content = hashlib.sha256(batch.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-        path = folder / f"{_key(fingerprint, settings, list(rows['id']), content)}.parquet"
+        path = folder / f"{_key(fingerprint, settings, *_batch_identity(rows, batch))}.parquet"
         if path.exists():
             frames.append(pd.read_parquet(path))
             continue
         began = time.perf_counter()
         frame = compute(batch, rows)
-        frame["seconds_per_image"] = (time.perf_counter() - began) / len(rows)
+        if "seconds_per_image" not in frame:  # a computation that reuses cached work reports its own cost
+            frame["seconds_per_image"] = (time.perf_counter() - began) / len(rows)
         frame["peak_memory_mb"] = peak_memory_mb("cuda" if torch.cuda.is_available() else "cpu")
         partial = path.with_suffix(".partial")
         frame.to_parquet(partial)
@@ -65,24 +77,129 @@ def cached_batches(
     return pd.concat(frames, ignore_index=True)
 
 
+INVERSION_SETTINGS = ("guidance", "prompt", "encode_mode", "schedule", "seed")
+
+
+def _uniform_path(timesteps: list[int]) -> tuple[int, int]:
+    """(total, stride) of a path 0, stride, ..., total; other paths are not cached as trajectories."""
+    steps = [int(t) for t in timesteps]
+    stride = steps[1] - steps[0] if len(steps) > 1 else 0
+    if stride <= 0 or steps != ddim.path(steps[-1], stride):
+        raise ValueError(f"expected a path 0, stride, 2 * stride, ..., T; got {steps}")
+    return steps[-1], stride
+
+
+def _image_digest(image: torch.Tensor) -> str:
+    return hashlib.sha256(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _load_trajectory(path: Path, total: int, target) -> dict | None:
+    """A cached per-image trajectory up to ``total``: ``{"latents": {t: z}, "seconds": {t: s}, "evals": {t: n}}``."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        seconds = {int(k): v for k, v in json.loads(meta["seconds"]).items()}
+        evals = {int(k): v for k, v in json.loads(meta["evals"]).items()}
+        steps = [t for t in sorted(seconds) if t <= total]
+        latents = {t: handle.get_tensor(f"t={t}").to(target.device, target.dtype) for t in steps}
+    return {"latents": latents, "seconds": seconds, "evals": evals}
+
+
+def _save_trajectory(path: Path, state: dict, image_id: str) -> None:
+    from safetensors.torch import save_file
+
+    latents = {f"t={t}": z.detach().cpu().contiguous() for t, z in state["latents"].items()}
+    metadata = {"id": image_id, "seconds": json.dumps(state["seconds"]), "evals": json.dumps(state["evals"])}
+    partial = path.with_suffix(".partial")
+    save_file(latents, str(partial), metadata=metadata)
+    partial.replace(path)  # atomic: an interrupted write never leaves a truncated trajectory
+
+
+def trajectory_batch(target, batch: torch.Tensor, rows: pd.DataFrame, total: int, stride: int, folder, settings: dict):
+    """The inversion trajectories of a batch along ``path(total, stride)``, from the cache where they are.
+
+    Each image's trajectory is one file keyed by the model, the inversion settings, the stride and the
+    image (id, caption, pixels), so any study that batches the image differently finds it too. A cached
+    shorter path is extended from its last latent (the walk is deterministic: the same path), a longer
+    one is read up to ``total``. Returns ``(trajectory, seconds, evals)``: ``{t: z_t (n, ...)}`` and, per
+    t, the wall seconds and U-Net evaluations per image that reaching t cost when it was computed, each
+    an ``(n,)`` array.
+    """
+    from .attacks import inversion_trajectory
+
+    unknown = set(settings) - set(INVERSION_SETTINGS)
+    if unknown:
+        raise ValueError(f"not inversion settings: {sorted(unknown)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprint = target.fingerprint()
+    ids, captions = list(rows["id"]), list(rows["caption"])
+    paths = [
+        folder / f"{_key(fingerprint, settings, stride, image_id, caption, _image_digest(image))}.safetensors"
+        for image_id, caption, image in zip(ids, captions, batch)
+    ]
+    states = [_load_trajectory(path, total, target) for path in paths]
+    reached = [max(s["latents"]) if s else None for s in states]
+    # Images that need work, grouped by where their cached path ends (None: not cached), run together.
+    for start_t in sorted({r for r in reached if r is None or r < total}, key=lambda r: -1 if r is None else r):
+        index = [i for i, r in enumerate(reached) if r == start_t]
+        sub_ids, sub_captions = [ids[i] for i in index], [captions[i] for i in index]
+        before, began = target.unet_evals, time.perf_counter()
+        if start_t is None:
+            steps = ddim.path(total, stride)
+            images = batch[index].to(target.device)
+            new = inversion_trajectory(target, images, sub_captions, sub_ids, steps, **settings)
+        else:
+            steps = list(range(start_t, total + 1, stride))
+            start = torch.cat([states[i]["latents"][start_t] for i in index])
+            new = inversion_trajectory(target, None, sub_captions, sub_ids, steps, **settings, start=start)
+        elapsed = (time.perf_counter() - began) / len(index)
+        per_step = (target.unet_evals - before) / len(index) / (len(steps) - 1)
+        for position, i in enumerate(index):
+            state = states[i] or {"latents": {}, "seconds": {}, "evals": {}}
+            base_seconds, base_evals = state["seconds"].get(steps[0], 0.0), state["evals"].get(steps[0], 0)
+            for k, t in enumerate(steps):
+                state["latents"][t] = new[t][position : position + 1]
+                state["seconds"].setdefault(t, base_seconds + elapsed * k / (len(steps) - 1))
+                state["evals"].setdefault(t, int(round(base_evals + per_step * k)))
+            _save_trajectory(paths[i], state, ids[i])
+            states[i] = state
+    steps = ddim.path(total, stride)
+    trajectory = {t: torch.cat([s["latents"][t] for s in states]) for t in steps}
+    seconds = {t: np.array([s["seconds"][t] for s in states]) for t in steps}
+    evals = {t: np.array([s["evals"][t] for s in states]) for t in steps}
+    return trajectory, seconds, evals
+
+
 def structural_curves(
-    target, images: pd.DataFrame, tensors: torch.Tensor, timesteps: list[int], cache_dir, batch_size: int = 64, **settings
+    target, images: pd.DataFrame, tensors: torch.Tensor, timesteps: list[int], cache_dir, batch_size: int = 64,
+    data_range: float = 2.0, **settings
 ) -> pd.DataFrame:
-    """SSIM / MSE after DDIM inversion at every t of one path, one row per image and t."""
+    """SSIM, MSE, MS-SSIM and latent MSE after DDIM inversion at every t of one path, one row per image
+    and t, with what reaching t cost (U-Net evaluations and seconds per image).
+
+    The inversion comes from the trajectory cache; only the decoding and the measures are computed here.
+    """
+
+    total, stride = _uniform_path(timesteps)
+    folder = Path(cache_dir) / "trajectory"
 
     def compute(batch, rows):
-        before = target.unet_evals
-        curve = structural_curve(target, batch, list(rows["caption"]), list(rows["id"]), timesteps, **settings)
-        total_evals = (target.unet_evals - before) // len(rows)
-        per_step = total_evals / (len(timesteps) - 1)
-        frames = []
-        for t, values in curve.items():
-            # Evaluations needed to reach t from the start of the path (stride fixed along the path).
-            evals = int(round(per_step * timesteps.index(t)))
-            frames.append(pd.DataFrame({"id": list(rows["id"]), "t": t, "ssim": values["ssim"], "mse": values["mse"], "unet_evals": evals}))
+        trajectory, seconds, evals = trajectory_batch(target, batch, rows, total, stride, folder, settings)
+        began = time.perf_counter()
+        curve = trajectory_measures(target, batch, trajectory, trajectory[0], data_range)
+        measuring = (time.perf_counter() - began) / len(rows) / len(curve)
+        frames = [
+            pd.DataFrame({"id": list(rows["id"]), "t": t, **values, "unet_evals": evals[t], "seconds_per_image": seconds[t] + measuring})
+            for t, values in curve.items()
+        ]
         return pd.concat(frames, ignore_index=True)
 
-    return cached_batches("structural_curve", {"timesteps": timesteps, **settings}, target.fingerprint(), images, tensors, compute, cache_dir, batch_size)
+    options = {"timesteps": list(timesteps), "data_range": data_range, **settings}
+    return cached_batches("structural_curve", options, target.fingerprint(), images, tensors, compute, cache_dir, batch_size)
 
 
 def loss_curves(target, images, tensors, timesteps: list[int], cache_dir, batch_size: int = 64, **settings) -> pd.DataFrame:

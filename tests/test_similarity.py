@@ -7,7 +7,9 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from mialib.similarity import mse, psnr, ssim
+from scipy.signal import convolve2d
+
+from mialib.similarity import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales, mse, psnr, ssim
 
 
 def _random_pair(shape, seed):
@@ -104,3 +106,61 @@ def test_mse_equals_numpy():
     a = torch.zeros(1, 1, 2, 2)
     b = torch.tensor([[[[0.5, 0.0], [0.0, 0.0]]]])
     assert mse(a, b).item() == pytest.approx(0.0625)
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-scale SSIM: torchmetrics, checked against Wang et al.'s definition written out with scipy.
+def _reference_ms_ssim(x, y, data_range=2.0, sigma=1.5, taps=11):
+    """MS-SSIM by its definition: contrast-structure terms at the finer scales, full SSIM at the coarsest,
+    2x2 average pooling between scales, an 11-tap Gaussian window over reflect-padded images (the padding
+    kept out of the contrast-structure mean), negative terms clamped at 0, renormalised Wang weights."""
+    g = np.exp(-((np.arange(taps) - taps // 2) ** 2) / (2 * sigma**2))
+    window = np.outer(g, g) / g.sum() ** 2
+    pad = taps // 2
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    scales = ms_ssim_scales(x.shape[-1])
+    beta = np.array(MS_SSIM_WEIGHTS[:scales]) / np.sum(MS_SSIM_WEIGHTS[:scales])
+    values = []
+    for a, b in zip(x, y):
+        terms = []
+        for scale in range(scales):
+            cs_means, ssim_means = [], []
+            for ca, cb in zip(a, b):
+                def blur(image):
+                    return convolve2d(np.pad(image, pad, mode="reflect"), window, mode="valid")
+                ux, uy = blur(ca), blur(cb)
+                vx, vy = np.maximum(blur(ca * ca) - ux**2, 0), np.maximum(blur(cb * cb) - uy**2, 0)
+                vxy = blur(ca * cb) - ux * uy
+                cs = (2 * vxy + c2) / (vx + vy + c2)
+                luminance = (2 * ux * uy + c1) / (ux**2 + uy**2 + c1)
+                cs_means.append(cs[pad:-pad, pad:-pad].mean())
+                ssim_means.append((cs * luminance).mean())
+            terms.append(np.mean(ssim_means) if scale == scales - 1 else np.mean(cs_means))
+            c, h, w = a.shape
+            a = a.reshape(c, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+            b = b.reshape(c, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+        values.append(np.prod(np.maximum(terms, 0) ** beta))
+    return np.array(values)
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_ms_ssim_matches_its_definition(size):
+    x, y = _random_pair((3, 3, size, size), seed=size)
+    ours = ms_ssim(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    np.testing.assert_allclose(ours, _reference_ms_ssim(x, y), atol=1e-6)
+    assert np.all((ours > 0) & (ours < 1))
+
+
+def test_ms_ssim_scales_follow_the_image_size():
+    assert [ms_ssim_scales(s) for s in (16, 32, 64, 128, 512)] == [2, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="too small"):
+        ms_ssim_scales(8)
+
+
+def test_ms_ssim_identity_symmetry_and_order():
+    x, y = _random_pair((2, 3, 32, 32), seed=1)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    np.testing.assert_allclose(ms_ssim(x, x).numpy(), 1.0, atol=1e-12)
+    np.testing.assert_allclose(ms_ssim(x, y).numpy(), ms_ssim(y, x).numpy(), atol=1e-12)
+    worse = torch.clamp(x + 0.6 * torch.from_numpy(np.random.default_rng(2).normal(size=x.shape)), -1, 1)
+    assert torch.all(ms_ssim(x, worse) < ms_ssim(x, y))

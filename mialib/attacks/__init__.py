@@ -8,7 +8,7 @@ from .loss import loss_attack, loss_errors
 from .pia import pia_attack
 from .pixel import pixel_attack
 from .secmi import secmi_attack
-from .structural import structural_attack, structural_curve
+from .structural import inversion_trajectory, structural_attack, structural_curve, trajectory_measures
 from .vae_control import vae_control
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "clid_attack",
     "condition",
     "image_seed",
+    "inversion_trajectory",
     "loss_attack",
     "loss_errors",
     "pia_attack",
@@ -25,5 +26,6 @@ __all__ = [
     "secmi_attack",
     "structural_attack",
     "structural_curve",
+    "trajectory_measures",
     "vae_control",
 ]

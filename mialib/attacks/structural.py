@@ -13,8 +13,58 @@ import numpy as np
 import torch
 
 from .. import ddim
-from ..similarity import mse, ssim
+from ..similarity import ms_ssim, mse, ssim
 from .base import AttackOutput, condition
+
+
+@torch.no_grad()
+def inversion_trajectory(
+    target,
+    images: torch.Tensor,
+    captions: list[str],
+    ids: list[str],
+    timesteps: list[int],
+    guidance: float = 1.0,
+    prompt: str = "caption",
+    encode_mode: str = "mode",
+    schedule: str = "model",
+    seed: int = 0,
+    start: torch.Tensor | None = None,
+) -> dict[int, torch.Tensor]:
+    """Encode the images (unless ``start`` gives the latents at ``timesteps[0]``) and invert them with
+    deterministic DDIM along ``timesteps``. Returns ``{t: z_t}``; ``timesteps[0]`` maps to the start.
+
+    A trajectory can be extended exactly: inverting from its last latent with ``start`` continues the path.
+    """
+    from .base import image_seed
+
+    if start is None:
+        start = target.encode_images(images, mode=encode_mode, seeds=[image_seed(i, seed) for i in ids])
+    cond, uncond = condition(target, captions, prompt, guidance)
+    return ddim.invert(target, start.to(target.device, target.dtype), timesteps, cond, uncond, guidance, schedule)
+
+
+@torch.no_grad()
+def trajectory_measures(
+    target, images: torch.Tensor, trajectory: dict[int, torch.Tensor], clean: torch.Tensor, data_range: float = 2.0
+) -> dict[int, dict[str, np.ndarray]]:
+    """Similarity of each image to its decoded inverted latent at every t of a trajectory.
+
+    ``ssim`` (skimage's), ``mse`` and ``ms_ssim`` compare pixels after decoding; ``latent_mse`` compares the
+    inverted latent with the clean latent ``clean`` (the encoding, t = 0) without the decoder.
+    """
+    reference = images.to(torch.float64)
+    clean = clean.detach().to("cpu", torch.float64)
+    curve = {}
+    for t, z_t in trajectory.items():
+        decoded = target.decode(z_t)
+        curve[t] = {
+            "ssim": ssim(reference, decoded, data_range=data_range).numpy(),
+            "mse": mse(reference, decoded).numpy(),
+            "ms_ssim": ms_ssim(reference, decoded, data_range=data_range).numpy(),
+            "latent_mse": (z_t.detach().to("cpu", torch.float64) - clean).pow(2).flatten(1).mean(dim=1).numpy(),
+        }
+    return curve
 
 
 @torch.no_grad()
@@ -31,27 +81,18 @@ def structural_curve(
     data_range: float = 2.0,
     seed: int = 0,
 ) -> dict[int, dict[str, np.ndarray]]:
-    """SSIM and MSE between each image and its decoded inverted latent at every timestep of one path.
+    """SSIM, MSE, MS-SSIM and latent MSE between each image and its decoded inverted latent at every
+    timestep of one path.
 
     One inversion serves every t on the path: the prefix of a deterministic path is the shorter path.
-    Returns ``{t: {"ssim": (n,), "mse": (n,)}}``; t = timesteps[0] is the plain VAE round trip.
+    Returns ``{t: {"ssim": (n,), "mse": (n,), "ms_ssim": (n,), "latent_mse": (n,)}}``; t = timesteps[0]
+    is the plain VAE round trip.
     """
-    from .base import image_seed
-
-    latents = target.encode_images(images, mode=encode_mode, seeds=[image_seed(i, seed) for i in ids])
-    cond, uncond = condition(target, captions, prompt, guidance)
-    trajectory = ddim.invert(target, latents, timesteps, cond, uncond, guidance, schedule)
-    reference = images.to(torch.float64)
-    curve = {}
-    for t, z_t in trajectory.items():
-        decoded = target.decode(z_t)
-        curve[t] = {
-            "ssim": ssim(reference, decoded, data_range=data_range).numpy(),
-            "mse": mse(reference, decoded).numpy(),
-        }
-    return curve
+    trajectory = inversion_trajectory(target, images, captions, ids, timesteps, guidance, prompt, encode_mode, schedule, seed)
+    return trajectory_measures(target, images, trajectory, trajectory[timesteps[0]], data_range)
 
 
+@torch.no_grad()
 def structural_attack(
     target,
     images: torch.Tensor,
@@ -69,11 +110,9 @@ def structural_attack(
 ) -> AttackOutput:
     """Score = direction * SSIM(x, D(DDIM-inverted latent at t)); paper setting t=100, stride=50, direction=+1."""
     before = target.unet_evals
-    curve = structural_curve(
-        target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, data_range, seed
-    )
+    trajectory = inversion_trajectory(target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, seed)
     evals = (target.unet_evals - before) // len(images)
-    similarity = curve[t]["ssim"]
+    similarity = ssim(images.to(torch.float64), target.decode(trajectory[t]), data_range=data_range).numpy()
     return AttackOutput(scores=direction * similarity, unet_evals=evals, extras={"ssim": similarity})
 
 
