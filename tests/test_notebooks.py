@@ -193,6 +193,29 @@ def test_05_ablations_agree_with_03_and_count_evaluations(smoke_outputs, smoke_p
     for guidance in smoke_params["ABLATION_GUIDANCE"]:
         assert row("guidance", guidance)["unet_evals"] == (2 if guidance in (0.0, 1.0) else 4)
     assert row("prompt", "empty")["auc"] != row("prompt", "true caption")["auc"]
+    # Every row's AUC is sklearn's on the per-image scores the notebook wrote beside the table.
+    scores = pd.read_parquet(smoke_outputs / "ablation_scores.parquet")
+    assert len(scores) == len(ablations) * (smoke_params["N_MEMBERS"] // 2 + smoke_params["N_NONMEMBERS"] // 2)
+    for (study, value), group in scores.groupby(["study", "value"]):
+        assert row(study, value)["auc"] == pytest.approx(roc_auc_score(group["label"], group["score"]), abs=1e-12)
+    # Another image's caption is a different computation, not the true caption's cached scores.
+    def image_scores(study, value):
+        return scores[(scores["study"] == study) & (scores["value"] == value)].set_index("id")["score"]
+    assert not np.allclose(image_scores("prompt", "unrelated caption"), image_scores("prompt", "true caption").loc[image_scores("prompt", "unrelated caption").index])
+    # The similarity rows at T = 100 are the T sweep's rows at 100, read off the same cached path.
+    for study, value in [("T (+MS-SSIM)", "MS-SSIM"), ("T (-MSE)", "-MSE"), ("T (-latent MSE)", "-latent MSE")]:
+        assert row(study, smoke_params["PAPER_T"])["auc"] == pytest.approx(row("similarity", value)["auc"], abs=1e-12)
+    # At t = 0 the latent is the clean one: zero latent distance for every image, so chance AUC.
+    assert row("T (-latent MSE)", 0)["auc"] == pytest.approx(0.5, abs=1e-12)
+    # At the training resolution the resolution study reproduces 03's paper and calibrated rows.
+    size = smoke_params["IMAGE_SIZE"]
+    assert row("resolution (paper setting)", size)["auc"] == pytest.approx(paper_auc, abs=1e-9)
+    chosen = json.loads((smoke_outputs / "chosen_settings.json").read_text())
+    sign = "+" if chosen["structural_direction"] > 0 else "-"
+    calibrated = row(f"resolution (calibrated t={chosen['structural_t']}, {sign}SSIM)", size)
+    assert calibrated["auc"] == pytest.approx(fair.loc["structural (calibrated)", "auc"], abs=1e-9)
+    for other in smoke_params["ABLATION_RESOLUTIONS"]:
+        assert 0 <= row("resolution (paper setting)", other)["auc"] <= 1
 
 
 def test_05_training_dynamics_end_at_the_final_model(smoke_outputs, smoke_params):
