@@ -6,16 +6,36 @@ Settings that an attack tunes come from the calibration run of ``03_attack`` (it
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
 
 import pandas as pd
 import torch
 
-from . import attacks, runs
+from . import attacks, ddim, runs
+
+
+@dataclass
+class PathScore:
+    """An attack read off the shared inversion trajectory: ``direction * measure`` at ``t`` on
+    ``path(t, stride)`` (``runs.structural_curves``). The structural and pixel attacks of a suite share
+    one inversion per image this way, and reuse the paths that earlier notebooks cached."""
+
+    t: int
+    stride: int
+    measure: str  # a column of structural_curves: ssim, mse, ms_ssim, latent_mse
+    direction: int  # +1: higher measure means member
+    settings: dict = field(default_factory=dict)  # guidance, prompt, encode_mode, schedule, data_range, seed
+
+    def scores(self, target, images: pd.DataFrame, tensors: torch.Tensor, cache_dir, batch_size: int) -> pd.DataFrame:
+        curve = runs.structural_curves(target, images, tensors, ddim.path(self.t, self.stride), cache_dir, batch_size, **self.settings)
+        at_t = curve[curve["t"] == self.t]
+        return at_t[["id", "unet_evals", "seconds_per_image", "peak_memory_mb"]].assign(score=self.direction * at_t[self.measure].to_numpy())
 
 
 def suite(chosen: dict, paper_t: int, paper_stride: int, curve_stride: int, common: dict) -> dict:
-    """Attack name -> callable of the common signature, with every setting bound.
+    """Attack name -> callable of the common signature with every setting bound, or a ``PathScore`` for
+    the attacks that read the decoded inversion path (structural and pixel MSE).
 
     ``common`` holds guidance, prompt, encode_mode, schedule, data_range and seed.
     """
@@ -23,11 +43,9 @@ def suite(chosen: dict, paper_t: int, paper_stride: int, curve_stride: int, comm
     clid = {k: v for k, v in common.items() if k in ("encode_mode", "seed")}
     vae = {k: v for k, v in common.items() if k in ("encode_mode", "data_range", "seed")}
     return {
-        "structural (paper)": partial(attacks.structural_attack, t=paper_t, stride=paper_stride, **common),
-        "structural (calibrated)": partial(
-            attacks.structural_attack, t=chosen["structural_t"], stride=curve_stride, direction=chosen["structural_direction"], **common
-        ),
-        "pixel MSE (paper setting)": partial(attacks.pixel_attack, t=paper_t, stride=paper_stride, **common),
+        "structural (paper)": PathScore(paper_t, paper_stride, "ssim", 1, common),
+        "structural (calibrated)": PathScore(chosen["structural_t"], curve_stride, "ssim", chosen["structural_direction"], common),
+        "pixel MSE (paper setting)": PathScore(paper_t, paper_stride, "mse", -1, common),
         "backward reconstruction": partial(attacks.backward_attack, t=paper_t, stride=paper_stride, **common),
         "loss": partial(attacks.loss_attack, t=chosen["loss_t"], **{k: v for k, v in no_range.items() if k != "schedule"}),
         "SecMI": partial(attacks.secmi_attack, t_sec=chosen["secmi_t"], interval=chosen["secmi_interval"], **no_range),
@@ -43,18 +61,21 @@ def score_suite(target, images: pd.DataFrame, tensors: torch.Tensor, attack_suit
     frames = []
     fingerprint = target.fingerprint()
     for name, function in attack_suite.items():
-        settings = {"bound": repr(function.keywords) if isinstance(function, partial) else "", "tag": tag}
-        values = runs.cached_batches(
-            f"suite/{name.replace(' ', '_').replace('(', '').replace(')', '')}",
-            settings,
-            fingerprint,
-            images,
-            tensors,
-            lambda batch, rows, f=function: _as_frame(f(target, batch.to(target.device), list(rows["caption"]), list(rows["id"])), rows),
-            cache_dir,
-            batch_size,
-        )
-        frames.append(values.assign(attack=name).merge(images[["id", "label"]], on="id"))
+        if isinstance(function, PathScore):  # cached per image by model, settings and pixels: no tag needed
+            values = function.scores(target, images, tensors, cache_dir, batch_size)
+        else:
+            settings = {"bound": repr(function.keywords) if isinstance(function, partial) else "", "tag": tag}
+            values = runs.cached_batches(
+                f"suite/{name.replace(' ', '_').replace('(', '').replace(')', '')}",
+                settings,
+                fingerprint,
+                images,
+                tensors,
+                lambda batch, rows, f=function: _as_frame(f(target, batch.to(target.device), list(rows["caption"]), list(rows["id"])), rows),
+                cache_dir,
+                batch_size,
+            )
+        frames.append(values.assign(attack=name).merge(images[["id", "label"]], on="id", validate="one_to_one"))
     return pd.concat(frames, ignore_index=True)
 
 

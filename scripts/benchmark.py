@@ -3,18 +3,22 @@
     python scripts/benchmark.py --preset configs/default.yaml [--images 64] [--batch-size 32]
 
 Figures: seconds per image, images per second, U-Net evaluations per image (counted), and peak memory
-(resident set size on CPU, ``torch.cuda.max_memory_allocated`` on GPU). Timings are printed, never asserted.
+(resident set size on CPU, ``torch.cuda.max_memory_allocated`` on GPU); then what the trajectory cache
+saves: a T sweep computed cold, the same sweep read back, a shorter path read as a prefix, and the disk
+it takes per image. Timings are printed, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from mialib import data, experiment
+from mialib import data, ddim, experiment, runs
 from mialib.attacks import loss_attack, structural_attack, vae_control
 from mialib.target import load_target
 
@@ -60,6 +64,32 @@ def main() -> None:
         seconds = (time.perf_counter() - start) / len(rows)
         evals = (target.unet_evals - evals_before) / len(rows)
         print(f"{name:40s} {seconds:9.4f} {1 / seconds:9.1f} {evals:10.1f} {peak_mb(device):8.0f}")
+    trajectory_cache(target, rows, tensors, params, args.batch_size)
+
+
+def trajectory_cache(target, rows, tensors, params: dict, batch_size: int) -> None:
+    """Seconds per image and U-Net evaluations of curve studies with and without the trajectory cache."""
+    settings = dict(
+        guidance=params["GUIDANCE"], prompt=params["PROMPT"], encode_mode=params["ENCODE_MODE"],
+        schedule=params["SCHEDULE"], seed=params["SEED"],
+    )
+    t_max, stride, paper_t = params["CURVE_T_MAX"], params["CURVE_STRIDE"], params["PAPER_T"]
+    print(f"\ntrajectory cache (path 0..{t_max}, stride {stride}, measures: SSIM, MSE, MS-SSIM, latent MSE)")
+    print(f"{'study':40s} {'s/image':>9s} {'U-Net/img':>10s}")
+    with tempfile.TemporaryDirectory() as cache:
+        studies = [
+            (f"T sweep to {t_max}, cold", t_max, 2.0),
+            (f"T sweep to {t_max}, cached", t_max, 2.0),
+            (f"T={paper_t} with SSIM data range 1, cached", paper_t, 1.0),
+        ]
+        for name, total, data_range in studies:
+            before, start = target.unet_evals, time.perf_counter()
+            runs.structural_curves(target, rows, tensors, ddim.path(total, stride), cache, batch_size, data_range=data_range, **settings)
+            seconds = (time.perf_counter() - start) / len(rows)
+            print(f"{name:40s} {seconds:9.4f} {(target.unet_evals - before) / len(rows):10.1f}")
+        files = list((Path(cache) / "trajectory").glob("*.safetensors"))
+        size = sum(f.stat().st_size for f in files) / len(files)
+        print(f"disk: {len(files)} trajectory files, {size / 1024:.1f} KiB per image ({t_max // stride + 1} latents)")
 
 
 if __name__ == "__main__":
