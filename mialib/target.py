@@ -29,6 +29,7 @@ class Target:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     unet_evals: int = 0  # U-Net forward passes, counted per image (a batch of n counts n)
+    _fingerprint: tuple | None = field(default=None, repr=False, compare=False)  # (weights' state, digest)
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -42,7 +43,21 @@ class Target:
         return int(self.unet.config.sample_size) * downscale
 
     def fingerprint(self) -> str:
-        """sha256 over every weight, the tokenizer's vocabulary and the scheduler config (keys caches)."""
+        """sha256 over every weight, the tokenizer's vocabulary and the scheduler config (keys caches).
+
+        Hashing Stable Diffusion's weights takes seconds, so the digest is kept and reused while every
+        weight tensor is the same object at the same version (an in-place change bumps the version).
+        """
+        state = (
+            json.dumps(dict(self.scheduler.config), sort_keys=True, default=str),
+            tuple((t.data_ptr(), t._version) for m in (self.unet, self.vae, self.text_encoder) for t in m.state_dict().values()),
+        )
+        if self._fingerprint is not None and self._fingerprint[0] == state:
+            return self._fingerprint[1]
+        self._fingerprint = (state, self._digest())
+        return self._fingerprint[1]
+
+    def _digest(self) -> str:
         digest = hashlib.sha256()
         digest.update(json.dumps(dict(self.scheduler.config), sort_keys=True, default=str).encode())
         digest.update(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode())

@@ -226,3 +226,15 @@ def test_tiny_components_shapes(saved):
         latents = pipeline.vae.encode(helpers.make_images(1)).latent_dist.mode()
     assert latents.shape == (1, 4, 16, 16)
     assert helpers.build_tiny_pipeline().unet.conv_out.bias.equal(pipeline.unet.conv_out.bias)  # seeded
+
+
+def test_fingerprint_is_hashed_once_while_the_weights_stay_the_same(target, monkeypatch):
+    changed = _clone(target)
+    first = changed.fingerprint()
+    calls = []
+    original = Target._digest
+    monkeypatch.setattr(Target, "_digest", lambda self: calls.append(1) or original(self))
+    assert changed.fingerprint() == first and calls == []  # reused: same tensors, same versions
+    with torch.no_grad():
+        changed.unet.conv_out.bias.data = changed.unet.conv_out.bias.data + 1.0  # a new tensor, not in place
+    assert changed.fingerprint() != first and calls == [1]
