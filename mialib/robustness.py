@@ -28,7 +28,8 @@ class PathScore:
     settings: dict = field(default_factory=dict)  # guidance, prompt, encode_mode, schedule, data_range, seed
 
     def scores(self, target, images: pd.DataFrame, tensors: torch.Tensor, cache_dir, batch_size: int) -> pd.DataFrame:
-        curve = runs.structural_curves(target, images, tensors, ddim.path(self.t, self.stride), cache_dir, batch_size, **self.settings)
+        path = ddim.path(self.t, self.stride)
+        curve = runs.structural_curves(target, images, tensors, path, cache_dir, batch_size, at=[self.t], **self.settings)
         at_t = curve[curve["t"] == self.t]
         return at_t[["id", "unet_evals", "seconds_per_image", "peak_memory_mb"]].assign(score=self.direction * at_t[self.measure].to_numpy())
 

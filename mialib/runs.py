@@ -176,21 +176,25 @@ def trajectory_batch(target, batch: torch.Tensor, rows: pd.DataFrame, total: int
 
 def structural_curves(
     target, images: pd.DataFrame, tensors: torch.Tensor, timesteps: list[int], cache_dir, batch_size: int = 64,
-    data_range: float = 2.0, **settings
+    data_range: float = 2.0, at: list[int] | None = None, **settings
 ) -> pd.DataFrame:
-    """SSIM, MSE, MS-SSIM and latent MSE after DDIM inversion at every t of one path, one row per image
-    and t, with what reaching t cost (U-Net evaluations and seconds per image).
+    """SSIM, MSE, MS-SSIM and latent MSE after DDIM inversion at every t of one path (or only at the
+    timesteps ``at``), one row per image and t, with what reaching t cost (U-Net evaluations and seconds
+    per image).
 
     The inversion comes from the trajectory cache; only the decoding and the measures are computed here.
     """
-
     total, stride = _uniform_path(timesteps)
+    measured = sorted(int(t) for t in at) if at is not None else list(timesteps)
+    if not measured or not set(measured) <= set(timesteps):
+        raise ValueError(f"timesteps to measure {measured} are not on the path {list(timesteps)}")
     folder = Path(cache_dir) / "trajectory"
 
     def compute(batch, rows):
         trajectory, seconds, evals = trajectory_batch(target, batch, rows, total, stride, folder, settings)
         began = time.perf_counter()
-        curve = trajectory_measures(target, batch, trajectory, trajectory[0], data_range)
+        kept = {t: trajectory[t] for t in measured}
+        curve = trajectory_measures(target, batch, kept, trajectory[0], data_range)
         measuring = (time.perf_counter() - began) / len(rows) / len(curve)
         frames = [
             pd.DataFrame({"id": list(rows["id"]), "t": t, **values, "unet_evals": evals[t], "seconds_per_image": seconds[t] + measuring})
@@ -199,6 +203,8 @@ def structural_curves(
         return pd.concat(frames, ignore_index=True)
 
     options = {"timesteps": list(timesteps), "data_range": data_range, **settings}
+    if at is not None:
+        options["at"] = measured
     return cached_batches("structural_curve", options, target.fingerprint(), images, tensors, compute, cache_dir, batch_size)
 
 

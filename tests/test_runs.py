@@ -136,6 +136,20 @@ def test_partly_cached_batches_invert_only_what_is_missing(target, frame, images
     assert (part["unet_evals"] == 3).all()
 
 
+def test_measuring_only_some_timesteps_reads_the_same_numbers(target, frame, images, tmp_path):
+    full = _curves(target, frame, images, tmp_path, 200)
+    before = target.unet_evals
+    end = _curves(target, frame, images, tmp_path, 200, at=[200, 100])
+    assert target.unet_evals == before
+    assert sorted(end["t"].unique()) == [100, 200]
+    merged = end.merge(full, on=["id", "t"], suffixes=("", "_full"))
+    assert len(merged) == len(end) == 6
+    for measure in ("ssim", "ms_ssim", "mse", "latent_mse", "unet_evals"):
+        np.testing.assert_allclose(merged[measure], merged[f"{measure}_full"], rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="not on the path"):
+        _curves(target, frame, images, tmp_path, 200, at=[125])
+
+
 def test_only_uniform_paths_from_zero_are_cached(target, frame, images, tmp_path):
     with pytest.raises(ValueError, match="expected a path"):
         runs.structural_curves(target, frame, images, [0, 50, 150], tmp_path, 3, **SETTINGS)

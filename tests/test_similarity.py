@@ -109,7 +109,7 @@ def test_mse_equals_numpy():
 
 
 # --------------------------------------------------------------------------------------------------
-# Multi-scale SSIM: torchmetrics, checked against Wang et al.'s definition written out with scipy.
+# Multi-scale SSIM: against torchmetrics and against Wang et al.'s definition written out with scipy.
 def _reference_ms_ssim(x, y, data_range=2.0, sigma=1.5, taps=11):
     """MS-SSIM by its definition: contrast-structure terms at the finer scales, full SSIM at the coarsest,
     2x2 average pooling between scales, an 11-tap Gaussian window over reflect-padded images (the padding
@@ -149,6 +149,21 @@ def test_ms_ssim_matches_its_definition(size):
     ours = ms_ssim(torch.from_numpy(x), torch.from_numpy(y)).numpy()
     np.testing.assert_allclose(ours, _reference_ms_ssim(x, y), atol=1e-6)
     assert np.all((ours > 0) & (ours < 1))
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 256])
+def test_ms_ssim_matches_torchmetrics(size):
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    x, y = _random_pair((4, 3, size, size), seed=size + 1)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    weights = np.array(MS_SSIM_WEIGHTS[: ms_ssim_scales(size)])
+    expected = multiscale_structural_similarity_index_measure(
+        x, y, data_range=2.0, betas=tuple(weights / weights.sum()), normalize="relu", reduction="none"
+    )
+    np.testing.assert_allclose(ms_ssim(x, y).numpy(), expected.numpy(), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(ms_ssim(x, y, data_range=1.0).numpy(), multiscale_structural_similarity_index_measure(
+        x, y, data_range=1.0, betas=tuple(weights / weights.sum()), normalize="relu", reduction="none").numpy(), rtol=0, atol=1e-7)
 
 
 def test_ms_ssim_scales_follow_the_image_size():
