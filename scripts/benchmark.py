@@ -79,8 +79,8 @@ def trajectory_cache(target, rows, tensors, params: dict, batch_size: int) -> No
     with tempfile.TemporaryDirectory() as cache:
         studies = [
             (f"T sweep to {t_max}, cold", t_max, 2.0),
-            (f"T sweep to {t_max}, cached", t_max, 2.0),
-            (f"T={paper_t} with SSIM data range 1, cached", paper_t, 1.0),
+            (f"T sweep to {t_max}, rerun (all cached)", t_max, 2.0),
+            (f"T={paper_t}, data range 1 (path cached)", paper_t, 1.0),
         ]
         for name, total, data_range in studies:
             before, start = target.unet_evals, time.perf_counter()
