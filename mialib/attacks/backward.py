@@ -18,7 +18,8 @@ import torch
 
 from .. import ddim
 from ..similarity import ssim
-from .base import AttackOutput, condition, image_seed
+from .base import AttackOutput, condition
+from .structural import inversion_trajectory
 
 
 @torch.no_grad()
@@ -40,11 +41,11 @@ def backward_attack(
     """Score = direction * SSIM(x, D(z_0 reconstructed from the inverted z_t)); extras {"ssim", "latent_mse"}."""
     steps = ddim.path(int(t), int(stride))
     before = target.unet_evals
-    latents = target.encode_images(images, mode=encode_mode, seeds=[image_seed(i, seed) for i in ids])
-    cond, uncond = condition(target, captions, prompt, guidance)
-    # 1. deterministic inversion 0 -> stride -> ... -> t
-    inverted = ddim.invert(target, latents, steps, cond, uncond, guidance, schedule)[steps[-1]]
+    # 1. encode and invert deterministically 0 -> stride -> ... -> t (the structural attack's path)
+    trajectory = inversion_trajectory(target, images, captions, ids, steps, guidance, prompt, encode_mode, schedule, seed)
+    latents, inverted = trajectory[steps[0]], trajectory[steps[-1]]
     # 2. deterministic denoising t -> ... -> stride -> 0 along the same timesteps
+    cond, uncond = condition(target, captions, prompt, guidance)
     reconstruction = ddim.denoise(target, inverted, steps[::-1], cond, uncond, guidance, schedule)[steps[0]]
     # 3. decode and compare with the input
     similarity = ssim(images, target.decode(reconstruction), data_range=data_range).numpy()

@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from .. import ddim
+from ..similarity import mse
 from .base import AttackOutput
-from .structural import structural_curve
+from .structural import inversion_trajectory
 
 METRICS = ("mse", "psnr")
 
 
+@torch.no_grad()
 def pixel_attack(
     target,
     images: torch.Tensor,
@@ -43,11 +45,9 @@ def pixel_attack(
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
     before = target.unet_evals
-    curve = structural_curve(
-        target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, data_range, seed
-    )
+    trajectory = inversion_trajectory(target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, seed)
     evals = (target.unet_evals - before) // len(images)
-    error = curve[int(t)]["mse"]
+    error = mse(images, target.decode(trajectory[int(t)])).numpy()
     peak = 10 * np.log10(data_range**2 / error)
     value = -error if metric == "mse" else peak
     return AttackOutput(scores=direction * value, unet_evals=evals, extras={"mse": error, "psnr": peak})
