@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# img2dataset (driven by `mialib download`) needs pandas < 3, so it lives in its own environment inside .venv.
+I2D := $(VENV)/img2dataset
+I2D_STAMP := $(I2D)/.installed
 
-.PHONY: run prepare notebooks test lab install clean-outputs benchmark
+.PHONY: run prepare notebooks test lab install tools clean-outputs benchmark
 
 run: $(STAMP) ## build data and target if missing, then execute the notebooks with papermill
 	$(PY) -m mialib all --preset configs/$(PRESET).yaml
@@ -16,7 +19,7 @@ prepare: $(STAMP) ## only build the embedded data and the tiny target
 notebooks: $(STAMP) ## only execute the notebooks (data and target must exist)
 	$(PY) -m mialib notebooks --preset configs/$(PRESET).yaml
 
-test: $(STAMP) ## the test suite (trains a smoke-size target once, executes every notebook at smoke size)
+test: $(STAMP) $(I2D_STAMP) ## the test suite (trains a smoke-size target once, executes every notebook at smoke size)
 	$(PY) -m pytest
 
 lab: $(STAMP) ## JupyterLab with the project's kernel
@@ -26,6 +29,8 @@ benchmark: $(STAMP) ## speed and memory figures of the attacks on the embedded t
 	$(PY) scripts/benchmark.py --preset configs/$(PRESET).yaml
 
 install: $(STAMP)
+
+tools: $(I2D_STAMP) ## the img2dataset command that `mialib download` drives (.venv/img2dataset/bin/img2dataset)
 
 # The environment: a virtual environment with the package and its pinned dependencies (pyproject.toml).
 $(STAMP): pyproject.toml
@@ -37,3 +42,8 @@ $(STAMP): pyproject.toml
 
 clean-outputs:
 	rm -rf outputs
+
+$(I2D_STAMP): $(STAMP)
+	test -x $(I2D)/bin/python || $(PYTHON) -m venv $(I2D)
+	$(I2D)/bin/python -m pip install --quiet "img2dataset==1.47.0"
+	touch $(I2D_STAMP)

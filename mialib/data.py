@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 SPLITS = ("public", "member", "nonmember")
 SUBSETS = ("calibration", "test")
-MANIFEST_COLUMNS = ["id", "caption", "group", "split", "subset", "sha256"]
+MANIFEST_COLUMNS = ["id", "caption", "group", "split", "subset", "pixel_sha256"]
 
 # Rendering of the embedded set: a glyph of font size 109 spans about 141 px; the canvas leaves a margin.
 RENDER_CANVAS = 144
@@ -83,7 +83,7 @@ def caption_from_name(name: str) -> str:
 def emoji_catalogue(report: BuildReport | None = None) -> pd.DataFrame:
     """Every OpenMoji image that has an English name, one representative per variant group.
 
-    Returns columns ``id, caption, group, sha256`` sorted by id. Images without a caption,
+    Returns columns ``id, caption, group, pixel_sha256`` sorted by id. Images without a caption,
     non-representative variants and pixel-identical renders are recorded in ``report`` as skips.
     """
     import emoji
@@ -108,7 +108,7 @@ def emoji_catalogue(report: BuildReport | None = None) -> pd.DataFrame:
     # Different code points can share a design (a brown square and the dark skin-tone swatch, two
     # territories with one flag): link pixel-identical and near-identical renders, keep one per cluster.
     renders = [render_emoji(i) for i in frame["id"]]
-    frame["sha256"] = [pixel_sha256(image) for image in renders]
+    frame["pixel_sha256"] = [pixel_sha256(image) for image in renders]
     thumbnails = torch.stack([preprocess(image, NEAR_DUPLICATE_SIZE) for image in renders])
     keep = np.ones(len(frame), dtype=bool)
     for first, second, similarity in near_duplicate_pairs(thumbnails):
@@ -207,7 +207,7 @@ def validate_manifest(manifest: pd.DataFrame) -> None:
     bad_subset = labelled["id"][~labelled["subset"].isin(SUBSETS)]
     if len(bad_subset):
         raise DataError(f"members / non-members without a calibration or test subset: {list(bad_subset)[:10]}")
-    for key in ("group", "sha256"):
+    for key in ("group", "pixel_sha256"):
         spread = manifest.groupby(key)["split"].nunique()
         straddle = spread[spread > 1]
         if len(straddle):
@@ -245,10 +245,9 @@ def materialise_images(manifest: pd.DataFrame, image_dir: str | os.PathLike) -> 
     Returns an image set (the manifest plus ``path`` and ``label``). A hash mismatch raises ``DataError``
     naming the images: the package or the renderer changed, and results would not be comparable.
     """
-    image_dir = Path(image_dir)
-    image_dir.mkdir(parents=True, exist_ok=True)
+    image_dir = claim_folder(image_dir, {f"{i}.png" for i in manifest["id"]} | {"shifted"})
     paths, mismatched = [], []
-    for emoji_id, expected in zip(manifest["id"], manifest["sha256"]):
+    for emoji_id, expected in zip(manifest["id"], manifest["pixel_sha256"]):
         path = image_dir / f"{emoji_id}.png"
         image = None
         if path.exists():
@@ -274,34 +273,28 @@ def materialise_images(manifest: pd.DataFrame, image_dir: str | os.PathLike) -> 
     return images
 
 
-def load_image_set(csv_path: str | os.PathLike) -> pd.DataFrame:
-    """Read a user's image set: a CSV with ``id, path, caption, label, subset`` (paths relative to the CSV).
+OWNED_MARKER = ".mialib-owned"
 
-    ``label`` is 1 for members, 0 for non-members; ``subset`` is ``calibration`` or ``test``.
+
+def claim_folder(folder: str | os.PathLike, own_names: set[str] | None = None) -> Path:
+    """Create ``folder`` for files the project writes and regenerates, or reuse one it made before.
+
+    A folder that already holds files without the project's marker (other than ``own_names``, what the
+    project would write there) belongs to somebody else: refuse, since writing there could overwrite a
+    user's images.
     """
-    csv_path = Path(csv_path)
-    images = pd.read_csv(csv_path, dtype={"id": str, "caption": str, "subset": str}, keep_default_na=False)
-    need = ["id", "path", "caption", "label", "subset"]
-    missing = [c for c in need if c not in images.columns]
-    if missing:
-        raise DataError(f"{csv_path} lacks columns {missing}")
-    images["path"] = [str((csv_path.parent / p).resolve()) for p in images["path"]]
-    images["label"] = images["label"].astype(int)
-    images["split"] = np.where(images["label"] == 1, "member", "nonmember")
-    check_image_set(images)
-    return images
-
-
-def check_image_set(images: pd.DataFrame) -> None:
-    """Raise ``DataError`` on duplicate ids, labels other than 0/1, or bad subsets."""
-    dup = images["id"][images["id"].duplicated()]
-    if len(dup):
-        raise DataError(f"duplicate image ids: {sorted(dup.unique())[:10]}")
-    labelled = images[images["split"] != "public"]
-    if not set(labelled["label"]).issubset({0, 1}):
-        raise DataError("labels must be 0 (non-member) or 1 (member)")
-    if not set(labelled["subset"]).issubset(set(SUBSETS)):
-        raise DataError(f"subset must be one of {SUBSETS}")
+    folder = Path(folder)
+    marker = folder / OWNED_MARKER
+    if folder.exists() and not marker.exists():
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in (own_names or set()))
+        if foreign:
+            raise DataError(
+                f"{folder} holds files that mialib did not write (e.g. {foreign[:3]}); refusing to write into it "
+                "(choose an empty or new folder)"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return folder
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,47 +319,38 @@ def preprocess(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def load_images(images: pd.DataFrame, size: int, report: BuildReport | None = None) -> tuple[torch.Tensor, pd.DataFrame]:
-    """Load and preprocess every image of an image set.
-
-    Unreadable, truncated or empty images are skipped and recorded in ``report`` (never silently lost);
-    returns the stacked tensor and the rows that were kept, in order.
-    """
-    report = report if report is not None else BuildReport()
-    tensors, keep = [], []
-    for row in images.itertuples(index=False):
+def load_tensors(paths, size: int) -> torch.Tensor:
+    """Preprocessed images (n, 3, size, size) from files the project wrote (the emoji renders); any
+    unreadable file is an error naming it, never a silent skip."""
+    tensors = []
+    for path in paths:
         try:
-            with Image.open(row.path) as image:
+            with Image.open(path) as image:
                 image.load()
-                if min(image.size) < 1:
-                    raise DataError("empty image")
                 tensors.append(preprocess(image, size))
-            keep.append(True)
-        except (OSError, UnidentifiedImageError, DataError, ValueError) as error:
-            report.skip(row.id, f"unreadable image {row.path}: {error}")
-            keep.append(False)
-    kept = images[np.array(keep, dtype=bool)].reset_index(drop=True)
-    report.kept = len(kept)
-    if not tensors:
-        raise DataError("no readable images")
-    return torch.stack(tensors), kept
+        except (OSError, UnidentifiedImageError) as error:
+            raise DataError(f"cannot read {path}: {error}") from None
+    return torch.stack(tensors)
 
 
-def split_checks(images: pd.DataFrame, size: int = 32, near_duplicate_ssim: float = 0.95, top: int = 10):
+def split_checks(images: pd.DataFrame, tensors: torch.Tensor, near_duplicate_ssim: float = 0.95, top: int = 10):
     """Evidence that no image or near-duplicate sits on both sides of a split boundary.
 
-    Exact checks: ids, variant groups and pixel hashes shared between splits (all must be 0). Near-duplicate
-    check: for every pair of splits, the ``top`` closest pairs by pixel distance at ``size`` px, with their
+    ``images`` has a ``split`` column (public / member / nonmember) and ``tensors`` its preprocessed
+    pixels, row for row. Exact checks: ids, groups and hashes shared between splits (all must be 0).
+    Near-duplicate check: for every pair of splits, the ``top`` closest pairs by pixel distance, with their
     SSIM; pairs at or above ``near_duplicate_ssim`` are counted. Returns (summary dict, closest pairs).
     """
     from .similarity import ssim
 
+    if len(images) != len(tensors):
+        raise ValueError(f"{len(images)} rows but {len(tensors)} images")
     summary = {}
-    for key in ("id", "group", "sha256"):
+    for key in ("id", "group", "sha256", "pixel_sha256"):
         if key in images.columns:
             spread = images.groupby(key)["split"].nunique()
             summary[f"shared_{key}s"] = int((spread > 1).sum())
-    tensors, kept = load_images(images, size)
+    kept = images.reset_index(drop=True)
     pairs = []
     splits = [s for s in SPLITS if (kept["split"] == s).any()]
     for i, first in enumerate(splits):

@@ -1,0 +1,477 @@
+"""The image-set contract, shared by every adapter: records, defined outcomes for bad input, lazy batches.
+
+An adapter only *lists* what a source holds (:class:`Entry`: id, caption, label, subset, where the bytes
+are). Everything else happens here, once, so every adapter gives the same outcome for the same problem:
+
+- **refused** (``DataError`` naming the file and row): a label other than 0 / 1 / member / non-member,
+  an unknown subset, a subset given for some rows only, a duplicate id, a path outside the set's folder;
+- **skipped** (one row in :attr:`ImageSet.skipped` with its reason): an empty or non-UTF-8 caption, a
+  missing, empty, truncated or undecodable file, a decompression bomb, an image whose shorter side is
+  below ``min_side``, a file whose bytes repeat another image's (the later copy within one label; every
+  copy when the labels disagree), an image missing from or changed since a frozen manifest;
+- **converted as documented** (:func:`decode_image`): EXIF orientation applied, 16-bit greyscale scaled
+  to 8 bits, transparency composited on white, palette / CMYK / greyscale to RGB, the first frame of an
+  animation.
+
+Counts reconcile: ``len(records) + len(skipped) == given``. Images are decoded once when the set is
+opened (so every skip is known before any compute) and then lazily, batch by batch; a file that changes
+after opening is an error, never a silent substitute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..data import DataError, preprocess
+
+RECORD_COLUMNS = ["id", "caption", "label", "subset", "source", "sha256"]
+MANIFEST_COLUMNS = [*RECORD_COLUMNS, "subset_rule"]
+SKIP_COLUMNS = ["id", "source", "reason"]
+SUBSETS = ("calibration", "test")
+MIN_SIDE = 32  # px: a shorter side below this is skipped rather than blown up
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (about 89 M pixels)
+LABEL_WORDS = {"member": 1, "nonmember": 0, "non-member": 0}
+OPTIONS = {"seed": int, "manifest": str, "min_side": int}  # options every spec takes after "?"
+
+
+@dataclass
+class Entry:
+    """One record as a source lists it, before any check (raw values; the core validates them)."""
+
+    id: object
+    caption: object  # str, or bytes when the source's bytes are not valid UTF-8
+    label: object
+    source: str  # provenance shown to users: a path relative to the set, a shard member, a URL
+    location: str | None  # where the bytes are: a file path, or "tar://<shard path>#<member>"; None: absent
+    where: str  # for messages: "metadata.csv row 7", "00000/000000012.json"
+    subset: object = None  # None: the source has no subset for this record
+    group: object = None  # records of one group always share a subset (near-duplicates, one person)
+    skip: str | None = None  # a reason the adapter already knows (a failed download, an unreadable caption file)
+    extra: dict = field(default_factory=dict)
+
+
+class ImageProblem(Exception):
+    """Why one image cannot be used (becomes a skip reason)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and decoding one image
+# --------------------------------------------------------------------------------------------------
+class _Shards:
+    """Random access into webdataset ``.tar`` shards: each shard's member offsets are indexed once."""
+
+    def __init__(self):
+        self._index: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def read(self, shard: str, member: str) -> bytes:
+        if shard not in self._index:
+            with tarfile.open(shard) as archive:
+                self._index[shard] = {m.name: (m.offset_data, m.size) for m in archive.getmembers() if m.isfile()}
+        if member not in self._index[shard]:
+            raise FileNotFoundError(f"{member} is not in {shard}")
+        offset, size = self._index[shard][member]
+        with open(shard, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(size)
+
+
+_SHARDS = _Shards()
+
+
+def tar_location(shard: str | os.PathLike, member: str) -> str:
+    return f"tar://{Path(shard)}#{member}"
+
+
+def read_bytes(location: str) -> bytes:
+    """The bytes of an image: a plain file, or a member of a webdataset shard."""
+    if location.startswith("tar://"):
+        shard, member = location[len("tar://") :].split("#", 1)
+        return _SHARDS.read(shard, member)
+    return Path(location).read_bytes()
+
+
+def decode_image(payload: bytes, min_side: int = MIN_SIDE, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Bytes -> an RGB PIL image, with the documented conversions; raises :class:`ImageProblem`.
+
+    - EXIF orientation is applied (a phone photo stored sideways is turned upright).
+    - 16-bit greyscale (modes ``I;16*`` and ``I``) is scaled to 8 bits (value / 257, rounded), never clipped.
+    - Transparent images are composited on white; palette, CMYK and greyscale images become RGB.
+    - Of an animated image, the first frame is used.
+    - Skipped: an empty or undecodable file, more than ``max_pixels`` pixels (a decompression bomb: the
+      header alone is read), a shorter side below ``min_side`` px (it would be blown up), floating-point pixels.
+    """
+    if not payload:
+        raise ImageProblem("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(payload))
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageProblem(f"decompression bomb: {width} x {height} = {width * height:,} pixels exceed the limit of {max_pixels:,}")
+            image.load()
+    except ImageProblem:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageProblem(f"decompression bomb: {error}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
+        raise ImageProblem(f"not a readable image: {type(error).__name__}: {error}") from None
+    if min(image.size) < min_side:
+        raise ImageProblem(f"image is {image.size[0]}x{image.size[1]} px; its shorter side is below min_side={min_side} px")
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise ImageProblem("floating-point pixels (mode F) have no defined range")
+    if image.mode in ("RGBA", "LA", "PA", "P", "La", "RGBa") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------
+# The image set
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ImageSet:
+    """Records of usable images (``RECORD_COLUMNS`` plus ``group, subset_rule, width, height, location``),
+    the skip table, and lazy access to the pixels.
+
+    ``given`` counts what the source listed; ``len(records) + len(skipped) == given`` always holds for a
+    set as opened. ``select`` and ``with_captions`` derive sets for a study (they keep the skip table).
+    """
+
+    records: pd.DataFrame
+    skipped: pd.DataFrame
+    spec: str
+    given: int
+    info: dict = field(default_factory=dict)
+    transform: Callable | None = None  # (batch tensor, ids) -> batch tensor, applied after preprocessing
+    min_side: int = MIN_SIDE
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.records["label"].to_numpy()
+
+    def counts(self) -> pd.DataFrame:
+        """Images per label and subset."""
+        return self.records.groupby(["label", "subset"]).size().rename("images").reset_index()
+
+    def select(self, mask) -> "ImageSet":
+        """The records where ``mask`` holds (a boolean array, or a list of ids), in this set's order."""
+        if isinstance(mask, (list, tuple, set, pd.Index)) and not (len(mask) and isinstance(next(iter(mask)), (bool, np.bool_))):
+            keep = self.records["id"].isin(list(mask)).to_numpy()
+        else:
+            keep = np.asarray(mask, dtype=bool)
+        return replace(self, records=self.records[keep].reset_index(drop=True))
+
+    def subset(self, name: str) -> "ImageSet":
+        return self.select((self.records["subset"] == name).to_numpy())
+
+    def with_captions(self, captions) -> "ImageSet":
+        """The same images with other captions (a prompt study); the caption keys every cache."""
+        return replace(self, records=self.records.assign(caption=list(captions)))
+
+    def map(self, transform: Callable) -> "ImageSet":
+        """The same set, every batch passed through ``transform(batch, ids)`` after preprocessing."""
+        previous = self.transform
+        if previous is None:
+            return replace(self, transform=transform)
+        return replace(self, transform=lambda x, ids: transform(previous(x, ids), ids))
+
+    def load(self, size: int, rows: pd.DataFrame | None = None) -> torch.Tensor:
+        """Preprocessed pixels (n, 3, size, size) in [-1, 1] of ``rows`` (default: every record).
+
+        Each file is read again and checked against the sha256 taken when the set was opened.
+        """
+        rows = self.records if rows is None else rows
+        tensors = []
+        for row in rows.itertuples(index=False):
+            payload = read_bytes(row.location)
+            if hashlib.sha256(payload).hexdigest() != row.sha256:
+                raise DataError(f"image {row.id!r} ({row.source}) changed after the set was opened; rerun to pick it up")
+            try:
+                image = decode_image(payload, self.min_side, None)
+            except ImageProblem as problem:
+                raise DataError(f"image {row.id!r} ({row.source}) can no longer be read: {problem}") from None
+            tensors.append(preprocess(image, size))
+        if not tensors:
+            return torch.empty(0, 3, size, size)
+        batch = torch.stack(tensors)
+        if self.transform is not None:
+            batch = self.transform(batch, list(rows["id"]))
+        return batch
+
+    def batches(self, size: int, batch_size: int) -> Iterator[tuple[pd.DataFrame, torch.Tensor]]:
+        """``(rows, pixels)`` for consecutive batches of at most ``batch_size`` records; only one batch of
+        pixels is in memory at a time."""
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, not {batch_size}")
+        for start in range(0, len(self.records), batch_size):
+            rows = self.records.iloc[start : start + batch_size].reset_index(drop=True)
+            yield rows, self.load(size, rows)
+
+    def manifest(self) -> pd.DataFrame:
+        """The frozen form of this set: ``id, caption, label, subset, sha256, source, subset_rule`` (+ group)."""
+        columns = MANIFEST_COLUMNS + (["group"] if self.records["group"].ne(self.records["id"]).any() else [])
+        return self.records[columns].copy()
+
+    def summary(self) -> str:
+        members = int((self.records["label"] == 1).sum())
+        reasons = self.skipped["reason"].str.split(":").str[0].value_counts() if len(self.skipped) else pd.Series(dtype=int)
+        skipped = "; ".join(f"{n} {r}" for r, n in reasons.items())
+        return (
+            f"{self.spec}: {len(self.records)} images ({members} members, {len(self.records) - members} non-members) "
+            f"of {self.given} given, {len(self.skipped)} skipped{' (' + skipped + ')' if skipped else ''}"
+        )
+
+    def check_reconciles(self) -> None:
+        if len(self.records) + len(self.skipped) != self.given:
+            raise AssertionError(f"{len(self.records)} kept + {len(self.skipped)} skipped != {self.given} given")
+
+
+# --------------------------------------------------------------------------------------------------
+# From entries to a set: every check, in one place
+# --------------------------------------------------------------------------------------------------
+def parse_label(value) -> int | None:
+    """0 / 1 (as numbers or text, ``1.0`` too), ``member`` / ``non-member`` / ``nonmember``; None otherwise."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and value in (0.0, 1.0):
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in LABEL_WORDS:
+            return LABEL_WORDS[text]
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+        return int(number) if number in (0.0, 1.0) else None
+    return None
+
+
+def _refuse(problems: list[str], what: str) -> None:
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise DataError(f"{what}:\n  " + "\n  ".join(problems[:10]) + more)
+
+
+def _caption(value) -> tuple[str | None, str | None]:
+    """(caption, skip reason)."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return None, f"caption is not valid UTF-8 ({error.reason} at byte {error.start})"
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None, "empty caption"
+    text = str(value)
+    if any("\udc80" <= ch <= "\udcff" for ch in text):  # surrogate-escaped bytes from a CSV read leniently
+        return None, "caption is not valid UTF-8"
+    text = text.strip()
+    if not text:
+        return None, "empty caption"
+    return text, None
+
+
+def assign_subsets(frame: pd.DataFrame, seed: int) -> pd.Series:
+    """Calibration / test for records without one: within each label, groups ordered by
+    sha256(seed, group) fill calibration up to ceil(n / 2) images; the rest are test.
+
+    Deterministic for a given seed and set, stratified by label, and groups never straddle subsets.
+    """
+    subsets = pd.Series("test", index=frame.index, dtype=object)
+    for _, part in frame.groupby("label"):
+        sizes = part.groupby("group").size()
+        order = sorted(sizes.index, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+        wanted, taken = len(part) - len(part) // 2, 0
+        calibration = []
+        for group in order:
+            if taken >= wanted:
+                break
+            calibration.append(group)
+            taken += sizes[group]
+        subsets[part.index[part["group"].isin(calibration)]] = "calibration"
+    return subsets
+
+
+def build(
+    entries: list[Entry],
+    spec: str,
+    root: Path | None = None,
+    seed: int = 0,
+    min_side: int = MIN_SIDE,
+    manifest: str | os.PathLike | None = None,
+    info: dict | None = None,
+) -> ImageSet:
+    """Validate listed entries into an :class:`ImageSet` (the one place where bad input gets its outcome)."""
+    given = len(entries)
+    # 1. refusals: what would silently change results if guessed
+    bad_labels = [f"{e.where} (id {e.id!r}): label {e.label!r} is not 0, 1, member or non-member" for e in entries if e.skip is None and parse_label(e.label) is None]
+    _refuse(bad_labels, "labels must be 0 / 1 (or member / non-member); refusing to guess")
+    raw_subsets = [None if e.subset is None or (isinstance(e.subset, float) and np.isnan(e.subset)) or str(e.subset).strip() == "" else str(e.subset).strip().lower() for e in entries]
+    _refuse([f"{e.where} (id {e.id!r}): subset {s!r} is not calibration or test" for e, s in zip(entries, raw_subsets) if s is not None and s not in SUBSETS], "unknown subsets")
+    given_subsets = sum(s is not None for s in raw_subsets)
+    if 0 < given_subsets < given:
+        missing = [e.where for e, s in zip(entries, raw_subsets) if s is None]
+        _refuse([f"{w}: no subset" for w in missing], f"{given_subsets} of {given} records name a subset, the others do not; give it for all or none")
+    ids = pd.Series([None if e.id is None else str(e.id).strip() for e in entries], dtype=object)
+    _refuse([f"{e.where}: no id" for e, i in zip(entries, ids) if not i], "records without an id")
+    duplicated = ids[ids.duplicated(keep=False)]
+    _refuse([f"{entries[i].where}: id {ids[i]!r} appears more than once" for i in duplicated.index], "duplicate ids")
+    if root is not None:
+        outside = []
+        for e in entries:
+            if e.location and not e.location.startswith("tar://"):
+                resolved = Path(e.location).resolve()
+                if not resolved.is_relative_to(Path(root).resolve()):
+                    outside.append(f"{e.where} (id {e.id!r}): {e.source} resolves to {resolved}, outside {Path(root).resolve()}")
+        _refuse(outside, "paths must stay inside the set's folder")
+
+    frame = pd.DataFrame(
+        {
+            "id": ids,
+            "label": [parse_label(e.label) if e.skip is None else None for e in entries],
+            "group": [str(e.group) if e.group is not None and str(e.group) != "" else i for e, i in zip(entries, ids)],
+            "source": [e.source for e in entries],
+            "location": [e.location for e in entries],
+        }
+    )
+    # 2. subsets: given, or a seeded hash of the group stratified by label (over every labelled record)
+    labelled = frame["label"].notna()
+    if given_subsets:
+        frame["subset"] = raw_subsets
+        frame["subset_rule"] = "given"
+    else:
+        frame["subset"] = None
+        frame.loc[labelled, "subset"] = assign_subsets(frame[labelled], seed)
+        frame["subset_rule"] = f"hash(seed={seed})"
+    # 3. per-record skips: the adapter's reason, the caption, the file and its pixels
+    skips: dict[int, str] = {}
+    captions, hashes, widths, heights = [], [], [], []
+    for i, e in enumerate(entries):
+        caption, reason = _caption(e.caption)
+        captions.append(caption)
+        digest = width = height = None
+        if e.skip is not None:
+            reason = e.skip
+        elif reason is None:
+            try:
+                if e.location is None:
+                    raise ImageProblem("no image file")
+                payload = read_bytes(e.location)
+                digest = hashlib.sha256(payload).hexdigest()
+                image = decode_image(payload, min_side)
+                width, height = image.size
+            except FileNotFoundError:
+                reason = f"file not found: {e.source}"
+            except IsADirectoryError:
+                reason = f"not a file: {e.source}"
+            except ImageProblem as problem:
+                reason = str(problem)
+        if reason is not None:
+            skips[i] = reason
+        hashes.append(digest)
+        widths.append(width)
+        heights.append(height)
+    frame["caption"], frame["sha256"], frame["width"], frame["height"] = captions, hashes, widths, heights
+    # 4. the same bytes twice: a later copy within one label is a duplicate; across labels every copy goes
+    usable = frame.index[~frame.index.isin(list(skips))]
+    for digest, part in frame.loc[usable].groupby("sha256"):
+        if len(part) < 2:
+            continue
+        if part["label"].nunique() > 1:
+            members = list(part.loc[part["label"] == 1, "id"])
+            others = list(part.loc[part["label"] == 0, "id"])
+            for i in part.index:
+                skips[i] = f"same image on both sides of the split: identical bytes as member(s) {members} and non-member(s) {others}"
+        else:
+            first = part["id"].iloc[0]
+            for i in part.index[1:]:
+                skips[i] = f"duplicate: identical bytes as {first!r}"
+    # 5. a frozen manifest: verify every hash, take the frozen caption, label and subset
+    manifest_summary = None
+    if manifest is not None:
+        frame, skips, extra, manifest_summary = _apply_manifest(frame, skips, Path(manifest))
+        given += extra
+    skipped = pd.DataFrame(
+        [(frame.at[i, "id"], frame.at[i, "source"], reason) for i, reason in sorted(skips.items())], columns=SKIP_COLUMNS
+    )
+    records = frame.drop(index=list(skips)).reset_index(drop=True)
+    records["label"] = records["label"].astype(int)
+    records = records[[*RECORD_COLUMNS, "subset_rule", "group", "width", "height", "location"]]
+    details = dict(info or {}, seed=seed, min_side=min_side)
+    if manifest_summary is not None:
+        details["manifest"] = manifest_summary
+    result = ImageSet(records, skipped, spec, given, details, min_side=min_side)
+    result.check_reconciles()
+    return result
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in RECORD_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path} is not a manifest: it lacks columns {missing}")
+    return frame
+
+
+def _apply_manifest(frame: pd.DataFrame, skips: dict, path: Path):
+    """Check a set against a frozen manifest; returns (frame, skips, records added for missing ids, summary)."""
+    frozen = read_manifest(path).set_index("id")
+    problems = [f"{path} row {n + 2}: label {v!r}" for n, v in enumerate(frozen["label"]) if parse_label(v) is None]
+    _refuse(problems, "manifest labels must be 0 or 1")
+    status = {}
+    for i, row in frame.iterrows():
+        if row["id"] not in frozen.index:
+            skips.setdefault(i, "not in the manifest")
+            status[row["id"]] = "not in manifest"
+            continue
+        expected = frozen.loc[row["id"]]
+        if i in skips:
+            status[row["id"]] = "unusable"
+            continue
+        if row["sha256"] != expected["sha256"]:
+            skips[i] = f"changed since the manifest: sha256 {row['sha256'][:12]}... instead of {expected['sha256'][:12]}..."
+            status[row["id"]] = "changed"
+            continue
+        frame.loc[i, ["caption", "subset"]] = [expected["caption"], expected["subset"]]
+        frame.loc[i, "label"] = parse_label(expected["label"])
+        frame.loc[i, "subset_rule"] = expected.get("subset_rule", "manifest") or "manifest"
+        status[row["id"]] = "verified"
+    absent = [i for i in frozen.index if i not in set(frame["id"])]
+    if absent:
+        start = len(frame)
+        added = pd.DataFrame({"id": absent, "source": list(frozen.loc[absent, "source"])}, index=range(start, start + len(absent)))
+        frame = pd.concat([frame, added])
+        for n, image_id in enumerate(absent):
+            skips[start + n] = "in the manifest but missing from the set"
+            status[image_id] = "missing"
+    counts = pd.Series(status).value_counts().to_dict()
+    summary = {
+        "path": str(path),
+        "counts": counts,
+        "missing": [i for i, s in status.items() if s == "missing"],
+        "changed": [i for i, s in status.items() if s == "changed"],
+    }
+    return frame, skips, len(absent), summary

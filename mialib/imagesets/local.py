@@ -1,0 +1,191 @@
+"""Adapters for image sets on local disk: the embedded emoji set, a CSV, a Hugging Face imagefolder.
+
+Each adapter lists :class:`~mialib.imagesets.core.Entry` records; validation, decoding and skips are
+the core's, identical for every adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .. import data
+from ..data import DataError
+from .core import Entry
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CAPTION_COLUMNS = ("caption", "text")
+MEMBER_FOLDERS = {"members": 1, "member": 1, "nonmembers": 0, "nonmember": 0, "non-members": 0, "non-member": 0}
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV of strings, read leniently: bytes that are not UTF-8 survive as surrogates, so the row that
+    holds them is skipped with its reason instead of the whole file failing."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="surrogateescape")
+    except pd.errors.ParserError as error:
+        raise DataError(f"{path} is not a readable CSV: {error}") from None
+
+
+def read_jsonl(path: Path) -> pd.DataFrame:
+    rows = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line.decode("utf-8", errors="surrogateescape")))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} line {number} is not JSON: {error}") from None
+    return pd.DataFrame(rows)
+
+
+def _caption_column(table: pd.DataFrame, path: Path) -> str:
+    found = [c for c in CAPTION_COLUMNS if c in table.columns]
+    if not found:
+        raise DataError(f"{path} has no caption column (one of {list(CAPTION_COLUMNS)}); columns: {list(table.columns)}")
+    return found[0]
+
+
+def _value(row, column):
+    return row.get(column) if column in row else None
+
+
+# --------------------------------------------------------------------------------------------------
+def csv_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
+    """``csv:path/to/set.csv`` with columns ``id, path, caption, label[, subset][, group]``; paths are
+    relative to the CSV and must stay inside its folder."""
+    path = Path(arg)
+    if not path.is_file():
+        raise DataError(f"CSV image set {path} does not exist")
+    table = read_table(path)
+    missing = [c for c in ("id", "path", "caption", "label") if c not in table.columns]
+    if missing:
+        raise DataError(f"{path} lacks columns {missing} (needs id, path, caption, label[, subset][, group])")
+    root = path.parent
+    entries = []
+    for number, row in enumerate(table.to_dict("records"), start=1):
+        relative = row["path"].strip()
+        entries.append(
+            Entry(
+                id=row["id"], caption=row["caption"], label=row["label"], source=relative,
+                location=str(root / relative) if relative else None, where=f"{path.name} row {number}",
+                subset=_value(row, "subset"), group=_value(row, "group"),
+                skip=None if relative else "no path given",
+            )
+        )
+    return entries, root, {"kind": "csv", "file": str(path)}
+
+
+# --------------------------------------------------------------------------------------------------
+def _folder_label(relative: Path):
+    """member / non-member from the first folder of a path (``members/a.png``), or None."""
+    return MEMBER_FOLDERS.get(relative.parts[0].lower()) if len(relative.parts) > 1 else None
+
+
+def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
+    """``imagefolder:path``: the Hugging Face convention.
+
+    Either ``metadata.csv`` or ``metadata.jsonl`` at the top with ``file_name``, a caption column
+    (``caption`` or ``text``) and ``label`` (or ``file_name`` under ``members/`` / ``nonmembers/``), and
+    optionally ``id``, ``subset``, ``group``; or ``members/`` and ``nonmembers/`` subfolders of images,
+    each with its caption in a ``.txt`` file of the same name.
+    """
+    root = Path(arg)
+    if not root.is_dir():
+        raise DataError(f"imagefolder {root} does not exist or is not a folder")
+    metadata = [p for p in (root / "metadata.csv", root / "metadata.jsonl") if p.exists()]
+    if len(metadata) > 1:
+        raise DataError(f"{root} has both metadata.csv and metadata.jsonl; keep one")
+    if metadata:
+        path = metadata[0]
+        table = read_table(path) if path.suffix == ".csv" else read_jsonl(path)
+        if "file_name" not in table.columns:
+            raise DataError(f"{path} has no file_name column; columns: {list(table.columns)}")
+        caption = _caption_column(table, path)
+        entries = []
+        for number, row in enumerate(table.to_dict("records"), start=1):
+            relative = Path(str(row["file_name"]).strip())
+            label = _value(row, "label")
+            if label is None or (isinstance(label, str) and not label.strip()):
+                label = _folder_label(relative)
+            if label is None and "label" not in table.columns:
+                raise DataError(f"{path} has no label column and {relative} is not under members/ or nonmembers/")
+            entries.append(
+                Entry(
+                    id=_value(row, "id") if "id" in table.columns else relative.with_suffix("").as_posix(),
+                    caption=row[caption], label=label, source=relative.as_posix(),
+                    location=str(root / relative), where=f"{path.name} {'row' if path.suffix == '.csv' else 'line'} {number}",
+                    subset=_value(row, "subset"), group=_value(row, "group"),
+                )
+            )
+        return entries, root, {"kind": "imagefolder", "metadata": path.name}
+    folders = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() in MEMBER_FOLDERS]
+    if not folders:
+        raise DataError(f"{root} has neither metadata.csv / metadata.jsonl nor members/ and nonmembers/ subfolders")
+    entries = []
+    for folder in folders:
+        for image in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+            relative = image.relative_to(root)
+            text_file = image.with_suffix(".txt")
+            caption, skip = None, None
+            if text_file.exists():
+                caption = text_file.read_bytes()
+            else:
+                skip = f"no caption: {relative.with_suffix('.txt').as_posix()} does not exist"
+            entries.append(
+                Entry(
+                    id=relative.with_suffix("").as_posix(), caption=caption, label=MEMBER_FOLDERS[folder.name.lower()],
+                    source=relative.as_posix(), location=str(image), where=relative.as_posix(), skip=skip,
+                )
+            )
+    if entries and all(e.skip for e in entries):
+        raise DataError(f"no image under {root} has a caption: add metadata.csv (file_name, caption, label) or a .txt beside each image")
+    return entries, root, {"kind": "imagefolder", "metadata": None}
+
+
+# --------------------------------------------------------------------------------------------------
+EMOJI_DEFAULTS = {
+    "split": "data/emoji_split.csv",  # the committed split manifest
+    "images": "data/images",  # where renders are written (a folder the project owns)
+    "members": 128,
+    "nonmembers": 256,
+    "public": 600,
+    "style": "same",  # same: the fair split; shifted: non-members from a shifted source (biased split)
+}
+
+
+def emoji_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
+    """``emoji``: the embedded OpenMoji set (members and non-members of the committed split, rendered
+    and hash-checked). Options: members, nonmembers, public (sizes), style (same / shifted), split, images."""
+    from ..experiment import resolve
+
+    settings = {**EMOJI_DEFAULTS, **{k: v for k, v in options.items() if k in EMOJI_DEFAULTS}}
+    images = emoji_images(settings)
+    attacked = images[images["split"] != "public"]
+    attacked = data.with_nonmember_style(attacked, settings["style"], resolve(settings["images"]))
+    root = resolve(settings["images"])
+    entries = [
+        Entry(
+            id=row.id, caption=row.caption, label=row.label, source=f"openmoji:{row.id}" + ("" if row.split == "member" or settings["style"] == "same" else f" ({settings['style']})"),
+            location=row.path, where=f"{settings['split']} ({row.id})", subset=row.subset, group=row.group,
+        )
+        for row in attacked.itertuples(index=False)
+    ]
+    return entries, root, {"kind": "emoji", **{k: settings[k] for k in ("members", "nonmembers", "public", "style")}}
+
+
+def emoji_images(settings: dict) -> pd.DataFrame:
+    """The preset's emoji rows (public, members, non-members) rendered into the project's image folder."""
+    from ..experiment import resolve
+
+    split = resolve(settings["split"])
+    if split.exists():
+        full = data.read_manifest(split)
+    else:
+        full = data.build_emoji_manifest(int(settings["public"]), int(settings["members"]), int(settings["nonmembers"]))
+        split.parent.mkdir(parents=True, exist_ok=True)
+        full.to_csv(split, index=False)
+    chosen = data.subsample_manifest(full, int(settings["public"]), int(settings["members"]), int(settings["nonmembers"]))
+    return data.materialise_images(chosen, resolve(settings["images"]))
