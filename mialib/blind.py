@@ -36,23 +36,40 @@ def image_features(images: torch.Tensor, bins: int = 8) -> np.ndarray:
     return features.numpy()
 
 
+FOLDS = 5  # cross-validation folds on the calibration split
+
+
+def missing_requirement(records: pd.DataFrame) -> str | None:
+    """Why the blind baselines cannot run on these records (None when they can): scoring calibration
+    images by cross-validation needs at least ``FOLDS`` calibration images of each class."""
+    calibration = records[records["subset"] == "calibration"]["label"].value_counts()
+    members, nonmembers = int(calibration.get(1, 0)), int(calibration.get(0, 0))
+    if min(members, nonmembers) < FOLDS:
+        return (
+            f"needs at least {FOLDS} calibration images of each class for {FOLDS}-fold cross-validation; "
+            f"the calibration split has {members} members and {nonmembers} non-members"
+        )
+    return None
+
+
 def _fit_and_score(model, features: np.ndarray, labels: np.ndarray, calibration: np.ndarray, seed: int) -> np.ndarray:
     """Cross-validated scores on calibration rows, scores of a calibration-trained model on the rest."""
     scores = np.empty(len(labels), dtype=np.float64)
-    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    folds = StratifiedKFold(n_splits=FOLDS, shuffle=True, random_state=seed)
     scores[calibration] = cross_val_predict(model, features[calibration], labels[calibration], cv=folds, method="predict_proba")[:, 1]
     model.fit(features[calibration], labels[calibration])
     scores[~calibration] = model.predict_proba(features[~calibration])[:, 1]
     return scores
 
 
-def image_only_scores(images: pd.DataFrame, tensors: torch.Tensor, seed: int = 0) -> pd.DataFrame:
-    """Gradient-boosted trees on :func:`image_features`; returns ``id, score`` (higher means member)."""
+def image_only_scores(images: pd.DataFrame, features: np.ndarray, seed: int = 0) -> pd.DataFrame:
+    """Gradient-boosted trees on :func:`image_features` (``features``, row for row with ``images``);
+    returns ``id, score`` (higher means member)."""
     calibration = (images["subset"] == "calibration").to_numpy()
     # Leaves of at most 20 samples (sklearn's default), fewer on small calibration splits so trees can split.
     leaf = int(np.clip(calibration.sum() // 10, 2, 20))
     model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, min_samples_leaf=leaf, random_state=seed)
-    scores = _fit_and_score(model, image_features(tensors), images["label"].to_numpy(), calibration, seed)
+    scores = _fit_and_score(model, np.asarray(features), images["label"].to_numpy(), calibration, seed)
     return pd.DataFrame({"id": list(images["id"]), "score": scores})
 
 
@@ -66,3 +83,14 @@ def caption_only_scores(images: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     captions = np.asarray(images["caption"], dtype=object)
     scores = _fit_and_score(model, captions, images["label"].to_numpy(), calibration, seed)
     return pd.DataFrame({"id": list(images["id"]), "score": scores})
+
+
+def image_only(imageset, size: int, batch_size: int, seed: int = 0) -> pd.DataFrame:
+    """The image-only baseline on an image set: features batch by batch, then :func:`image_only_scores`."""
+    features = [image_features(pixels) for _, pixels in imageset.batches(size, batch_size)]
+    return image_only_scores(imageset.records, np.concatenate(features), seed)
+
+
+def caption_only(imageset, size: int, batch_size: int, seed: int = 0) -> pd.DataFrame:
+    """The caption-only baseline on an image set (pixels are never read)."""
+    return caption_only_scores(imageset.records, seed)

@@ -1,28 +1,197 @@
-"""Command line: ``python -m mialib prepare|notebooks|all --preset configs/default.yaml``."""
+"""The ``mialib`` command line: score any image set with any registered attack, report, download, freeze,
+and run the notebooks.
+
+    mialib score --model M --data SPEC --attack NAME[:key=value,...] [--attack ...] --out DIR
+    mialib report DIR
+    mialib download --data laion-mi:FOLDER
+    mialib freeze --data SPEC --out manifest.csv
+    mialib prepare | notebooks | all [--preset configs/default.yaml]
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
+from pathlib import Path
 
-from . import experiment
+DATA_HELP = (
+    "the image set: emoji | csv:set.csv | imagefolder:DIR | img2dataset:DIR?label=KEY | "
+    "img2dataset:members=DIR,nonmembers=DIR | laion-mi:DIR; options after '?': seed=N, manifest=FILE, min_side=N"
+)
+
+
+def _attacks_epilog() -> str:
+    from .attacks.registry import help_text
+
+    return (
+        "attacks (--attack NAME[:key=value,...]; a list [a,b] or a start:stop:step range is a grid chosen on "
+        "calibration; NAME:calibrate uses the grid below; direction=auto lets calibration reverse the structural family):\n"
+        + help_text()
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mialib", description=__doc__, epilog=_attacks_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    score = commands.add_parser("score", help="score an image set with registered attacks", epilog=_attacks_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    score.add_argument("--model", required=True, help="a local pipeline folder (safetensors) or a hub id owner/name")
+    score.add_argument("--data", required=True, help=DATA_HELP)
+    score.add_argument("--attack", action="append", required=True, metavar="NAME[:key=value,...]", help="an attack to run (repeatable); see the list below")
+    score.add_argument("--out", required=True, help="output folder (created; a rerun resumes from its cache)")
+    score.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    score.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    score.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    score.add_argument("--size", type=int, default=None, help="attack resolution in px (default: the model's native size)")
+    score.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: conditional only)")
+    score.add_argument("--prompt", default="caption", choices=["caption", "empty"])
+    score.add_argument("--encode-mode", default="mode", choices=["mode", "sample"])
+    score.add_argument("--schedule", default="model", choices=["model", "official_linear"])
+    score.add_argument("--data-range", type=float, default=2.0, help="SSIM data range (2 for images in [-1, 1])")
+    score.add_argument("--seed", type=int, default=0, help="seed of per-image noise, posterior samples and the subset assignment")
+    score.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the metrics' intervals")
+    score.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    report = commands.add_parser("report", help="print the metrics table of a scored folder")
+    report.add_argument("folder")
+
+    download = commands.add_parser("download", help="fetch the images of a LAION-mi folder with img2dataset and write the manifest of what arrived")
+    download.add_argument("--data", required=True, help="laion-mi:FOLDER (holding the members / non-members parquet files)")
+    download.add_argument("--processes", type=int, default=1)
+    download.add_argument("--threads", type=int, default=16)
+    download.add_argument("--timeout", type=int, default=10, help="seconds per request")
+    download.add_argument("--retries", type=int, default=0)
+    download.add_argument("--limit", type=int, default=None, help="only the first N rows of each parquet file (a trial run)")
+
+    freeze = commands.add_parser("freeze", help="write the manifest (id, caption, label, subset, sha256, source) that defines a set")
+    freeze.add_argument("--data", required=True, help=DATA_HELP)
+    freeze.add_argument("--out", required=True, help="manifest CSV to write (never overwritten)")
+
+    for name, text in (("prepare", "build the embedded data and tiny target"), ("notebooks", "execute the notebooks with papermill"), ("all", "prepare, then notebooks")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--preset", default="configs/default.yaml", help="YAML preset of papermill parameters")
+        if name != "prepare":
+            from .experiment import NOTEBOOKS
+
+            sub.add_argument("--notebooks", nargs="*", default=list(NOTEBOOKS), help="notebook runs to execute")
+            sub.add_argument("--kernel", default="python3", help="Jupyter kernel name for papermill")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mialib", description=__doc__)
-    parser.add_argument("command", choices=["prepare", "notebooks", "all"], help="prepare: data and target; notebooks: papermill; all: both")
-    parser.add_argument("--preset", default="configs/default.yaml", help="YAML preset of papermill parameters")
-    parser.add_argument("--notebooks", nargs="*", default=list(experiment.NOTEBOOKS), help="notebook names to execute")
-    parser.add_argument("--kernel", default="python3", help="Jupyter kernel name for papermill")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        {"score": score, "report": report, "download": download, "freeze": freeze}.get(args.command, run_preset)(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # DataError is a ValueError
+        print(f"mialib {args.command}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+# --------------------------------------------------------------------------------------------------
+def score(args) -> None:
+    import torch
+
+    from . import imagesets, runs, studies
+    from .attacks.registry import parse_request
+    from .data import claim_folder
+    from .experiment import check_size
+    from .settings import Settings
+    from .target import load_target, locate_model
+
+    started = time.time()
+    settings = Settings(args.guidance, args.prompt, args.encode_mode, args.schedule, args.seed, args.data_range, args.dtype)
+    requests = runs.as_requests([parse_request(text) for text in args.attack])
+    model = locate_model(args.model)  # a typo'd path fails here, before anything is read or written
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available")
+    imageset = imagesets.open_imageset(args.data if "seed=" in args.data else _with_seed(args.data, args.seed))
+    print(imageset.summary(), flush=True)
+    runs.check_requirements(imageset, requests.values())  # before any compute
+    out = claim_folder(args.out)
+    target = load_target(model, device=args.device, dtype=getattr(torch, args.dtype))
+    size = args.size or target.resolution
+    check_size(target, size)
+    imageset.records.drop(columns=["location"]).to_csv(out / "image_set.csv", index=False)
+    imageset.skipped.to_csv(out / "skipped.csv", index=False)
+    truncated = target.truncated_captions(list(imageset.records["caption"]))
+    if truncated:
+        import pandas as pd
+
+        ids = imageset.records["id"].to_numpy()
+        pd.DataFrame({"id": [ids[i] for i, _ in truncated], "tokens": [n for _, n in truncated], "limit": target.tokenizer.model_max_length}).to_csv(out / "captions_truncated.csv", index=False)
+        print(f"{len(truncated)} captions exceed the text encoder's {target.tokenizer.model_max_length} tokens and are cut there (captions_truncated.csv)")
+    parameters = {
+        "model": model, "data": args.data, "attacks": {run: r.text() for run, r in requests.items()}, "device": args.device,
+        "batch_size": args.batch_size, "size": size, "settings": settings.columns(), "bootstrap": args.bootstrap,
+        "images": len(imageset), "given": imageset.given, "skipped": len(imageset.skipped), "fingerprint": target.fingerprint(),
+        "image_set": imageset.info,
+    }
+    (out / "parameters.json").write_text(json.dumps(parameters, indent=2, default=str))
+    table, results = runs.score(target, imageset, requests, settings, out / "cache", args.batch_size, size, progress=not args.quiet)
+    table.to_parquet(out / "scores.parquet")
+    (out / "chosen_settings.json").write_text(json.dumps({run: r.chosen_record() for run, r in results.items()}, indent=2, default=int))
+    metrics = studies.metric_table(table, args.bootstrap, args.seed)
+    metrics.to_csv(out / "metrics.csv", index=False)
+    print(format_metrics(metrics))
+    print(f"{len(table)} scores of {len(imageset)} images ({len(imageset.skipped)} skipped) in {time.time() - started:.1f} s -> {out}")
+
+
+def _with_seed(spec: str, seed: int) -> str:
+    return spec if not seed else spec + ("&" if "?" in spec else "?") + f"seed={seed}"
+
+
+def format_metrics(metrics) -> str:
+    """The metrics table as text: test AUC and TPR@1%FPR with 95 % intervals, setting and cost."""
+    lines = [f"{'run':28s} {'setting':34s} {'AUC [95%]':22s} {'TPR@1%FPR [95%]':22s} {'U-Net/img':>9s}"]
+    for row in metrics.itertuples():
+        lines.append(
+            f"{row.run[:28]:28s} {str(row.setting)[:34]:34s} {row.auc:.3f} [{row.auc_low:.3f}, {row.auc_high:.3f}]   "
+            f"{row.tpr_at_1fpr:.3f} [{row.tpr_at_1fpr_low:.3f}, {row.tpr_at_1fpr_high:.3f}]   {row.unet_evals:9.1f}"
+        )
+    n = metrics.iloc[0]
+    lines.append(f"test split: {int(n.n_test_members)} members, {int(n.n_test_nonmembers)} non-members; thresholds and settings from calibration")
+    return "\n".join(lines)
+
+
+def report(args) -> None:
+    import pandas as pd
+
+    path = Path(args.folder) / "metrics.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: score the set first (mialib score ... --out {args.folder})")
+    print(format_metrics(pd.read_csv(path)))
+
+
+def download(args) -> None:
+    from .imagesets import parse_spec
+    from .imagesets.laion_mi import download as fetch
+
+    kind, folder, _ = parse_spec(args.data)
+    if kind != "laion-mi":
+        raise ValueError(f"mialib download fetches laion-mi sets; {args.data!r} is {kind}")
+    summary = fetch(folder, processes=args.processes, threads=args.threads, timeout=args.timeout, retries=args.retries, limit=args.limit)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def freeze(args) -> None:
+    from .imagesets import freeze as write_manifest
+    from .imagesets import open_imageset
+
+    imageset = open_imageset(args.data)
+    print(imageset.summary())
+    path = write_manifest(imageset, args.out)
+    print(f"manifest of {len(imageset)} images -> {path} (skipped: {path.with_name(path.stem + '.skipped.csv')})")
+
+
+def run_preset(args) -> None:
+    from . import experiment
 
     params = experiment.load_preset(args.preset)
     if args.command in ("prepare", "all"):
         start = time.time()
-        images = experiment.prepare_data(**experiment.data_args(params))
-        print(f"data: {len(images)} images ready ({time.time() - start:.1f} s)", flush=True)
-        start = time.time()
-        model = experiment.prepare_target(params, images)
+        model = experiment.prepare_target(params)
         print(f"target: {model} ready ({time.time() - start:.1f} s)", flush=True)
     if args.command in ("notebooks", "all"):
         output_dir = experiment.run_notebooks(args.preset, tuple(args.notebooks), args.kernel)

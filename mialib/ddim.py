@@ -116,15 +116,17 @@ def sample(
     guidance: float = 1.0,
     seed: int = 0,
     schedule: str = "model",
+    size: int | None = None,
 ) -> torch.Tensor:
     """Generate latents from seeded noise with deterministic DDIM (the scheduler's own timestep spacing).
 
-    The last step goes to alpha = 1 (the predicted clean latent), as ``set_alpha_to_one`` would.
+    ``size`` is the latent grid (default: the U-Net's native one). The last step goes to alpha = 1 (the
+    predicted clean latent), as ``set_alpha_to_one`` would.
     """
     scheduler = target.scheduler
     scheduler.set_timesteps(steps)
     timesteps = [int(t) for t in scheduler.timesteps]
-    channels, size = target.unet.config.in_channels, target.unet.config.sample_size
+    channels, size = target.unet.config.in_channels, size or target.unet.config.sample_size
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn((len(captions), channels, size, size), generator=generator).to(target.device, target.dtype)
     cond = target.encode_prompts(list(captions))

@@ -1,7 +1,10 @@
-"""Presets, the data and target preparation steps, and the headless notebook runner.
+"""Presets, the one-call notebook setup, the embedded target's preparation, and the headless runner.
 
 A preset is a flat YAML file of UPPER_CASE papermill parameters (``configs/<name>.yaml``). The same
-file drives ``python -m mialib prepare`` and the notebooks, so configuration has one source.
+file drives ``mialib prepare`` and the notebooks, so configuration has one source; every notebook's
+parameters cell mirrors ``configs/default.yaml`` (a test checks it). ``DATA`` names the image set
+(``emoji``, ``csv:...``, ``imagefolder:...``, ``img2dataset:...``, ``laion-mi:...``) and ``MODEL`` the
+target; every notebook runs unchanged on any of them.
 """
 
 from __future__ import annotations
@@ -9,32 +12,26 @@ from __future__ import annotations
 import json
 import os
 import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from . import data
+from . import data, imagesets
+from .settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("01_data_split", "02_observation", "03_attack", "03_attack_biased", "04_robustness", "05_ablations")
+# Keys read by `prepare` (the embedded target's training), not by any notebook.
+TARGET_KEYS = {"PRESET", "VAE_STEPS", "UNET_STEPS", "TRAIN_SEED", "TRAIN_BATCH_SIZE", "BUILD_TINY_TARGET"}
 
 
-def notebook_runs(params: dict) -> dict[str, tuple[str, dict]]:
-    """Run name -> (source notebook, parameter overrides). ``03_attack_biased`` repeats the attack
-    comparison on the biased split (non-members from a shifted source) and compares it with the fair run."""
-    output_dir = params["OUTPUT_DIR"]
-    return {
-        "01_data_split": ("01_data_split", {}),
-        "02_observation": ("02_observation", {}),
-        "03_attack": ("03_attack", {}),
-        "03_attack_biased": (
-            "03_attack",
-            {"NONMEMBER_STYLE": "shifted", "OUTPUT_DIR": f"{output_dir}/biased", "FAIR_RESULTS": f"{output_dir}/metrics.csv"},
-        ),
-        "04_robustness": ("04_robustness", {}),
-        "05_ablations": ("05_ablations", {}),
-    }
+def resolve(path: str | os.PathLike) -> Path:
+    """Paths in presets are relative to the repository root (notebooks run from notebooks/)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else ROOT / path
 
 
 def load_preset(path: str | os.PathLike) -> dict:
@@ -46,31 +43,33 @@ def load_preset(path: str | os.PathLike) -> dict:
     return params
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """Paths in presets are relative to the repository root (notebooks run from notebooks/)."""
-    path = Path(path)
-    return path if path.is_absolute() else ROOT / path
+def data_kind(params: dict) -> str:
+    return imagesets.parse_spec(params.get("DATA", "emoji"))[0]
 
 
-def prepare_data(
-    manifest: str,
-    image_dir: str,
-    n_public: int,
-    n_members: int,
-    n_nonmembers: int,
-    seed: int = 0,
-) -> pd.DataFrame:
-    """The image set of a preset: the committed manifest (built if missing), cut to the preset's sizes,
-    rendered and checked against its hashes. Returns the manifest rows with ``path`` and ``label``."""
-    manifest_path = resolve(manifest)
-    if manifest_path.exists():
-        full = data.read_manifest(manifest_path)
-    else:
-        full = data.build_emoji_manifest(n_public, n_members, n_nonmembers, seed)
-        manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        full.to_csv(manifest_path, index=False)
-    chosen = data.subsample_manifest(full, n_public, n_members, n_nonmembers)
-    return data.materialise_images(chosen, resolve(image_dir))
+# --------------------------------------------------------------------------------------------------
+# Data and target
+# --------------------------------------------------------------------------------------------------
+def emoji_options(params: dict) -> dict:
+    """The embedded set's options from a preset's emoji keys (used when DATA is emoji)."""
+    keys = {"N_MEMBERS": "members", "N_NONMEMBERS": "nonmembers", "N_PUBLIC": "public", "MANIFEST": "split", "IMAGE_DIR": "images", "NONMEMBER_STYLE": "style"}
+    return {option: params[key] for key, option in keys.items() if key in params}
+
+
+def open_data(params: dict) -> imagesets.ImageSet:
+    """The image set that ``DATA`` names; preset-relative paths resolve against the repository root."""
+    spec = params.get("DATA", "emoji")
+    if params.get("NONMEMBER_STYLE", "same") != "same" and data_kind(params) != "emoji":
+        raise ValueError(f"NONMEMBER_STYLE={params['NONMEMBER_STYLE']!r} (the biased split) exists only for the embedded emoji set, not {spec!r}")
+    return imagesets.open_imageset(spec, base=ROOT, **emoji_options(params))
+
+
+def emoji_training_images(params: dict) -> pd.DataFrame:
+    """Public, member and non-member rows of the embedded set (rendered), for the target's training."""
+    from .imagesets.local import EMOJI_DEFAULTS, emoji_images
+
+    options = {k: v for k, v in emoji_options(params).items() if k != "style"}
+    return emoji_images({**EMOJI_DEFAULTS, **options})
 
 
 def tiny_config(params: dict):
@@ -87,46 +86,200 @@ def tiny_config(params: dict):
     return TinyConfig(**{field: params[key] for key, field in keys.items() if key in params})
 
 
-def prepare_target(params: dict, images: pd.DataFrame | None = None, progress: bool = True) -> Path:
-    """Build the embedded tiny target if the preset asks for it and it is missing; return the model path."""
+def prepare_target(params: dict, progress: bool = True) -> str:
+    """Build the embedded tiny target if the preset asks for it and it is missing; return the model.
+
+    The tiny target always trains on the embedded emoji set (VAE on the public split, U-Net on the
+    members), whatever ``DATA`` is attacked with it.
+    """
     model = params["MODEL"]
     if not params.get("BUILD_TINY_TARGET", False):
         return model
     from .tiny import build_tiny_target
 
-    if images is None:
-        images = prepare_data(**data_args(params))
     config = tiny_config(params)
     target_dir = resolve(model)
     if (target_dir / "model_index.json").exists():
-        return build_tiny_target(target_dir, None, None, None, None, config, progress)
-    public, _ = data.load_images(images[images["split"] == "public"], config.image_size)
-    members_rows = images[images["split"] == "member"]
-    members, kept = data.load_images(members_rows, config.image_size)
-    if len(kept) != len(members_rows):
-        raise data.DataError("a member image could not be read; the target would train on a different set")
-    return build_tiny_target(
-        target_dir, public, members, list(kept["caption"]), list(images["caption"]), config, progress
-    )
+        return str(build_tiny_target(target_dir, None, None, None, None, config, progress))
+    images = emoji_training_images(params)
+    public = data.load_tensors(images.loc[images["split"] == "public", "path"], config.image_size)
+    members = images[images["split"] == "member"]
+    tensors = data.load_tensors(members["path"], config.image_size)
+    return str(build_tiny_target(target_dir, public, tensors, list(members["caption"]), list(images["caption"]), config, progress))
 
 
-def data_args(params: dict) -> dict:
-    return dict(
-        manifest=params["MANIFEST"],
-        image_dir=params["IMAGE_DIR"],
-        n_public=params["N_PUBLIC"],
-        n_members=params["N_MEMBERS"],
-        n_nonmembers=params["N_NONMEMBERS"],
-        seed=params.get("SPLIT_SEED", 0),
+def locate_model(model: str | os.PathLike) -> str:
+    """A local model folder (relative to the repository root or the working directory), or a hub id.
+
+    A string that is not an existing folder is taken as a hub id only if it has the hub's form
+    ``owner/name`` and its first part is not a local folder; anything else is a typo'd local path, and
+    the error says so instead of failing on the network.
+    """
+    from .target import locate_model as _locate
+
+    text = str(model)
+    for candidate in (Path(text).expanduser(), resolve(text)):
+        if candidate.exists():
+            return str(candidate)
+    return _locate(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# The one-call setup of every notebook
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Study:
+    """What a notebook works with: its parameters, output folders, settings, image set and target."""
+
+    params: dict
+    notebook: str
+    out: Path
+    settings: Settings
+    imageset: imagesets.ImageSet
+    target: object = None
+    notes: list = field(default_factory=list)
+
+    @property
+    def figures(self) -> Path:
+        return self.out / "figures"
+
+    @property
+    def tables(self) -> Path:
+        return self.out / "tables"
+
+    @property
+    def cache(self) -> Path:
+        return resolve(self.params["CACHE_DIR"]) if self.params.get("CACHE_DIR") else self.out / "cache"
+
+    @property
+    def size(self) -> int:
+        return int(self.params["IMAGE_SIZE"])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.params.get("BATCH_SIZE", 64))
+
+    @property
+    def is_emoji(self) -> bool:
+        return data_kind(self.params) == "emoji"
+
+    def score(self, requests, imageset=None, settings=None, target=None, size=None, progress=True):
+        """Score requests (run id -> request text) on this study's set, or another derived from it."""
+        from . import runs
+
+        return runs.score(
+            target or self.target, imageset if imageset is not None else self.imageset, requests, settings or self.settings,
+            self.cache, self.batch_size, size or self.size, progress,
+        )
+
+    def skip(self, study: str, reason: str) -> None:
+        """Record (and print) that a study does not apply to this set or model."""
+        self.notes.append({"notebook": self.notebook, "study": study, "reason": reason})
+        print(f"skipped {study}: {reason}", flush=True)
+        path = self.tables / f"skipped_studies_{self.notebook}.csv"
+        pd.DataFrame(self.notes).to_csv(path, index=False)
+
+    def read_chosen(self) -> dict:
+        path = self.out / "chosen_settings.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: run 03_attack with the same OUTPUT_DIR first")
+        return json.loads(path.read_text())
+
+
+def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
+    """One call at the top of every notebook: the UPPER_CASE names of ``params`` (a notebook passes
+    ``globals()``) are its parameters. Opens the image set (writing its records and skip table), checks
+    the model and the image size before any compute, and loads the target."""
+    params = {k: v for k, v in params.items() if k.isupper() and not k.startswith("_")}
+    out = resolve(params["OUTPUT_DIR"])
+    for folder in (out, out / "tables", out / "figures"):
+        folder.mkdir(parents=True, exist_ok=True)
+    settings = Settings.from_parameters(params)
+    imageset = open_data(params)
+    imageset.records.drop(columns=["location"]).to_csv(out / "tables" / "image_set.csv", index=False)
+    imageset.skipped.to_csv(out / "tables" / "skipped_images.csv", index=False)
+    print(imageset.summary(), flush=True)
+    study = Study(params, notebook, out, settings, imageset)
+    if load_model:
+        import torch
+
+        from .target import load_target
+
+        study.target = load_target(locate_model(params["MODEL"]), device=params.get("DEVICE", "cpu"), dtype=getattr(torch, settings.dtype))
+        check_size(study.target, study.size)
+        truncated = study.target.truncated_captions(list(imageset.records["caption"]))
+        if truncated:
+            frame = pd.DataFrame(truncated, columns=["index", "tokens"]).assign(id=lambda d: imageset.records["id"].to_numpy()[d["index"]])
+            frame[["id", "tokens"]].assign(limit=study.target.tokenizer.model_max_length).to_csv(out / "tables" / "captions_truncated.csv", index=False)
+            print(f"{len(truncated)} captions are longer than the text encoder's {study.target.tokenizer.model_max_length} tokens and are cut there (tables/captions_truncated.csv)", flush=True)
+        print(f"{study.target.name}: native {study.target.resolution} px, attacked at {study.size} px", flush=True)
+    return study
+
+
+def check_size(target, size: int) -> None:
+    """The attack size must be a multiple of the VAE's downscale factor; another size than the model's
+    native one is allowed (a study) but said."""
+    factor = 2 ** (len(target.vae.config.block_out_channels) - 1)
+    if size % factor:
+        raise ValueError(f"IMAGE_SIZE={size} is not a multiple of the VAE's downscale factor {factor}")
+    if size != target.resolution:
+        print(f"note: IMAGE_SIZE={size} differs from the model's native {target.resolution} px", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The headless runner
+# --------------------------------------------------------------------------------------------------
+def notebook_runs(params: dict) -> dict[str, tuple[str, dict] | str]:
+    """Run name -> (source notebook, parameter overrides), or the reason the run does not apply.
+
+    ``03_attack_biased`` repeats the comparison on the biased split (non-members from a shifted source);
+    it exists only for the embedded emoji set.
+    """
+    output_dir = params["OUTPUT_DIR"]
+    biased = (
+        ("03_attack", {"NONMEMBER_STYLE": "shifted", "OUTPUT_DIR": f"{output_dir}/biased", "FAIR_RESULTS": f"{output_dir}/metrics.csv"})
+        if data_kind(params) == "emoji"
+        else f"the biased split exists only for the embedded emoji set (DATA is {params.get('DATA')!r})"
     )
+    return {
+        "01_data_split": ("01_data_split", {}),
+        "02_observation": ("02_observation", {}),
+        "03_attack": ("03_attack", {}),
+        "03_attack_biased": biased,
+        "04_robustness": ("04_robustness", {}),
+        "05_ablations": ("05_ablations", {}),
+    }
+
+
+def declared_parameters(path: str | os.PathLike) -> dict:
+    """The names a notebook's ``parameters`` cell assigns, with their values (read with ``ast``, which,
+    unlike papermill's inspector, takes multi-line dicts and any comment)."""
+    import ast
+
+    import nbformat
+
+    notebook = nbformat.read(str(path), as_version=4)
+    cells = [c for c in notebook.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path} must have exactly one cell tagged 'parameters', has {len(cells)}")
+    values = {}
+    for node in ast.parse(cells[0].source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            values[node.targets[0].id] = ast.literal_eval(node.value)
+    return values
+
+
+class NotebookFailures(RuntimeError):
+    """One or more notebooks failed; the others ran."""
 
 
 def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] = NOTEBOOKS, kernel: str = "python3") -> Path:
     """Execute notebooks headlessly with papermill, each receiving the preset keys it declares.
 
     Executed copies go to ``<OUTPUT_DIR>/notebooks/``; the resolved parameters to
-    ``<OUTPUT_DIR>/parameters.json``. A preset key that no notebook declares is an error (a typo would
-    otherwise be ignored silently).
+    ``<OUTPUT_DIR>/parameters.json``; times and outcomes to ``notebook_runs.json``. A preset key that no
+    notebook declares is an error (a typo would otherwise be ignored silently). A failing notebook does
+    not stop the others; :class:`NotebookFailures` lists every failure at the end.
     """
     import papermill
 
@@ -137,28 +290,39 @@ def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] = N
     unknown = [name for name in notebooks if name not in runs]
     if unknown:
         raise ValueError(f"unknown notebook runs {unknown}; known: {list(runs)}")
-    declared = {name: set(papermill.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"))) for name in {runs[n][0] for n in runs}}
-    used = set().union(*declared.values())
-    # Keys for the target build and the preset name are read by `prepare`, not by notebooks.
-    unused = set(params) - used - {"PRESET", "VAE_STEPS", "UNET_STEPS", "TRAIN_SEED", "TRAIN_BATCH_SIZE", "BUILD_TINY_TARGET"}
+    sources = {run[0] for run in runs.values() if isinstance(run, tuple)}
+    declared = {name: declared_parameters(ROOT / "notebooks" / f"{name}.ipynb") for name in sources}
+    unused = set(params) - set().union(*declared.values()) - TARGET_KEYS
     if unused:
         raise ValueError(f"preset keys that no notebook declares: {sorted(unused)}")
     (output_dir / "parameters.json").write_text(json.dumps(params, indent=2))
-    timings = {}
+    outcomes, failures = {}, []
     for name in notebooks:
+        if isinstance(runs[name], str):
+            outcomes[name] = {"status": "skipped", "reason": runs[name]}
+            print(f"{name}: skipped ({runs[name]})", flush=True)
+            continue
         source, overrides = runs[name]
         values = {**params, **overrides}
         start = time.time()
-        papermill.execute_notebook(
-            str(ROOT / "notebooks" / f"{source}.ipynb"),
-            str(output_dir / "notebooks" / f"{name}.ipynb"),
-            parameters={k: v for k, v in values.items() if k in declared[source]},
-            kernel_name=kernel,
-            cwd=str(ROOT / "notebooks"),
-            progress_bar=False,
-            log_output=True,
-        )
-        timings[name] = round(time.time() - start, 1)
-        print(f"{name}: {timings[name]} s", flush=True)
-    (output_dir / "notebook_times.json").write_text(json.dumps(timings, indent=2))
+        try:
+            papermill.execute_notebook(
+                str(ROOT / "notebooks" / f"{source}.ipynb"),
+                str(output_dir / "notebooks" / f"{name}.ipynb"),
+                parameters={k: v for k, v in values.items() if k in declared[source]},
+                kernel_name=kernel,
+                cwd=str(ROOT / "notebooks"),
+                progress_bar=False,
+                log_output=True,
+            )
+            outcomes[name] = {"status": "ok", "seconds": round(time.time() - start, 1)}
+        except Exception as error:  # papermill raises PapermillExecutionError with the cell's traceback
+            outcomes[name] = {"status": "failed", "seconds": round(time.time() - start, 1), "error": str(error).strip().splitlines()[-1][:500]}
+            failures.append(name)
+            traceback.print_exc()
+        print(f"{name}: {outcomes[name]['status']} ({outcomes[name].get('seconds', 0)} s)", flush=True)
+    (output_dir / "notebook_runs.json").write_text(json.dumps(outcomes, indent=2))
+    if failures:
+        details = "; ".join(f"{n}: {outcomes[n]['error']}" for n in failures)
+        raise NotebookFailures(f"{len(failures)} of {len(notebooks)} notebooks failed ({details}); executed copies in {output_dir / 'notebooks'}")
     return output_dir

@@ -139,6 +139,18 @@ def select_on_calibration(scores: pd.DataFrame, setting: str, allow_flip: bool =
     return best
 
 
+def choose_setting(values: pd.DataFrame, by: list[str], flip: bool = False) -> tuple[dict, int, float]:
+    """The one place where a setting and a score direction are chosen: the combination of the columns
+    ``by`` (and, when ``flip``, the direction) with the highest calibration AUC.
+
+    ``values`` holds ``label, subset, score`` per image and candidate. Test rows are never looked at.
+    Returns (chosen values of ``by``, direction +1 / -1, calibration AUC after the direction).
+    """
+    keyed = values.assign(_candidate=list(zip(*(values[c] for c in by))) if by else [()] * len(values))
+    choice, direction, cal_auc = select_on_calibration(keyed, "_candidate", allow_flip=flip)
+    return dict(zip(by, choice)), int(direction), float(cal_auc)
+
+
 def bootstrap(
     cal_labels, cal_scores, test_labels, test_scores, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> pd.DataFrame:

@@ -71,9 +71,9 @@ def observation(curve: pd.DataFrame, images: pd.DataFrame):
 
 
 def roc_curves(scores: pd.DataFrame, subset: str = "test"):
-    """ROC of every attack on one subset, in linear and log-log axes."""
+    """ROC of every run on one subset, in linear and log-log axes."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
-    for (attack, setting), group in scores[scores["subset"] == subset].groupby(["attack", "setting"], sort=False):
+    for (attack, setting), group in scores[scores["subset"] == subset].groupby(["display", "setting"], sort=False):
         fpr, tpr, _ = roc_curve(group["label"], group["score"])
         for ax in axes:
             ax.plot(fpr, tpr, label=f"{attack} ({setting})", drawstyle="steps-post")
@@ -87,3 +87,84 @@ def roc_curves(scores: pd.DataFrame, subset: str = "test"):
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def split_pairs(split, count: int = 6):
+    """The closest cross-split pairs of 01's check, side by side with their SSIM."""
+    index = {image_id: i for i, image_id in enumerate(split.frame["id"])}
+    pairs = split.closest.head(count)
+    rows = [[split.tensors[index[a]], split.tensors[index[b]]] for a, b in zip(pairs["id_a"], pairs["id_b"])]
+    if not rows:
+        fig = plt.figure(figsize=(3, 1))
+        fig.text(0.5, 0.5, "no cross-split pairs", ha="center")
+        return fig
+    titles = [t for a, b in zip(pairs["caption_a"], pairs["caption_b"]) for t in (a[:18], b[:18])]
+    return image_grid(rows, [f"SSIM {s:.2f}" for s in pairs["ssim"]], titles)
+
+
+def split_examples(split, per_split: int = 8):
+    """The first images of every split of 01's check, one row per split (short rows padded with white)."""
+    parts = [(name, split.frame.index[split.frame["split"] == name][:per_split]) for name in ("public", "member", "nonmember")]
+    parts = [(name, index) for name, index in parts if len(index)]
+    width = max(len(index) for _, index in parts)
+    rows, labels, titles = [], [], []
+    for name, index in parts:
+        pad = width - len(index)
+        rows.append([split.tensors[i] for i in index] + [torch.ones_like(split.tensors[0])] * pad)
+        labels.append(name)
+        titles += [split.frame["caption"][i][:16] for i in index] + [""] * pad
+    return image_grid(rows, labels, titles)
+
+
+def memorisation_samples(samples, per_class: int = 6):
+    """Images (top) and the images generated from their captions (bottom), members first."""
+    values = samples.values
+    show = list(values.index[values["label"] == 1][:per_class]) + list(values.index[values["label"] == 0][:per_class])
+    return image_grid(
+        [[samples.originals[i] for i in show], [samples.samples[i] for i in show]],
+        ["image", "sample from its caption"],
+        [f"{'M' if values['label'][i] else 'N'}: {values['caption'][i][:14]}" for i in show],
+    )
+
+
+def robustness_sweep(result: pd.DataFrame):
+    """AUC and TPR@1%FPR of every attack versus the strength of each distortion."""
+    sweep = result[result["distortion"] != "none"].melt(
+        id_vars=["distortion", "strength", "attack"], value_vars=["auc", "tpr_at_1fpr"], var_name="metric"
+    )
+    grid = sns.relplot(
+        data=sweep, x="strength", y="value", hue="attack", col="distortion", row="metric", kind="line", marker="o",
+        facet_kws=dict(sharex=False, sharey="row"), height=2.2, aspect=1.0,
+    )
+    return grid.figure
+
+
+def ablations(table: pd.DataFrame, training_size: int, stride: int, paper_t: int):
+    """05's summary: AUC versus T per measure, AUC versus stride (cost), AUC versus resolution."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
+    for study in ("T (+SSIM)", "T (+MS-SSIM)", "T (-MSE)", "T (-latent MSE)"):
+        part = table[table["study"] == study]
+        axes[0].plot(part["value"].astype(int), part["auc"], marker="o", label=study)
+    axes[0].axhline(0.5, color="grey", lw=0.8)
+    axes[0].set(xlabel="total inversion timestep T", ylabel="test AUC", title=f"AUC versus T (stride {stride})")
+    axes[0].legend(fontsize=7)
+    part = table[table["study"] == f"stride at T={paper_t}"]
+    axes[1].plot(part["unet_evals"], part["auc"], marker="o")
+    for _, row in part.iterrows():
+        axes[1].annotate(f"stride {row['value']}", (row["unet_evals"], row["auc"]), fontsize=7)
+    axes[1].set(xscale="log", xlabel="U-Net evaluations per image", ylabel="test AUC", title=f"stride at T = {paper_t}")
+    for study in table["study"][table["study"].str.startswith("resolution")].unique():
+        part = table[table["study"] == study]
+        axes[2].plot(part["value"].astype(int), part["auc"], marker="o", label=study)
+    axes[2].axvline(training_size, color="grey", lw=0.8, ls="--")
+    axes[2].set(xlabel="attack resolution (px; dashed: the preset's IMAGE_SIZE)", ylabel="test AUC", title="resolution")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def training_dynamics(dynamics: pd.DataFrame):
+    """AUC and TPR@1%FPR of every attack at each training checkpoint."""
+    long = dynamics.melt(id_vars=["step", "attack"], value_vars=["auc", "tpr_at_1fpr"], var_name="metric")
+    grid = sns.relplot(data=long, x="step", y="value", hue="attack", col="metric", kind="line", marker="o", height=3.2, facet_kws=dict(sharey=False))
+    return grid.figure

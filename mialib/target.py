@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,13 @@ class Target:
         )
         return self.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
 
+    def truncated_captions(self, captions: list[str]) -> list[tuple[int, int]]:
+        """(index, token count) of every caption longer than the text encoder's limit, where
+        :meth:`encode_prompts` cuts it (the start and end tokens count)."""
+        limit = self.tokenizer.model_max_length
+        lengths = [len(ids) for ids in self.tokenizer(list(captions), truncation=False)["input_ids"]]
+        return [(i, n) for i, n in enumerate(lengths) if n > limit]
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, mode: str = "mode", seeds: list[int] | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> latents times the VAE's own ``scaling_factor``.
@@ -144,6 +152,22 @@ def _check_supported(scheduler_config: dict) -> None:
         )
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def locate_model(model: str | os.PathLike) -> str:
+    """An existing local folder, or a string of the hub's form ``owner/name`` whose first part is not a
+    local folder. Anything else is a local path that does not exist: say so, rather than ask the hub."""
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        return str(path)
+    if HUB_ID.match(text) and not Path(text.split("/")[0]).exists():
+        return text
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    raise FileNotFoundError(f"model path {text!r} does not exist (the nearest existing folder is {parent}); check the MODEL / --model path")
+
+
 def load_target(
     model: str | os.PathLike,
     device: str = "cpu",
@@ -157,7 +181,7 @@ def load_target(
     No remote code is ever executed. The scheduler is a ``DDIMScheduler`` built from the model's own
     scheduler config, so a PNDM-configured Stable Diffusion keeps its ``scaled_linear`` betas.
     """
-    model = str(model)
+    model = locate_model(model)
     kwargs = dict(use_safetensors=True)
     scheduler_config = DDIMScheduler.load_config(model, subfolder="scheduler")
     _check_supported(scheduler_config)

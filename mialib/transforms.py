@@ -124,3 +124,10 @@ def distort(images: torch.Tensor, ids: list[str], name: str, strength: float, se
         for image, i in zip(images, ids)
     ]
     return torch.stack(out)
+
+
+def distortion(name: str, strength: float, seed: int = 0) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+    """The distortion as a batch transform ``(images, ids) -> images`` (for ``ImageSet.map``)."""
+    if name not in DISTORTIONS:
+        raise ValueError(f"unknown distortion {name!r}; known: {sorted(DISTORTIONS)}")
+    return lambda images, ids: distort(images, ids, name, strength, seed)

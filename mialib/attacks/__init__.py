@@ -1,31 +1,42 @@
-"""One file per attack. Every attack takes (target, images, captions, ids, settings...) and returns an
-``AttackOutput`` whose ``scores`` follow the convention "higher means member"."""
+"""One file per attack, and the registry that lists them (:mod:`.registry`).
+
+Every attack takes ``(target, images, captions, ids, **parameters, **settings)`` and returns an
+``AttackOutput`` whose ``scores`` follow the method's convention "higher means member"; calibration may
+reverse the structural family's direction, once, in :func:`mialib.metrics.choose_setting`.
+"""
 
 from .backward import backward_attack
 from .base import AttackOutput, condition, image_seed
 from .clid import clid_attack, reduce_caption
+from .latent import latent_attack
 from .loss import loss_attack, loss_errors
 from .pia import pia_attack
 from .pixel import pixel_attack
+from .registry import REGISTRY, AttackRequest, AttackSpec, get, parse_request
 from .secmi import secmi_attack
-from .structural import inversion_trajectory, structural_attack, structural_curve, trajectory_measures
+from .structural import decoded_trajectory, inversion_trajectory, structural_attack
 from .vae_control import vae_control
 
 __all__ = [
+    "REGISTRY",
     "AttackOutput",
+    "AttackRequest",
+    "AttackSpec",
     "backward_attack",
     "clid_attack",
     "condition",
+    "decoded_trajectory",
+    "get",
     "image_seed",
     "inversion_trajectory",
+    "latent_attack",
     "loss_attack",
     "loss_errors",
+    "parse_request",
     "pia_attack",
     "pixel_attack",
     "reduce_caption",
     "secmi_attack",
     "structural_attack",
-    "structural_curve",
-    "trajectory_measures",
     "vae_control",
 ]

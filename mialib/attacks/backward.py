@@ -5,7 +5,7 @@ invert the clean latent with deterministic DDIM along 0, stride, ..., t, denoise
 reversed path t, ..., stride, 0 (eps at the source timestep in both directions), decode and compare
 with the input:
 
-    score = direction * SSIM(x, D(denoise(invert(E(x), 0 -> t), t -> 0)))
+    score = SSIM(x, D(denoise(invert(E(x), 0 -> t), t -> 0)))      (higher means member)
 
 A perfect deterministic round trip would return z_0; the reconstruction error is how far the model's
 noise predictions are from self-consistent along the path.
@@ -30,19 +30,19 @@ def backward_attack(
     ids: list[str],
     t: int = 100,
     stride: int = 50,
-    direction: int = 1,
     guidance: float = 1.0,
     prompt: str = "caption",
     encode_mode: str = "mode",
     schedule: str = "model",
     data_range: float = 2.0,
     seed: int = 0,
+    cache=None,
 ) -> AttackOutput:
-    """Score = direction * SSIM(x, D(z_0 reconstructed from the inverted z_t)); extras {"ssim", "latent_mse"}."""
+    """Score = SSIM(x, D(z_0 reconstructed from the inverted z_t)); extras {"ssim", "latent_mse"}."""
     steps = ddim.path(int(t), int(stride))
     before = target.unet_evals
     # 1. encode and invert deterministically 0 -> stride -> ... -> t (the structural attack's path)
-    trajectory = inversion_trajectory(target, images, captions, ids, steps, guidance, prompt, encode_mode, schedule, seed)
+    trajectory = inversion_trajectory(target, images, captions, ids, steps, guidance, prompt, encode_mode, schedule, seed, cache=cache)
     latents, inverted = trajectory[steps[0]], trajectory[steps[-1]]
     # 2. deterministic denoising t -> ... -> stride -> 0 along the same timesteps
     cond, uncond = condition(target, captions, prompt, guidance)
@@ -52,5 +52,5 @@ def backward_attack(
     latent_mse = (reconstruction - latents).double().pow(2).flatten(1).mean(dim=1).cpu().numpy()
     evals = (target.unet_evals - before) // len(images)
     return AttackOutput(
-        scores=direction * similarity, unet_evals=evals, extras={"ssim": similarity, "latent_mse": latent_mse}
+        scores=similarity, unet_evals=evals, extras={"ssim": similarity, "latent_mse": latent_mse}
     )

@@ -4,7 +4,7 @@ The same deterministic DDIM inversion to t and the same decode as :mod:`.structu
 image is compared with the input pixel by pixel instead of by SSIM:
 
     mse  = mean over pixels of (x - D(z_t))^2,     psnr = 10 log10(data_range^2 / mse)
-    score = direction * (-mse)   or   direction * psnr
+    score = -mse   or   psnr          (higher means member: the decoded image is closer)
 
 -MSE and PSNR rank images identically (PSNR is a decreasing function of MSE); both are returned in
 extras. Whether structure (SSIM) separates better than plain pixel error is what this control measures.
@@ -19,7 +19,7 @@ import torch
 from .. import ddim
 from ..similarity import mse
 from .base import AttackOutput
-from .structural import inversion_trajectory
+from .structural import inversion_trajectory, latent_mse
 
 METRICS = ("mse", "psnr")
 
@@ -32,7 +32,6 @@ def pixel_attack(
     ids: list[str],
     t: int = 100,
     stride: int = 50,
-    direction: int = 1,
     metric: str = "mse",
     guidance: float = 1.0,
     prompt: str = "caption",
@@ -40,14 +39,16 @@ def pixel_attack(
     schedule: str = "model",
     data_range: float = 2.0,
     seed: int = 0,
+    cache=None,
 ) -> AttackOutput:
-    """Score = direction * (-MSE or PSNR) between x and D(DDIM-inverted latent at t); extras {"mse", "psnr"}."""
+    """Score = -MSE or PSNR between x and D(DDIM-inverted latent at t); extras {"mse", "psnr", "latent_mse"}."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
+    t, stride = int(t), int(stride)
     before = target.unet_evals
-    trajectory = inversion_trajectory(target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, seed)
+    trajectory = inversion_trajectory(target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, seed, cache=cache)
     evals = (target.unet_evals - before) // len(images)
-    error = mse(images, target.decode(trajectory[int(t)])).numpy()
+    error = mse(images, target.decode(trajectory[t])).numpy()
     peak = 10 * np.log10(data_range**2 / error)
     value = -error if metric == "mse" else peak
-    return AttackOutput(scores=direction * value, unet_evals=evals, extras={"mse": error, "psnr": peak})
+    return AttackOutput(scores=value, unet_evals=evals, extras={"mse": error, "psnr": peak, "latent_mse": latent_mse(trajectory[t], trajectory[0])})

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from .. import ddim
-from .base import AttackOutput, condition, image_seed
+from .base import AttackOutput, condition
+from .structural import inversion_trajectory
 
 
 @torch.no_grad()
@@ -34,16 +35,19 @@ def secmi_attack(
     encode_mode: str = "mode",
     schedule: str = "model",
     seed: int = 0,
+    cache=None,
 ) -> AttackOutput:
     """Score = -||z_{t_sec} - denoise(invert(z_{t_sec}, k), k)||^2 / d; extras {"error": (n,)}."""
     t_sec, interval = int(t_sec), int(interval)
     if interval <= 0 or t_sec < 0 or t_sec % interval:
         raise ValueError(f"t_sec ({t_sec}) must be a non-negative multiple of the interval ({interval})")
     before = target.unet_evals
-    latents = target.encode_images(images, mode=encode_mode, seeds=[image_seed(i, seed) for i in ids])
     cond, uncond = condition(target, captions, prompt, guidance)
     # 1. deterministic inversion 0 -> k -> ... -> t_sec, and 2. one more step t_sec -> t_sec + k
-    trajectory = ddim.invert(target, latents, ddim.path(t_sec + interval, interval), cond, uncond, guidance, schedule)
+    #    (the same path as the structural attack's at stride k: read from the trajectory cache when given)
+    trajectory = inversion_trajectory(
+        target, images, captions, ids, ddim.path(t_sec + interval, interval), guidance, prompt, encode_mode, schedule, seed, cache=cache
+    )
     # 3. one deterministic denoising step t_sec + k -> t_sec (eps evaluated at t_sec + k)
     reconstruction = ddim.denoise(
         target, trajectory[t_sec + interval], [t_sec + interval, t_sec], cond, uncond, guidance, schedule

@@ -4,7 +4,7 @@ Encode the image, invert it with deterministic DDIM from t = 0 to a small T (pap
 decode the inverted latent and compare it with the input by SSIM. The paper's claim: members keep
 their structure better, so a higher SSIM means member. Cost: T / stride U-Net evaluations per image at
 guidance 0 or 1 (2 for the paper's setting), twice that otherwise. Whether the claim holds on a given
-model is measured, not assumed: ``direction=-1`` scores "lower SSIM means member".
+model is measured on calibration data, not assumed (``metrics.choose_setting`` may reverse it).
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from ..similarity import ms_ssim, mse, ssim
 from .base import AttackOutput, condition
 
 
+MEASURES = ("ssim", "ms_ssim")
+
+
 @torch.no_grad()
 def inversion_trajectory(
     target,
-    images: torch.Tensor,
+    images: torch.Tensor | None,
     captions: list[str],
     ids: list[str],
     timesteps: list[int],
@@ -30,66 +33,36 @@ def inversion_trajectory(
     schedule: str = "model",
     seed: int = 0,
     start: torch.Tensor | None = None,
+    cache=None,
 ) -> dict[int, torch.Tensor]:
     """Encode the images (unless ``start`` gives the latents at ``timesteps[0]``) and invert them with
-    deterministic DDIM along ``timesteps``. Returns ``{t: z_t}``; ``timesteps[0]`` maps to the start.
+    deterministic DDIM along ``timesteps``. Returns ``{t: z_t}``; ``timesteps[0]`` maps to the start, and a
+    one-step path ``[0]`` is the clean latent alone.
 
+    With a :class:`~mialib.trajectories.TrajectoryCache`, a path 0, stride, ..., T is read from (and
+    written to) the cache, so every attack and study that inverts the same image shares one inversion.
     A trajectory can be extended exactly: inverting from its last latent with ``start`` continues the path.
     """
+    from ..trajectories import uniform_path
     from .base import image_seed
 
+    settings = dict(guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed)
+    steps = [int(t) for t in timesteps]
+    if cache is not None and start is None and uniform_path(steps):
+        total, stride = uniform_path(steps)
+        return cache.trajectory(target, images, captions, ids, total, stride, settings)[0]
     if start is None:
         start = target.encode_images(images, mode=encode_mode, seeds=[image_seed(i, seed) for i in ids])
+    start = start.to(target.device, target.dtype)
+    if len(steps) == 1:
+        return {steps[0]: start}
     cond, uncond = condition(target, captions, prompt, guidance)
-    return ddim.invert(target, start.to(target.device, target.dtype), timesteps, cond, uncond, guidance, schedule)
+    return ddim.invert(target, start, steps, cond, uncond, guidance, schedule)
 
 
-@torch.no_grad()
-def trajectory_measures(
-    target, images: torch.Tensor, trajectory: dict[int, torch.Tensor], clean: torch.Tensor, data_range: float = 2.0
-) -> dict[int, dict[str, np.ndarray]]:
-    """Similarity of each image to its decoded inverted latent at every t of a trajectory.
-
-    ``ssim`` (skimage's), ``mse`` and ``ms_ssim`` compare pixels after decoding; ``latent_mse`` compares the
-    inverted latent with the clean latent ``clean`` (the encoding, t = 0) without the decoder.
-    """
-    reference = images.to(torch.float64)
-    clean = clean.detach().to("cpu", torch.float64)
-    curve = {}
-    for t, z_t in trajectory.items():
-        decoded = target.decode(z_t)
-        curve[t] = {
-            "ssim": ssim(reference, decoded, data_range=data_range).numpy(),
-            "mse": mse(reference, decoded).numpy(),
-            "ms_ssim": ms_ssim(reference, decoded, data_range=data_range).numpy(),
-            "latent_mse": (z_t.detach().to("cpu", torch.float64) - clean).pow(2).flatten(1).mean(dim=1).numpy(),
-        }
-    return curve
-
-
-@torch.no_grad()
-def structural_curve(
-    target,
-    images: torch.Tensor,
-    captions: list[str],
-    ids: list[str],
-    timesteps: list[int],
-    guidance: float = 1.0,
-    prompt: str = "caption",
-    encode_mode: str = "mode",
-    schedule: str = "model",
-    data_range: float = 2.0,
-    seed: int = 0,
-) -> dict[int, dict[str, np.ndarray]]:
-    """SSIM, MSE, MS-SSIM and latent MSE between each image and its decoded inverted latent at every
-    timestep of one path.
-
-    One inversion serves every t on the path: the prefix of a deterministic path is the shorter path.
-    Returns ``{t: {"ssim": (n,), "mse": (n,), "ms_ssim": (n,), "latent_mse": (n,)}}``; t = timesteps[0]
-    is the plain VAE round trip.
-    """
-    trajectory = inversion_trajectory(target, images, captions, ids, timesteps, guidance, prompt, encode_mode, schedule, seed)
-    return trajectory_measures(target, images, trajectory, trajectory[timesteps[0]], data_range)
+def latent_mse(z_t: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
+    """Mean squared distance per image between an inverted latent and the clean one (float64)."""
+    return (z_t.detach().to("cpu", torch.float64) - clean.detach().to("cpu", torch.float64)).pow(2).flatten(1).mean(dim=1).numpy()
 
 
 @torch.no_grad()
@@ -100,20 +73,33 @@ def structural_attack(
     ids: list[str],
     t: int = 100,
     stride: int = 50,
-    direction: int = 1,
+    measure: str = "ssim",
     guidance: float = 1.0,
     prompt: str = "caption",
     encode_mode: str = "mode",
     schedule: str = "model",
     data_range: float = 2.0,
     seed: int = 0,
+    cache=None,
 ) -> AttackOutput:
-    """Score = direction * SSIM(x, D(DDIM-inverted latent at t)); paper setting t=100, stride=50, direction=+1."""
+    """Score = SSIM (or MS-SSIM) between x and D(DDIM-inverted latent at t): higher means member, the
+    paper's direction (whether it holds is for calibration to measure). Paper setting t=100, stride=50.
+
+    Extras: the score's measure, pixel ``mse`` of the same decoded image and ``latent_mse`` (inverted vs
+    clean latent). t = 0 is the plain VAE round trip (no U-Net).
+    """
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {MEASURES}, not {measure!r}")
+    t, stride = int(t), int(stride)
     before = target.unet_evals
-    trajectory = inversion_trajectory(target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, seed)
+    trajectory = inversion_trajectory(target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, seed, cache=cache)
     evals = (target.unet_evals - before) // len(images)
-    similarity = ssim(images.to(torch.float64), target.decode(trajectory[t]), data_range=data_range).numpy()
-    return AttackOutput(scores=direction * similarity, unet_evals=evals, extras={"ssim": similarity})
+    reference = images.to(torch.float64)
+    decoded = target.decode(trajectory[t])
+    score_fn = ssim if measure == "ssim" else ms_ssim
+    similarity = score_fn(reference, decoded, data_range=data_range).numpy()
+    extras = {measure: similarity, "mse": mse(reference, decoded).numpy(), "latent_mse": latent_mse(trajectory[t], trajectory[0])}
+    return AttackOutput(scores=similarity, unet_evals=evals, extras=extras)
 
 
 @torch.no_grad()
@@ -129,11 +115,10 @@ def decoded_trajectory(
     encode_mode: str = "mode",
     schedule: str = "model",
     seed: int = 0,
+    cache=None,
 ) -> dict[int, torch.Tensor]:
     """Decoded inverted latents of one image (3, h, w) at the requested timesteps (multiples of stride)."""
-    from .base import image_seed
-
-    latents = target.encode_images(image[None], mode=encode_mode, seeds=[image_seed(image_id, seed)])
-    cond, uncond = condition(target, [caption], prompt, guidance)
-    trajectory = ddim.invert(target, latents, ddim.path(max(timesteps), stride), cond, uncond, guidance, schedule)
+    trajectory = inversion_trajectory(
+        target, image[None], [caption], [image_id], ddim.path(max(timesteps), stride), guidance, prompt, encode_mode, schedule, seed, cache=cache
+    )
     return {t: target.decode(trajectory[t])[0] for t in timesteps}

@@ -21,6 +21,7 @@ happens to bad input) and loads pixels lazily, batch by batch.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -94,10 +95,10 @@ def open_imageset(spec: str, base: str | os.PathLike | None = None, **defaults) 
     kind, arg, options = parse_spec(spec)
     allowed = {**OPTIONS, **ADAPTER_OPTIONS.get(kind, {})}
     options = {**{k: v for k, v in defaults.items() if k in allowed and v is not None}, **options}
-    if kind not in ("emoji",) and "=" not in arg:
-        arg = _resolve(arg, base)
-    elif "=" in arg:  # name=path pairs (img2dataset's one folder per class)
+    if kind == "img2dataset" and re.match(r"^[\w-]+=", arg):  # name=path pairs: one output folder per class
         arg = ",".join(f"{k}={_resolve(v, base)}" for k, v in (p.split("=", 1) for p in arg.split(",")))
+    elif kind != "emoji":
+        arg = _resolve(arg, base)
     manifest = options.get("manifest")
     if manifest is not None:
         manifest = _resolve(manifest, base)
@@ -143,3 +144,10 @@ __all__ = [
     "register_adapter",
     "tar_location",
 ]
+
+from .img2dataset import OPTIONS as _IMG2DATASET_OPTIONS  # noqa: E402  (adapters for remote sources)
+from .img2dataset import img2dataset_entries  # noqa: E402
+from .laion_mi import laion_mi_entries  # noqa: E402
+
+register_adapter("img2dataset", img2dataset_entries, options=_IMG2DATASET_OPTIONS)
+register_adapter("laion-mi", laion_mi_entries)

@@ -4,9 +4,11 @@ An adapter only *lists* what a source holds (:class:`Entry`: id, caption, label,
 are). Everything else happens here, once, so every adapter gives the same outcome for the same problem:
 
 - **refused** (``DataError`` naming the file and row): a label other than 0 / 1 / member / non-member,
-  an unknown subset, a subset given for some rows only, a duplicate id, a path outside the set's folder;
+  an unknown subset, a subset given for some rows only, a missing or duplicate id (in the source or in a
+  frozen manifest), a path outside the set's folder (``..``, an absolute path, a link leading out);
 - **skipped** (one row in :attr:`ImageSet.skipped` with its reason): an empty or non-UTF-8 caption, a
-  missing, empty, truncated or undecodable file, a decompression bomb, an image whose shorter side is
+  missing, unreadable, empty, truncated or undecodable file (whatever Pillow raises on it, EXIF metadata
+  too corrupt to tell the orientation included), a decompression bomb, an image whose shorter side is
   below ``min_side``, a file whose bytes repeat another image's (the later copy within one label; every
   copy when the labels disagree), an image missing from or changed since a frozen manifest;
 - **converted as documented** (:func:`decode_image`): EXIF orientation applied, 16-bit greyscale scaled
@@ -15,7 +17,7 @@ are). Everything else happens here, once, so every adapter gives the same outcom
 
 Counts reconcile: ``len(records) + len(skipped) == given``. Images are decoded once when the set is
 opened (so every skip is known before any compute) and then lazily, batch by batch; a file that changes
-after opening is an error, never a silent substitute.
+after opening (or is deleted) is a ``DataError`` naming the image, never a silent substitute.
 """
 
 from __future__ import annotations
@@ -109,8 +111,9 @@ def decode_image(payload: bytes, min_side: int = MIN_SIDE, max_pixels: int | Non
     - 16-bit greyscale (modes ``I;16*`` and ``I``) is scaled to 8 bits (value / 257, rounded), never clipped.
     - Transparent images are composited on white; palette, CMYK and greyscale images become RGB.
     - Of an animated image, the first frame is used.
-    - Skipped: an empty or undecodable file, more than ``max_pixels`` pixels (a decompression bomb: the
-      header alone is read), a shorter side below ``min_side`` px (it would be blown up), floating-point pixels.
+    - Skipped: an empty or undecodable file (whatever Pillow raises on it), more than ``max_pixels`` pixels
+      (a decompression bomb: the header alone is read), a shorter side below ``min_side`` px (it would be
+      blown up), EXIF metadata too corrupt to read the orientation from, floating-point pixels.
     """
     if not payload:
         raise ImageProblem("empty file (0 bytes)")
@@ -126,11 +129,16 @@ def decode_image(payload: bytes, min_side: int = MIN_SIDE, max_pixels: int | Non
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageProblem(f"decompression bomb: {error}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
+    except UnidentifiedImageError:  # its message holds the buffer's address, which differs on every run
+        raise ImageProblem("not a readable image: no known image format") from None
+    except Exception as error:  # malformed bytes make Pillow raise many types (OSError, SyntaxError, struct.error ...)
         raise ImageProblem(f"not a readable image: {type(error).__name__}: {error}") from None
     if min(image.size) < min_side:
         raise ImageProblem(f"image is {image.size[0]}x{image.size[1]} px; its shorter side is below min_side={min_side} px")
-    image = ImageOps.exif_transpose(image)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as error:
+        raise ImageProblem(f"unreadable EXIF metadata, so the orientation is unknown: {type(error).__name__}: {error}") from None
     if image.mode.startswith("I;16") or image.mode == "I":
         array = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8), "L")
@@ -204,7 +212,10 @@ class ImageSet:
         rows = self.records if rows is None else rows
         tensors = []
         for row in rows.itertuples(index=False):
-            payload = read_bytes(row.location)
+            try:
+                payload = read_bytes(row.location)
+            except (OSError, tarfile.TarError) as error:
+                raise DataError(f"image {row.id!r} ({row.source}) can no longer be read: {type(error).__name__}: {error}") from None
             if hashlib.sha256(payload).hexdigest() != row.sha256:
                 raise DataError(f"image {row.id!r} ({row.source}) changed after the set was opened; rerun to pick it up")
             try:
@@ -270,6 +281,13 @@ def parse_label(value) -> int | None:
     return None
 
 
+def is_blank(value) -> bool:
+    """None, NaN (a key that some JSON lines lack) or empty / whitespace-only text: the source gives no value."""
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
 def _refuse(problems: list[str], what: str) -> None:
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
@@ -277,7 +295,12 @@ def _refuse(problems: list[str], what: str) -> None:
 
 
 def _caption(value) -> tuple[str | None, str | None]:
-    """(caption, skip reason)."""
+    """(caption, skip reason); the same reason for the same bytes whether read strictly or leniently."""
+    if isinstance(value, str) and any("\ud800" <= ch <= "\udfff" for ch in value):
+        try:  # bytes a CSV / JSON reader kept as surrogates ("surrogateescape"): back to those bytes
+            value = value.encode("utf-8", errors="surrogateescape")
+        except UnicodeEncodeError:
+            return None, "caption is not valid UTF-8 (it holds a lone surrogate)"
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
@@ -285,10 +308,7 @@ def _caption(value) -> tuple[str | None, str | None]:
             return None, f"caption is not valid UTF-8 ({error.reason} at byte {error.start})"
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None, "empty caption"
-    text = str(value)
-    if any("\udc80" <= ch <= "\udcff" for ch in text):  # surrogate-escaped bytes from a CSV read leniently
-        return None, "caption is not valid UTF-8"
-    text = text.strip()
+    text = str(value).strip()
     if not text:
         return None, "empty caption"
     return text, None
@@ -329,13 +349,13 @@ def build(
     # 1. refusals: what would silently change results if guessed
     bad_labels = [f"{e.where} (id {e.id!r}): label {e.label!r} is not 0, 1, member or non-member" for e in entries if e.skip is None and parse_label(e.label) is None]
     _refuse(bad_labels, "labels must be 0 / 1 (or member / non-member); refusing to guess")
-    raw_subsets = [None if e.subset is None or (isinstance(e.subset, float) and np.isnan(e.subset)) or str(e.subset).strip() == "" else str(e.subset).strip().lower() for e in entries]
+    raw_subsets = [None if is_blank(e.subset) else str(e.subset).strip().lower() for e in entries]
     _refuse([f"{e.where} (id {e.id!r}): subset {s!r} is not calibration or test" for e, s in zip(entries, raw_subsets) if s is not None and s not in SUBSETS], "unknown subsets")
     given_subsets = sum(s is not None for s in raw_subsets)
     if 0 < given_subsets < given:
         missing = [e.where for e, s in zip(entries, raw_subsets) if s is None]
         _refuse([f"{w}: no subset" for w in missing], f"{given_subsets} of {given} records name a subset, the others do not; give it for all or none")
-    ids = pd.Series([None if e.id is None else str(e.id).strip() for e in entries], dtype=object)
+    ids = pd.Series([None if is_blank(e.id) else str(e.id).strip() for e in entries], dtype=object)
     _refuse([f"{e.where}: no id" for e, i in zip(entries, ids) if not i], "records without an id")
     duplicated = ids[ids.duplicated(keep=False)]
     _refuse([f"{entries[i].where}: id {ids[i]!r} appears more than once" for i in duplicated.index], "duplicate ids")
@@ -352,7 +372,7 @@ def build(
         {
             "id": ids,
             "label": [parse_label(e.label) if e.skip is None else None for e in entries],
-            "group": [str(e.group) if e.group is not None and str(e.group) != "" else i for e, i in zip(entries, ids)],
+            "group": [i if is_blank(e.group) else str(e.group).strip() for e, i in zip(entries, ids)],
             "source": [e.source for e in entries],
             "location": [e.location for e in entries],
         }
@@ -387,6 +407,8 @@ def build(
                 reason = f"file not found: {e.source}"
             except IsADirectoryError:
                 reason = f"not a file: {e.source}"
+            except (OSError, tarfile.TarError) as error:  # permission denied, a file used as a folder, a bad shard
+                reason = f"cannot read {e.source}: {type(error).__name__}: {getattr(error, 'strerror', None) or error}"
             except ImageProblem as problem:
                 reason = str(problem)
         if reason is not None:
@@ -438,9 +460,14 @@ def read_manifest(path: Path) -> pd.DataFrame:
 
 def _apply_manifest(frame: pd.DataFrame, skips: dict, path: Path):
     """Check a set against a frozen manifest; returns (frame, skips, records added for missing ids, summary)."""
-    frozen = read_manifest(path).set_index("id")
+    table = read_manifest(path)
+    repeated = table["id"].duplicated(keep=False)
+    _refuse([f"{path} row {n + 2}: id {v!r} appears more than once" for n, v in table.loc[repeated, "id"].items()], "duplicate ids in the manifest")
+    frozen = table.set_index("id")
     problems = [f"{path} row {n + 2}: label {v!r}" for n, v in enumerate(frozen["label"]) if parse_label(v) is None]
     _refuse(problems, "manifest labels must be 0 or 1")
+    problems = [f"{path} row {n + 2}: subset {v!r}" for n, v in enumerate(frozen["subset"]) if v.strip().lower() not in SUBSETS]
+    _refuse(problems, "manifest subsets must be calibration or test")
     status = {}
     for i, row in frame.iterrows():
         if row["id"] not in frozen.index:
@@ -455,11 +482,12 @@ def _apply_manifest(frame: pd.DataFrame, skips: dict, path: Path):
             skips[i] = f"changed since the manifest: sha256 {row['sha256'][:12]}... instead of {expected['sha256'][:12]}..."
             status[row["id"]] = "changed"
             continue
-        frame.loc[i, ["caption", "subset"]] = [expected["caption"], expected["subset"]]
+        frame.loc[i, ["caption", "subset"]] = [expected["caption"], expected["subset"].strip().lower()]
         frame.loc[i, "label"] = parse_label(expected["label"])
         frame.loc[i, "subset_rule"] = expected.get("subset_rule", "manifest") or "manifest"
         status[row["id"]] = "verified"
-    absent = [i for i in frozen.index if i not in set(frame["id"])]
+    present = set(frame["id"])
+    absent = [i for i in frozen.index if i not in present]
     if absent:
         start = len(frame)
         added = pd.DataFrame({"id": absent, "source": list(frozen.loc[absent, "source"])}, index=range(start, start + len(absent)))

@@ -1,7 +1,8 @@
 """Adapters for image sets on local disk: the embedded emoji set, a CSV, a Hugging Face imagefolder.
 
 Each adapter lists :class:`~mialib.imagesets.core.Entry` records; validation, decoding and skips are
-the core's, identical for every adapter.
+the core's, identical for every adapter. Messages name a CSV row as a spreadsheet shows it (the header is
+row 1, the first record row 2) and a JSON line by its line number in the file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pandas as pd
 
 from .. import data
 from ..data import DataError
-from .core import Entry
+from .core import Entry, is_blank
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_COLUMNS = ("caption", "text")
@@ -22,23 +23,32 @@ MEMBER_FOLDERS = {"members": 1, "member": 1, "nonmembers": 0, "nonmember": 0, "n
 
 def read_table(path: Path) -> pd.DataFrame:
     """A CSV of strings, read leniently: bytes that are not UTF-8 survive as surrogates, so the row that
-    holds them is skipped with its reason instead of the whole file failing."""
+    holds them is skipped with its reason instead of the whole file failing. (Python strings, ``dtype=object``:
+    pandas' own string dtype is stored by pyarrow, which cannot hold surrogates.)"""
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="surrogateescape")
+        return pd.read_csv(path, dtype=object, keep_default_na=False, encoding="utf-8", encoding_errors="surrogateescape")
     except pd.errors.ParserError as error:
         raise DataError(f"{path} is not a readable CSV: {error}") from None
 
 
 def read_jsonl(path: Path) -> pd.DataFrame:
-    rows = []
+    """One row per JSON object (values kept as given: a key a line lacks is NaN); bytes that are not UTF-8
+    survive as surrogates, as in :func:`read_table`. ``frame.attrs["lines"]``: each row's line in the file."""
+    rows, lines = [], []
     for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line.decode("utf-8", errors="surrogateescape")))
+            row = json.loads(line.decode("utf-8", errors="surrogateescape"))
         except json.JSONDecodeError as error:
             raise DataError(f"{path} line {number} is not JSON: {error}") from None
-    return pd.DataFrame(rows)
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number} is not a JSON object ({{\"file_name\": ...}}) but a {type(row).__name__}")
+        rows.append(row)
+        lines.append(number)
+    frame = pd.DataFrame(rows, dtype=object)
+    frame.attrs["lines"] = lines
+    return frame
 
 
 def _caption_column(table: pd.DataFrame, path: Path) -> str:
@@ -65,7 +75,7 @@ def csv_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
         raise DataError(f"{path} lacks columns {missing} (needs id, path, caption, label[, subset][, group])")
     root = path.parent
     entries = []
-    for number, row in enumerate(table.to_dict("records"), start=1):
+    for number, row in enumerate(table.to_dict("records"), start=2):
         relative = row["path"].strip()
         entries.append(
             Entry(
@@ -104,20 +114,22 @@ def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
         if "file_name" not in table.columns:
             raise DataError(f"{path} has no file_name column; columns: {list(table.columns)}")
         caption = _caption_column(table, path)
+        numbers = table.attrs["lines"] if path.suffix == ".jsonl" else range(2, len(table) + 2)
         entries = []
-        for number, row in enumerate(table.to_dict("records"), start=1):
-            relative = Path(str(row["file_name"]).strip())
+        for number, row in zip(numbers, table.to_dict("records")):
+            given = not is_blank(row["file_name"])
+            relative = Path(str(row["file_name"]).strip()) if given else Path()
             label = _value(row, "label")
-            if label is None or (isinstance(label, str) and not label.strip()):
+            if is_blank(label):
                 label = _folder_label(relative)
             if label is None and "label" not in table.columns:
                 raise DataError(f"{path} has no label column and {relative} is not under members/ or nonmembers/")
             entries.append(
                 Entry(
-                    id=_value(row, "id") if "id" in table.columns else relative.with_suffix("").as_posix(),
+                    id=_value(row, "id") if "id" in table.columns else relative.with_suffix("").as_posix() if given else None,
                     caption=row[caption], label=label, source=relative.as_posix(),
-                    location=str(root / relative), where=f"{path.name} {'row' if path.suffix == '.csv' else 'line'} {number}",
-                    subset=_value(row, "subset"), group=_value(row, "group"),
+                    location=str(root / relative) if given else None, where=f"{path.name} {'row' if path.suffix == '.csv' else 'line'} {number}",
+                    subset=_value(row, "subset"), group=_value(row, "group"), skip=None if given else "no path given",
                 )
             )
         return entries, root, {"kind": "imagefolder", "metadata": path.name}
@@ -126,7 +138,8 @@ def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
         raise DataError(f"{root} has neither metadata.csv / metadata.jsonl nor members/ and nonmembers/ subfolders")
     entries = []
     for folder in folders:
-        for image in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        # a broken link is listed too (and skipped as not found): nothing under the folders is dropped unseen
+        for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()) and not p.is_dir()):
             relative = image.relative_to(root)
             text_file = image.with_suffix(".txt")
             caption, skip = None, None

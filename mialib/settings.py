@@ -1,0 +1,79 @@
+"""The settings every attack shares, validated once and written into every result row."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, fields, replace
+
+from .ddim import SCHEDULES
+
+PROMPTS = ("caption", "empty")
+ENCODE_MODES = ("mode", "sample")
+DTYPES = ("float32", "bfloat16", "float16")
+# preset / notebook parameter -> field
+PARAMETERS = {
+    "GUIDANCE": "guidance",
+    "PROMPT": "prompt",
+    "ENCODE_MODE": "encode_mode",
+    "SCHEDULE": "schedule",
+    "SEED": "seed",
+    "SSIM_DATA_RANGE": "data_range",
+    "DTYPE": "dtype",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What all attacks share. An attack receives only the fields its function takes (:meth:`for_function`).
+
+    - ``guidance``: classifier-free guidance scale (1: the conditional branch only, as the paper);
+    - ``prompt``: ``caption`` (each image's own) or ``empty``;
+    - ``encode_mode``: VAE posterior ``mode`` (deterministic) or a seeded ``sample``;
+    - ``schedule``: ``model`` (the model's alphas_cumprod) or ``official_linear`` (the official code's rebuild);
+    - ``seed``: per-image noise and posterior samples derive from it and the image id;
+    - ``data_range``: SSIM's data range (2 for images in [-1, 1]; the official code passes 1);
+    - ``dtype``: the weights' dtype (float32, bfloat16, float16).
+    """
+
+    guidance: float = 1.0
+    prompt: str = "caption"
+    encode_mode: str = "mode"
+    schedule: str = "model"
+    seed: int = 0
+    data_range: float = 2.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "guidance", float(self.guidance))
+        object.__setattr__(self, "data_range", float(self.data_range))
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed:
+            raise ValueError(f"seed must be an integer, not {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))
+        checks = {"prompt": PROMPTS, "encode_mode": ENCODE_MODES, "schedule": SCHEDULES, "dtype": DTYPES}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be non-negative, not {self.guidance}")
+        if self.data_range <= 0:
+            raise ValueError(f"data_range must be positive, not {self.data_range}")
+
+    @classmethod
+    def from_parameters(cls, params: dict) -> "Settings":
+        """From preset / notebook parameters (``GUIDANCE``, ``PROMPT``, ...); absent keys keep their defaults."""
+        return cls(**{field: params[key] for key, field in PARAMETERS.items() if key in params})
+
+    def replace(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    def for_function(self, function) -> dict:
+        """The fields that ``function`` takes as keyword arguments (an attack ignores the others)."""
+        accepted = inspect.signature(function).parameters
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in accepted}
+
+    def columns(self) -> dict:
+        return asdict(self)
+
+    def unet_branches(self) -> int:
+        """U-Net evaluations per noise prediction: 1 at guidance 0 or 1, 2 otherwise."""
+        return 1 if self.guidance in (0.0, 1.0) else 2

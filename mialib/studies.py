@@ -1,0 +1,424 @@
+"""The studies behind the notebooks, as library calls: each takes a :class:`~mialib.experiment.Study`,
+computes, writes its tables under the study's output folder and returns what the notebook shows.
+
+- :func:`data_split` (01): counts, exact and near-duplicate leakage checks across the split;
+- :func:`memorisation`, :func:`observation` (02): samples from captions; SSIM after inversion versus t;
+- :func:`compare` (03): every requested attack with calibration -> test transfer, bootstrap intervals,
+  the blind-baseline verdict, and the biased split's inflation;
+- :func:`robustness` (04): the calibrated attacks on distorted test images;
+- :class:`Ablations` (05): one-factor studies of the structural attack, and training dynamics.
+
+Studies whose inputs do not exist for a set (a public split, checkpoints) are skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import data, ddim, metrics, runs, transforms
+from .attacks import registry
+from .attacks.registry import AttackRequest
+
+FPR = 0.01
+
+
+def test_metrics(labels, scores) -> dict:
+    """Threshold-free test metrics of one score (AUC and TPR at 1 % FPR)."""
+    return {"auc": metrics.auc(labels, scores), "tpr_at_1fpr": metrics.tpr_at_fpr(labels, scores, FPR)}
+
+
+def signed(direction: int, name: str) -> str:
+    return f"{'+' if direction > 0 else '-'}{name}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 01 · data split
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DataSplit:
+    counts: pd.DataFrame
+    summary: dict
+    closest: pd.DataFrame
+    frame: pd.DataFrame  # the rows checked (with split), row for row with ``tensors``
+    tensors: torch.Tensor
+
+
+def data_split(study, check_size: int = 32, near_duplicate_ssim: float = data.NEAR_DUPLICATE_SSIM) -> DataSplit:
+    """Counts per split and subset, and the leakage checks: shared ids / groups / hashes and the closest
+    cross-split pairs at ``check_size`` px. The embedded set includes its public (VAE-only) split; a
+    user's set has members and non-members only."""
+    records = study.imageset.records.assign(split=lambda d: np.where(d["label"] == 1, "member", "nonmember"))
+    if study.is_emoji:
+        images = emoji_rows(study)
+        public = images[images["split"] == "public"].assign(subset="", label=0)
+        frame = pd.concat([public, records.merge(images[["id", "pixel_sha256"]], on="id", how="left")], ignore_index=True)
+        tensors = torch.cat([data.load_tensors(public["path"], check_size), study.imageset.load(check_size)])
+    else:
+        study.skip("public split", "a user's image set has no public (VAE-only) split")
+        frame, tensors = records, study.imageset.load(check_size)
+    counts = frame.groupby(["split", "subset"]).size().rename("images").reset_index()
+    summary, closest = data.split_checks(frame, tensors, near_duplicate_ssim)
+    summary.update(given=study.imageset.given, skipped=len(study.imageset.skipped), counts=counts.to_dict("records"))
+    counts.to_csv(study.tables / "split_counts.csv", index=False)
+    (study.out / "data_split.json").write_text(json.dumps(summary, indent=2))
+    closest.to_csv(study.tables / "closest_cross_split_pairs.csv", index=False)
+    return DataSplit(counts, summary, closest, frame.reset_index(drop=True), tensors)
+
+
+def emoji_rows(study) -> pd.DataFrame:
+    from .experiment import emoji_training_images
+
+    return emoji_training_images(study.params)
+
+
+def leaks(summary: dict) -> bool:
+    shared = sum(v for k, v in summary.items() if k.startswith("shared_"))
+    return bool(shared or summary.get("near_duplicate_pairs", 0))
+
+
+# --------------------------------------------------------------------------------------------------
+# 02 · observation
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Samples:
+    values: pd.DataFrame  # id, caption, label, split, sample_ssim
+    originals: torch.Tensor  # the images, row for row
+    samples: torch.Tensor  # the image generated from each one's caption
+
+
+def memorisation(study, steps: int, images_per_class: int = 0) -> Samples:
+    """Generate one image from each caption (seeded DDIM at the attack size) and compare it with the
+    image it captions: SSIM per image, and its summary per split (``tables/memorisation.csv``).
+    ``images_per_class`` > 0 samples only the first that many of each class (sampling costs ``steps``
+    U-Net evaluations per image)."""
+    from .similarity import ssim
+
+    records = study.imageset.records
+    if images_per_class > 0:
+        records = pd.concat([records[records["label"] == label].head(images_per_class) for label in (1, 0)])
+    chosen = study.imageset.select(list(records["id"]))
+    settings = study.settings
+    latent = study.size // (2 ** (len(study.target.vae.config.block_out_channels) - 1))
+    originals, samples = [], []
+    for start, (rows, pixels) in enumerate(chosen.batches(study.size, study.batch_size)):
+        latents = ddim.sample(study.target, list(rows["caption"]), steps=steps, guidance=settings.guidance, seed=settings.seed + start * study.batch_size, size=latent)
+        samples.append(study.target.decode(latents).detach().cpu().float())
+        originals.append(pixels)
+    originals, samples = torch.cat(originals), torch.cat(samples)
+    values = chosen.records[["id", "caption", "label"]].assign(split=lambda d: np.where(d["label"] == 1, "member", "nonmember"))
+    values["sample_ssim"] = ssim(originals, samples, data_range=settings.data_range).numpy()
+    values.groupby("split")["sample_ssim"].describe().to_csv(study.tables / "memorisation.csv")
+    return Samples(values.reset_index(drop=True), originals, samples)
+
+
+def observation(study, t_max: int, stride: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """SSIM (and MSE, latent MSE) between each image and its decoded inverted latent at t = 0, stride,
+    ..., t_max, read off one cached inversion path. Returns (per-image curve, per-t AUC of raw SSIM)."""
+    request = AttackRequest("structural", {"stride": stride}, {"t": ddim.path(t_max, stride)}, "auto", run="observation")
+    curve = runs.grid_values(study.target, study.imageset, request, study.settings, study.cache, study.batch_size, study.size)
+    labelled = curve.merge(study.imageset.records[["id", "label"]], on="id")
+    per_t = labelled.groupby("t").apply(lambda g: pd.Series({"raw_auc_all_images": metrics.auc(g["label"], g["ssim"])}), include_groups=False)
+    return curve, per_t
+
+
+def observation_text(observation: pd.DataFrame) -> str:
+    gap = observation["difference"]
+    at = gap.abs().idxmax()
+    return (
+        f"Largest member - non-member SSIM gap {gap.abs().max():.4f} at t = {at} "
+        f"({'members keep MORE structure' if gap[at] > 0 else 'members keep LESS structure'}); "
+        f"gap at t = 0 (VAE only): {gap.iloc[0]:.4f}."
+    )
+
+
+def decoded_examples(study, timesteps: list[int], stride: int) -> tuple[list, list]:
+    """The input and its decoded inverted latents at ``timesteps`` for the first member and the first
+    non-member (rows for :func:`mialib.plots.image_grid`, and their labels)."""
+    from .attacks import decoded_trajectory
+    from .trajectories import TrajectoryCache
+
+    rows, labels = [], []
+    for label, name in ((1, "member"), (0, "non-member")):
+        record = study.imageset.records[study.imageset.records["label"] == label].head(1)
+        if record.empty:
+            continue
+        image = study.imageset.load(study.size, record)[0]
+        path = decoded_trajectory(
+            study.target, image, record["caption"].iloc[0], record["id"].iloc[0], timesteps, stride,
+            **study.settings.for_function(decoded_trajectory), cache=TrajectoryCache(study.cache / "trajectory"),
+        )
+        rows.append([image] + [path[t].detach().cpu().float() for t in timesteps])
+        labels.append(f"{name}: {record['caption'].iloc[0][:16]}")
+    return rows, labels
+
+
+# --------------------------------------------------------------------------------------------------
+# 03 · comparison
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    scores: pd.DataFrame  # one row per image and run (runs.SCORE_COLUMNS)
+    results: dict  # run id -> runs.RequestResult
+    table: pd.DataFrame  # test metrics with bootstrap intervals and costs, one row per run
+    paper_table: pd.DataFrame  # the same, formatted for a paper
+    verdict: pd.DataFrame  # which attacks beat the blind baselines
+    skipped: dict = field(default_factory=dict)  # run id -> why it could not run on this set
+
+
+def compare(study, attacks: dict, n_bootstrap: int = 1000) -> Comparison:
+    """Score every requested attack (run id -> request text), choose settings on calibration, report on
+    test, and write ``scores.parquet``, ``metrics.csv`` / ``.json``, ``chosen_settings.json`` and tables."""
+    requests, skipped = runs.runnable(study.imageset, attacks)
+    for run, reason in skipped.items():
+        study.skip(run, reason)
+    runs.check_requirements(study.imageset, requests.values(), metrics=True)  # before any compute
+    scores, results = study.score(requests)
+    scores.to_parquet(study.out / "scores.parquet")
+    chosen = {run: result.chosen_record() for run, result in results.items()}
+    (study.out / "chosen_settings.json").write_text(json.dumps(chosen, indent=2, default=int))
+    table = metric_table(scores, n_bootstrap, study.settings.seed)
+    table.to_csv(study.out / "metrics.csv", index=False)
+    (study.out / "metrics.json").write_text(table.to_json(orient="records", indent=2))
+    paper = paper_table(table)
+    paper.to_csv(study.tables / "comparison.csv", index=False)
+    paper.to_latex(study.tables / "comparison.tex", index=False, escape=True)
+    verdict = blind_verdict(table)
+    verdict.to_csv(study.tables / "beats_blind.csv", index=False)
+    return Comparison(scores, results, table, paper, verdict, skipped)
+
+
+def metric_table(scores: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Test metrics (thresholds from calibration) per run, with bootstrap intervals and mean costs."""
+    table = metrics.evaluate_scores(scores, by=("run",))
+    intervals, described = [], []
+    for run, group in scores.groupby("run", sort=False):
+        cal, test = group[group["subset"] == "calibration"], group[group["subset"] == "test"]
+        ci = metrics.bootstrap(cal["label"], cal["score"], test["label"], test["score"], n_boot=n_bootstrap, seed=seed)
+        intervals.append({"run": run, **{f"{r.metric}_{end}": getattr(r, end) for r in ci.itertuples() for end in ("low", "high")}})
+        first = group.iloc[0]
+        described.append(
+            {
+                "run": run, "attack": first["attack"], "display": first["display"], "setting": first["setting"], "direction": first["direction"],
+                "unet_evals": group["unet_evals"].mean(), "seconds_per_image": group["seconds_per_image"].mean(),
+                "peak_memory_mb": group["peak_memory_mb"].max(),
+            }
+        )
+    return pd.DataFrame(described).merge(table, on="run").merge(pd.DataFrame(intervals), on="run")
+
+
+def paper_table(table: pd.DataFrame) -> pd.DataFrame:
+    """AUC, balanced accuracy and TPR at 1 % / 0.1 % FPR as "estimate [low, high]", the FPR that the
+    calibration threshold reached on test, and U-Net evaluations per image."""
+
+    def cell(row, metric):
+        return f"{row[metric]:.3f} [{row[metric + '_low']:.3f}, {row[metric + '_high']:.3f}]"
+
+    rows = table.to_dict("records")
+    return pd.DataFrame(
+        {
+            "attack": table["display"],
+            "setting": table["setting"],
+            "AUC": [cell(r, "auc") for r in rows],
+            "balanced acc.": [cell(r, "balanced_accuracy") for r in rows],
+            "TPR@1%FPR": [cell(r, "tpr_at_1fpr") for r in rows],
+            "TPR@0.1%FPR": [cell(r, "tpr_at_01fpr") for r in rows],
+            "test FPR at cal. 1% threshold": table["transfer_fpr_at_1fpr"].round(3),
+            "U-Net evals / image": table["unet_evals"].round(1),
+        }
+    )
+
+
+def blind_verdict(table: pd.DataFrame) -> pd.DataFrame:
+    """Every attack that runs the model, and whether its AUC interval lies above the best blind baseline's
+    AUC (when no blind baseline ran, nothing can be said: the column is empty)."""
+    kinds = table["attack"].map(lambda name: registry.get(name).kind)
+    blind = table[kinds == "blind"]
+    verdict = table[kinds == "model"][["run", "display", "setting", "auc", "auc_low", "auc_high"]].copy()
+    verdict["blind_auc"] = blind["auc"].max() if len(blind) else np.nan
+    verdict["beats blind baselines"] = (verdict["auc_low"] > verdict["blind_auc"]) if len(blind) else pd.NA
+    return verdict
+
+
+def verdict_text(comparison: Comparison) -> str:
+    verdict = comparison.verdict
+    if verdict["blind_auc"].isna().all():
+        return "No blind baseline ran on this set, so no attack can be said to beat one."
+    winners = list(verdict.loc[verdict["beats blind baselines"] == True, "display"])  # noqa: E712
+    losers = list(verdict.loc[verdict["beats blind baselines"] == False, "display"])  # noqa: E712
+    return (
+        f"Best blind baseline AUC on this split: {verdict['blind_auc'].iloc[0]:.3f}.\n"
+        f"Attacks whose AUC 95% interval lies above it: {', '.join(winners) or 'none'}.\n"
+        f"Attacks that do not clearly beat it (they may measure the split, not membership): {', '.join(losers) or 'none'}."
+    )
+
+
+def structural_text(comparison: Comparison) -> str:
+    """What the structural runs of this comparison found, in one line each."""
+    lines = []
+    for row in comparison.table[comparison.table["attack"] == "structural"].itertuples():
+        holds = "the paper's direction (+SSIM)" if row.direction > 0 else "the REVERSED direction (-SSIM)"
+        lines.append(f"{row.display} ({row.setting}): test AUC {row.auc:.3f}, scored with {holds}.")
+    return "\n".join(lines) or "No structural run in this comparison."
+
+
+def inflation(study, comparison: Comparison, fair_metrics) -> pd.DataFrame:
+    """Biased-split AUC and TPR minus the fair split's, per run (both runs of 03 on one target);
+    written to ``tables/bias_inflation.csv``."""
+    from .experiment import resolve
+
+    fair = pd.read_csv(resolve(fair_metrics))[["run", "display", "auc", "tpr_at_1fpr"]]
+    table = fair.merge(comparison.table[["run", "auc", "tpr_at_1fpr"]], on="run", suffixes=("_fair", "_biased"))
+    table["auc_inflation"] = table["auc_biased"] - table["auc_fair"]
+    table.to_csv(study.tables / "bias_inflation.csv", index=False)
+    controls = table[table["run"].map(lambda r: comparison.results[r].request.spec.kind != "model")]
+    print("Model-free controls on the biased split (AUC):", dict(zip(controls["display"], controls["auc_biased"].round(3))))
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# 04 · robustness
+# --------------------------------------------------------------------------------------------------
+def chosen_requests(chosen: dict, kinds=("model", "control")) -> dict[str, AttackRequest]:
+    """Fixed requests that replay what 03's calibration chose (blind baselines excluded by default: they
+    would have to be refitted on distorted calibration images)."""
+    requests = {}
+    for run, record in chosen.items():
+        spec = registry.get(record["attack"])
+        if spec.kind not in kinds:
+            continue
+        direction = int(record["direction"])
+        requests[run] = AttackRequest(spec.name, dict(record["params"]), {}, direction if spec.flippable else "method", run=run)
+    return requests
+
+
+def robustness(study, sweep: dict) -> tuple[pd.DataFrame, dict]:
+    """Every calibrated attack on the test split under each distortion and strength (threshold-free
+    test AUC and TPR@1%FPR). Returns (one row per condition and attack, an example image per condition)."""
+    requests = chosen_requests(study.read_chosen())
+    test = study.imageset.subset("test")
+    first = test.select(list(test.records["id"][:1]))
+    rows, examples = [], {}
+    conditions = [("none", 0)] + [(name, s) for name, strengths in sweep.items() for s in strengths]
+    for name, strength in conditions:
+        distorted = test if name == "none" else test.map(transforms.distortion(name, strength, seed=study.settings.seed))
+        examples[(name, strength)] = (first if name == "none" else first.map(transforms.distortion(name, strength, seed=study.settings.seed))).load(study.size)[0]
+        scores, _ = study.score(requests, imageset=distorted, progress=False)
+        for run, group in scores.groupby("run", sort=False):
+            rows.append(
+                {"distortion": name, "strength": strength, "run": run, "attack": group["display"].iloc[0],
+                 **test_metrics(group["label"], group["score"]), "unet_evals": group["unet_evals"].mean()}
+            )
+    result = pd.DataFrame(rows)
+    result.to_csv(study.tables / "robustness.csv", index=False)
+    return result, examples
+
+
+def robustness_paper_layout(result: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Tables 7-8: AUC / TPR@1%FPR per attack under its four distortions at its strengths."""
+    paper = result[result["distortion"].isin(["none", *transforms.PAPER_DISTORTIONS])]
+    paper = paper[(paper["distortion"] == "none") | (paper["strength"] == paper["distortion"].map(transforms.PAPER_DISTORTIONS))]
+    layout = paper.assign(cell=lambda d: d["auc"].map("{:.3f}".format) + " / " + d["tpr_at_1fpr"].map("{:.3f}".format)).pivot_table(
+        index="attack", columns="distortion", values="cell", aggfunc="first", sort=False
+    )
+    return layout[[c for c in ["none", *transforms.PAPER_DISTORTIONS] if c in layout.columns]]
+
+
+# --------------------------------------------------------------------------------------------------
+# 05 · ablations
+# --------------------------------------------------------------------------------------------------
+class Ablations:
+    """One-factor studies on the test split: each :meth:`add` scores one variation, records its test AUC,
+    TPR@1%FPR and cost as one row, and keeps its per-image scores for reanalysis."""
+
+    def __init__(self, study):
+        self.study = study
+        self.test = study.imageset.subset("test")
+        self.rows: list[dict] = []
+        self.per_image: list[pd.DataFrame] = []
+        self.paper = registry.get("structural").defaults
+
+    def add(self, study_name: str, value, request, imageset=None, settings=None, target=None, size=None, column="score", sign=1) -> dict:
+        """Score one variation (a request text or object, at fixed settings) and record it."""
+        request = registry.parse_request(request) if isinstance(request, str) else request
+        result = runs.run_request(
+            target or self.study.target, imageset if imageset is not None else self.test, request, settings or self.study.settings,
+            self.study.cache, self.study.batch_size, size or self.study.size, progress=False,
+        )
+        return self.record(study_name, value, result.rows if column == "score" else result.values, column, sign)
+
+    def record(self, study_name: str, value, frame: pd.DataFrame, column="score", sign=1) -> dict:
+        """Record a row from per-image values already computed (``sign * frame[column]`` is the score)."""
+        merged = frame.drop(columns=["label", "subset"], errors="ignore").merge(self.test.records[["id", "label"]], on="id", validate="one_to_one")
+        merged = merged.assign(score=sign * merged[column].astype(float))
+        self.per_image.append(merged[["id", "label", "score"]].assign(study=study_name, value=str(value)))
+        row = {"study": study_name, "value": value, **test_metrics(merged["label"], merged["score"]), "unet_evals": merged["unet_evals"].mean()}
+        self.rows.append(row)
+        return row
+
+    def t_sweep(self, t_max: int, stride: int) -> pd.DataFrame:
+        """+SSIM, +MS-SSIM, -MSE and -latent MSE at every t of one cached inversion path."""
+        path = ddim.path(t_max, stride)
+        ssim = AttackRequest("structural", {"stride": stride}, {"t": path}, 1, run="t_sweep")
+        msssim = AttackRequest("structural", {"stride": stride, "measure": "ms_ssim"}, {"t": path}, 1, run="t_sweep_ms")
+        common = (self.study.settings, self.study.cache, self.study.batch_size, self.study.size, False)
+        values = runs.grid_values(self.study.target, self.test, ssim, *common)
+        ms = runs.grid_values(self.study.target, self.test, msssim, *common)
+        for t in path:
+            at_t, ms_t = values[values["t"] == t], ms[ms["t"] == t]
+            self.record("T (+SSIM)", t, at_t, "ssim")
+            self.record("T (+MS-SSIM)", t, ms_t, "ms_ssim")
+            self.record("T (-MSE)", t, at_t, "mse", -1)
+            self.record("T (-latent MSE)", t, at_t, "latent_mse", -1)
+        return self.table(prefix="T (").pivot_table(index="value", columns="study", values="auc", sort=False)
+
+    def table(self, prefix: str | None = None, exclude: str | None = None) -> pd.DataFrame:
+        frame = pd.DataFrame(self.rows)
+        if prefix is not None:
+            frame = frame[frame["study"].str.startswith(prefix)]
+        if exclude is not None:
+            frame = frame[~frame["study"].str.startswith(exclude)]
+        return frame
+
+    def save(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self.rows)
+        frame.to_csv(self.study.tables / "ablations.csv", index=False)
+        pd.concat(self.per_image, ignore_index=True).to_parquet(self.study.out / "ablation_scores.parquet")
+        return frame
+
+
+def calibrated_structural(chosen: dict) -> tuple[str, dict] | None:
+    """The run of 03 that calibrated the structural attack: (run id, its record), or None."""
+    for run, record in chosen.items():
+        if record["attack"] == "structural" and record["display"].endswith("(calibrated)"):
+            return run, record
+    return None
+
+
+def training_dynamics(study, checkpoints: list[int]) -> pd.DataFrame | None:
+    """Every calibrated attack on the test split at each saved training checkpoint of the target.
+    None (with the reason recorded) when the model has no such checkpoints."""
+    from .experiment import locate_model
+    from .target import load_target
+    from .tiny import checkpoint_dir
+
+    model_dir = locate_model(study.params["MODEL"])
+    steps = [s for s in checkpoints if (checkpoint_dir(model_dir, s) / "unet").exists()]
+    if not steps:
+        study.skip("training dynamics", f"{study.params['MODEL']} has no training checkpoints (checkpoints/step-N/unet) for steps {list(checkpoints)}")
+        return None
+    requests = chosen_requests(study.read_chosen())
+    test = study.imageset.subset("test")
+    rows = []
+    for step in steps:
+        snapshot = load_target(model_dir, device=study.params.get("DEVICE", "cpu"), checkpoint=checkpoint_dir(model_dir, step))
+        scores, _ = study.score(requests, imageset=test, target=snapshot, progress=False)
+        for run, group in scores.groupby("run", sort=False):
+            rows.append({"step": step, "run": run, "attack": group["display"].iloc[0], **test_metrics(group["label"], group["score"])})
+    dynamics = pd.DataFrame(rows)
+    dynamics.to_csv(study.tables / "training_dynamics.csv", index=False)
+    return dynamics

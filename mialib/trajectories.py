@@ -1,0 +1,122 @@
+"""The on-disk cache of DDIM inversion trajectories, one file per image, shared by every attack that inverts.
+
+An image's path 0, stride, 2 * stride, ..., T is stored in ``<folder>/<key>.safetensors`` where the key
+hashes the model fingerprint, the inversion settings, the stride and the image (id, caption, pixels),
+not the total timestep: any attack or study that needs the path at that stride reads the one file, a
+shorter path is its prefix, and a longer one extends it from its last latent instead of starting again
+(the walk is deterministic, so it is the same path). Writes are atomic: a killed run never leaves a
+truncated file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import ddim
+
+INVERSION_SETTINGS = ("guidance", "prompt", "encode_mode", "schedule", "seed")
+
+
+def digest(*parts) -> str:
+    """A short stable hash of JSON-serialisable parts (cache keys)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def pixel_digest(image: torch.Tensor) -> str:
+    return hashlib.sha256(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def uniform_path(timesteps: list[int]) -> tuple[int, int] | None:
+    """(total, stride) when ``timesteps`` is 0, stride, ..., total; None for any other path."""
+    steps = [int(t) for t in timesteps]
+    stride = steps[1] - steps[0] if len(steps) > 1 else 0
+    if stride <= 0 or steps != ddim.path(steps[-1], stride):
+        return None
+    return steps[-1], stride
+
+
+class TrajectoryCache:
+    """Per-image inversion trajectories in ``folder`` (see the module docstring)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    def _load(self, path: Path, total: int, target) -> dict | None:
+        from safetensors import safe_open
+
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata()
+            seconds = {int(k): v for k, v in json.loads(meta["seconds"]).items()}
+            evals = {int(k): v for k, v in json.loads(meta["evals"]).items()}
+            steps = [t for t in sorted(seconds) if t <= total]
+            latents = {t: handle.get_tensor(f"t={t}").to(target.device, target.dtype) for t in steps}
+        return {"latents": latents, "seconds": seconds, "evals": evals}
+
+    @staticmethod
+    def _save(path: Path, state: dict, image_id: str) -> None:
+        from safetensors.torch import save_file
+
+        latents = {f"t={t}": z.detach().cpu().contiguous() for t, z in state["latents"].items()}
+        metadata = {"id": image_id, "seconds": json.dumps(state["seconds"]), "evals": json.dumps(state["evals"])}
+        partial = path.with_suffix(".partial")
+        save_file(latents, str(partial), metadata=metadata)
+        partial.replace(path)  # atomic: an interrupted write never leaves a truncated trajectory
+
+    def trajectory(self, target, images: torch.Tensor, captions: list[str], ids: list[str], total: int, stride: int, settings: dict):
+        """The inversion trajectories of a batch along ``path(total, stride)``, from the cache where they are.
+
+        Images whose path is not cached (or is cached only up to a smaller t) are inverted (or extended)
+        together. Returns ``(trajectory, seconds, evals)``: ``{t: z_t (n, ...)}`` and, per t, the wall
+        seconds and U-Net evaluations per image that reaching t cost when it was computed, ``(n,)`` arrays.
+        """
+        from .attacks.structural import inversion_trajectory
+
+        unknown = set(settings) - set(INVERSION_SETTINGS)
+        if unknown:
+            raise ValueError(f"not inversion settings: {sorted(unknown)}")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fingerprint = target.fingerprint()
+        ids, captions = list(ids), list(captions)
+        paths = [
+            self.folder / f"{digest(fingerprint, settings, stride, image_id, caption, pixel_digest(image))}.safetensors"
+            for image_id, caption, image in zip(ids, captions, images)
+        ]
+        states = [self._load(path, total, target) for path in paths]
+        reached = [max(s["latents"]) if s else None for s in states]
+        # Images that need work, grouped by where their cached path ends (None: not cached), run together.
+        for start_t in sorted({r for r in reached if r is None or r < total}, key=lambda r: -1 if r is None else r):
+            index = [i for i, r in enumerate(reached) if r == start_t]
+            sub_ids, sub_captions = [ids[i] for i in index], [captions[i] for i in index]
+            before, began = target.unet_evals, time.perf_counter()
+            if start_t is None:
+                steps = ddim.path(total, stride)
+                new = inversion_trajectory(target, images[index].to(target.device), sub_captions, sub_ids, steps, **settings)
+            else:
+                steps = list(range(start_t, total + 1, stride))
+                start = torch.cat([states[i]["latents"][start_t] for i in index])
+                new = inversion_trajectory(target, None, sub_captions, sub_ids, steps, **settings, start=start)
+            elapsed = (time.perf_counter() - began) / len(index)
+            per_step = (target.unet_evals - before) / len(index) / max(len(steps) - 1, 1)
+            for position, i in enumerate(index):
+                state = states[i] or {"latents": {}, "seconds": {}, "evals": {}}
+                base_seconds, base_evals = state["seconds"].get(steps[0], 0.0), state["evals"].get(steps[0], 0)
+                for k, t in enumerate(steps):
+                    state["latents"][t] = new[t][position : position + 1]
+                    state["seconds"].setdefault(t, base_seconds + elapsed * k / max(len(steps) - 1, 1))
+                    state["evals"].setdefault(t, int(round(base_evals + per_step * k)))
+                self._save(paths[i], state, ids[i])
+                states[i] = state
+        steps = ddim.path(total, stride)
+        trajectory = {t: torch.cat([s["latents"][t] for s in states]) for t in steps}
+        seconds = {t: np.array([s["seconds"][t] for s in states]) for t in steps}
+        evals = {t: np.array([s["evals"][t] for s in states]) for t in steps}
+        return trajectory, seconds, evals
+
