@@ -17,6 +17,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -239,13 +240,28 @@ def subsample_manifest(manifest: pd.DataFrame, n_public: int, n_members: int, n_
     return pd.concat(parts).reset_index(drop=True)
 
 
+def _is_render(path: Path, expected: dict) -> bool:
+    """Whether ``path`` is a render this project wrote: a manifest image with the manifest's pixels, or
+    the biased split's own folder."""
+    if path.name == "shifted" and path.is_dir():
+        return all(p.suffix == ".png" for p in path.iterdir())
+    if path.name not in expected or not path.is_file():
+        return False
+    try:
+        with Image.open(path) as image:
+            return pixel_sha256(image) == expected[path.name]
+    except (OSError, UnidentifiedImageError):
+        return False
+
+
 def materialise_images(manifest: pd.DataFrame, image_dir: str | os.PathLike) -> pd.DataFrame:
     """Render every manifest image into ``image_dir`` (if missing) and check it against its hash.
 
     Returns an image set (the manifest plus ``path`` and ``label``). A hash mismatch raises ``DataError``
     naming the images: the package or the renderer changed, and results would not be comparable.
     """
-    image_dir = claim_folder(image_dir, {f"{i}.png" for i in manifest["id"]} | {"shifted"})
+    expected = dict(zip(manifest["id"].map("{}.png".format), manifest["pixel_sha256"]))
+    image_dir = claim_folder(image_dir, lambda path: _is_render(path, expected))
     paths, mismatched = [], []
     for emoji_id, expected in zip(manifest["id"], manifest["pixel_sha256"]):
         path = image_dir / f"{emoji_id}.png"
@@ -276,17 +292,17 @@ def materialise_images(manifest: pd.DataFrame, image_dir: str | os.PathLike) -> 
 OWNED_MARKER = ".mialib-owned"
 
 
-def claim_folder(folder: str | os.PathLike, own_names: set[str] | None = None) -> Path:
+def claim_folder(folder: str | os.PathLike, is_own: Callable[[Path], bool] | None = None) -> Path:
     """Create ``folder`` for files the project writes and regenerates, or reuse one it made before.
 
-    A folder that already holds files without the project's marker (other than ``own_names``, what the
-    project would write there) belongs to somebody else: refuse, since writing there could overwrite a
-    user's images.
+    A folder that already holds files without the project's marker belongs to somebody else, unless
+    ``is_own(path)`` vouches for every one of them (renders an earlier version wrote, checked by
+    content, not by name): refuse, since writing there could overwrite a user's files.
     """
     folder = Path(folder)
     marker = folder / OWNED_MARKER
     if folder.exists() and not marker.exists():
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in (own_names or set()))
+        foreign = sorted(p.name for p in folder.iterdir() if is_own is None or not is_own(p))
         if foreign:
             raise DataError(
                 f"{folder} holds files that mialib did not write (e.g. {foreign[:3]}); refusing to write into it "

@@ -69,6 +69,8 @@ class Settings:
     def for_function(self, function) -> dict:
         """The fields that ``function`` takes as keyword arguments (an attack ignores the others)."""
         accepted = inspect.signature(function).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            raise TypeError(f"{function.__name__} takes **kwargs; an attack names the settings it uses")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name in accepted}
 
     def columns(self) -> dict:

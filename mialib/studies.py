@@ -292,7 +292,7 @@ def chosen_requests(chosen: dict, kinds=("model", "control")) -> dict[str, Attac
         if spec.kind not in kinds:
             continue
         direction = int(record["direction"])
-        requests[run] = AttackRequest(spec.name, dict(record["params"]), {}, direction if spec.flippable else "method", run=run)
+        requests[run] = AttackRequest(spec.name, dict(record["params"]), {}, direction if spec.flippable else "method", run=run, label=record["display"])
     return requests
 
 

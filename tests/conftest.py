@@ -39,8 +39,7 @@ def smoke_target_dir(smoke_params) -> Path:
     """Trains the smoke target once (about a minute on 2 cores)."""
     from mialib import experiment
 
-    images = experiment.prepare_data(**experiment.data_args(smoke_params))
-    return Path(experiment.prepare_target(smoke_params, images, progress=False))
+    return Path(experiment.prepare_target(smoke_params, progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +48,39 @@ def smoke_outputs(smoke_preset, smoke_target_dir) -> Path:
     from mialib import experiment
 
     return experiment.run_notebooks(smoke_preset)
+
+
+@pytest.fixture(scope="session")
+def user_imagefolder(smoke_params, tmp_path_factory) -> Path:
+    """The smoke run's attacked images as a user would bring them: a Hugging Face imagefolder with
+    members/ and nonmembers/ and a metadata.csv (file_name, id, caption, label, subset), rows reversed."""
+    import shutil
+
+    import pandas as pd
+
+    from mialib import experiment
+
+    records = experiment.open_data(smoke_params).records
+    folder = tmp_path_factory.mktemp("user") / "my_set"
+    rows = []
+    for record in records.iloc[::-1].itertuples(index=False):
+        name = f"{'members' if record.label == 1 else 'nonmembers'}/{record.id}.png"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(record.location, folder / name)
+        rows.append({"file_name": name, "id": record.id, "caption": record.caption, "label": record.label, "subset": record.subset})
+    pd.DataFrame(rows).to_csv(folder / "metadata.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def imagefolder_outputs(smoke_outputs, smoke_params, user_imagefolder, tmp_path_factory) -> Path:
+    """Every notebook executed on the user's imagefolder with the smoke target (after the emoji run, whose
+    trajectory cache it shares: per-image keys hold ids, captions and pixels, so only identical inputs hit)."""
+    from mialib import experiment
+
+    folder = tmp_path_factory.mktemp("imagefolder_run")
+    params = dict(smoke_params, DATA=f"imagefolder:{user_imagefolder}", OUTPUT_DIR=str(folder / "outputs"),
+                  CACHE_DIR=str(smoke_outputs / "cache"), BUILD_TINY_TARGET=False)
+    path = folder / "preset.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return experiment.run_notebooks(path)

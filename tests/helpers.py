@@ -125,3 +125,24 @@ class one_thread:
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.previous)
+
+
+def write_imagefolder(folder: Path, n: int = 8, size: int = IMAGE_SIZE, seed: int = 0, subsets: bool = True, captions=None):
+    """An imagefolder (metadata.csv) of ``n`` structured PNG images, alternating members and non-members,
+    and (with ``subsets``) calibration / test in both classes. Returns the folder."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = make_images(n, size, seed)
+    names = ["red apple", "grinning face", "man farmer", "cat face", "blue car", "green tree", "old house", "small boat"]
+    rows = ["file_name,caption,label" + (",subset" if subsets else "")]
+    for i in range(n):
+        array = ((images[i].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(array).save(folder / f"img{i:03d}.png")
+        caption = captions[i] if captions is not None else f"{names[i % len(names)]} {i}"
+        subset = "calibration" if (i // 2) % 2 == 0 else "test"
+        rows.append(f"img{i:03d}.png,{caption},{1 - i % 2}" + (f",{subset}" if subsets else ""))
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return folder

@@ -10,7 +10,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 import helpers
-from mialib.attacks import image_seed, loss_attack, structural_attack, structural_curve, vae_control
+from mialib.attacks import image_seed, loss_attack, structural_attack, vae_control
 from mialib.attacks.base import condition
 from mialib.target import load_target
 
@@ -88,21 +88,49 @@ def test_structural_attack_equals_hand_computation(pipeline_and_target, images):
         roundtrip = _skimage_ssim(images, pipeline.vae.decode(z0 / sf).sample)
     assert np.abs(roundtrip - expected).max() > 1e-3
 
-    negated = structural_attack(target, images, CAPTIONS, IDS, t=100, stride=50, direction=-1)
-    np.testing.assert_array_equal(negated.scores, -out.scores)
-    np.testing.assert_array_equal(negated.extras["ssim"], out.extras["ssim"])
+    # the same decoded image gives the pixel MSE and the latent distance in the extras
+    np.testing.assert_allclose(out.extras["mse"], ((images.double() - decoded.double()) ** 2).flatten(1).mean(1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(out.extras["latent_mse"], ((z100.double() - z0.double()) ** 2).flatten(1).mean(1).numpy(), rtol=1e-5)
+    with pytest.raises(ValueError, match="measure"):
+        structural_attack(target, images, CAPTIONS, IDS, measure="psnr")
 
 
-def test_structural_attack_data_range_one(target, images):
-    curve = structural_curve(target, images, CAPTIONS, IDS, [0, 50, 100], data_range=1.0)
+def test_structural_attack_at_t0_is_the_vae_round_trip_with_data_range_one(target, images):
     latents = target.encode_images(images)
     with torch.no_grad():
         decoded = target.decode(latents)
-    # t = 0 is the plain VAE round trip
-    np.testing.assert_allclose(curve[0]["ssim"], _skimage_ssim(images, decoded, 1.0), rtol=0, atol=1e-6)
+    before = target.unet_evals
+    out = structural_attack(target, images, CAPTIONS, IDS, t=0, stride=50, data_range=1.0)
+    assert target.unet_evals == before and out.unet_evals == 0
+    np.testing.assert_allclose(out.scores, _skimage_ssim(images, decoded, 1.0), rtol=0, atol=1e-6)
     mse = ((images.double() - decoded.double()) ** 2).flatten(1).mean(1).numpy()
-    np.testing.assert_allclose(curve[0]["mse"], mse, rtol=1e-9)
-    assert sorted(curve) == [0, 50, 100]
+    np.testing.assert_allclose(out.extras["mse"], mse, rtol=1e-6)
+    np.testing.assert_array_equal(out.extras["latent_mse"], 0.0)
+
+
+def _hand_inversion_to_100(pipeline, images):
+    abar = pipeline.scheduler.alphas_cumprod
+    cond = helpers.reference_text_embeddings(pipeline, CAPTIONS)
+    sf = pipeline.vae.config.scaling_factor
+    with torch.no_grad():
+        z = pipeline.vae.encode(images).latent_dist.mode() * sf
+        for t_from, t_to in ((0, 50), (50, 100)):
+            eps = pipeline.unet(z, t_from, encoder_hidden_states=cond).sample
+            z = _step(z, eps, float(abar[t_from]), float(abar[t_to]))
+        return pipeline.vae.decode(z / sf).sample
+
+
+def test_structural_attack_ms_ssim_measure(pipeline_and_target, images):
+    """MS-SSIM itself is checked against torchmetrics in test_similarity; here, that the attack scores it
+    on the hand-inverted image."""
+    from mialib.similarity import ms_ssim
+
+    pipeline, target = pipeline_and_target
+    expected = ms_ssim(images.double(), _hand_inversion_to_100(pipeline, images).double(), data_range=2.0).numpy()
+    out = structural_attack(target, images, CAPTIONS, IDS, t=100, stride=50, measure="ms_ssim")
+    np.testing.assert_allclose(out.scores, expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(out.scores, out.extras["ms_ssim"])
+    assert "ssim" not in out.extras
 
 
 def test_structural_attack_cost_with_guidance_and_empty_prompt(target, images):

@@ -17,6 +17,7 @@ from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structu
 import helpers
 from mialib.attacks.backward import backward_attack
 from mialib.attacks.clid import clid_attack, reduce_caption
+from mialib.attacks.latent import latent_attack
 from mialib.attacks.pia import pia_attack
 from mialib.attacks.pixel import pixel_attack
 from mialib.attacks.secmi import secmi_attack
@@ -240,8 +241,8 @@ def test_pixel_attack_equals_skimage(pipeline_and_target, images):
     np.testing.assert_allclose(out.extras["mse"], mse, rtol=1e-5)
     np.testing.assert_allclose(out.extras["psnr"], psnr, rtol=0, atol=1e-4)
     assert out.unet_evals == evals == 2
-    by_psnr = pixel_attack(target, images, CAPTIONS, IDS, metric="psnr", direction=-1)
-    np.testing.assert_allclose(by_psnr.scores, -psnr, rtol=0, atol=1e-4)
+    by_psnr = pixel_attack(target, images, CAPTIONS, IDS, metric="psnr")
+    np.testing.assert_allclose(by_psnr.scores, psnr, rtol=0, atol=1e-4)
     with pytest.raises(ValueError):
         pixel_attack(target, images, CAPTIONS, IDS, metric="ssim")
 
@@ -259,8 +260,17 @@ def test_backward_attack_equals_hand_computation(pipeline_and_target, images):
     np.testing.assert_allclose(out.extras["latent_mse"], _per_image((back0 - z0) ** 2), rtol=1e-5, atol=1e-12)
     assert out.unet_evals == evals == 2 * 100 // 50
     assert [int(t.flatten()[0]) for t, _ in counter.calls] == [0, 50, 100, 50]
-    negated = backward_attack(target, images, CAPTIONS, IDS, t=100, stride=50, direction=-1)
-    np.testing.assert_array_equal(negated.scores, -out.scores)
+
+
+def test_latent_attack_equals_hand_computation(pipeline_and_target, images):
+    pipeline, target = pipeline_and_target
+    cond = helpers.reference_text_embeddings(pipeline, CAPTIONS)
+    z0, z100 = _inverted_100(pipeline, images, cond)
+    expected = _per_image((z100 - z0) ** 2)
+    out, evals, _ = _run_counted(target, latent_attack, images, t=100, stride=50)
+    np.testing.assert_allclose(out.extras["latent_mse"], expected, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(out.scores, -expected, rtol=1e-5, atol=1e-12)
+    assert out.unet_evals == evals == 2
 
 
 # --------------------------------------------------------------------------------------------------

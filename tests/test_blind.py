@@ -38,11 +38,11 @@ def test_image_features_are_model_free_and_shaped():
 
 def test_image_only_baseline_detects_a_shifted_split_and_not_a_fair_one():
     frame, tensors = _image_set(60, 0.15)
-    scores = blind.image_only_scores(frame, tensors)
+    scores = blind.image_only_scores(frame, blind.image_features(tensors))
     test = frame["subset"] == "test"
     assert roc_auc_score(frame["label"][test], scores["score"][test]) > 0.95
     frame, tensors = _image_set(60, 0.0)
-    scores = blind.image_only_scores(frame, tensors)
+    scores = blind.image_only_scores(frame, blind.image_features(tensors))
     assert abs(roc_auc_score(frame["label"][test], scores["score"][test]) - 0.5) < 0.2
 
 
@@ -55,3 +55,10 @@ def test_caption_only_baseline_uses_only_calibration_labels():
     flipped = frame.copy()
     flipped.loc[test, "label"] = 1 - flipped.loc[test, "label"]
     np.testing.assert_allclose(blind.caption_only_scores(flipped)["score"], scores["score"])
+
+
+def test_requirement_names_the_calibration_counts():
+    frame = pd.DataFrame({"label": [1] * 6 + [0] * 4, "subset": ["calibration"] * 10})
+    reason = blind.missing_requirement(frame)
+    assert "at least 5" in reason and "6 members and 4 non-members" in reason
+    assert blind.missing_requirement(frame.assign(label=[1] * 5 + [0] * 5)) is None

@@ -138,10 +138,10 @@ def _mutate(column, row, value):
         (_mutate("caption", 3, ""), "caption"),  # empty caption
         (_mutate("group", 4, "C"), "group"),  # member and non-member share a variant group
         (_mutate("group", 0, "D"), "group"),  # public and member share a group
-        (_mutate("sha256", 5, "h3"), "sha256"),  # member and non-member share a pixel hash
+        (_mutate("pixel_sha256", 5, "h3"), "pixel_sha256"),  # member and non-member share a pixel hash
         (_mutate("split", 0, "train"), "split"),  # unknown split
         (_mutate("subset", 2, ""), "subset"),  # member without calibration / test
-        (_manifest().drop(columns="sha256"), "lacks"),  # missing column
+        (_manifest().drop(columns="pixel_sha256"), "lacks"),  # missing column
     ],
 )
 def test_validate_manifest_rejects(manifest, message):
@@ -168,11 +168,11 @@ def test_committed_manifest_is_valid_and_disjoint():
     }
     assert (preset["N_PUBLIC"], preset["N_MEMBERS"], preset["N_NONMEMBERS"]) == (600, 128, 256)
     assert raw["id"].is_unique
-    for key in ("id", "group", "sha256"):
+    for key in ("id", "group", "pixel_sha256"):
         values = {split: set(raw.loc[raw["split"] == split, key]) for split in data.SPLITS}
         assert not values["member"] & values["nonmember"], key
         assert not values["public"] & (values["member"] | values["nonmember"]), key
-    assert raw["sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
+    assert raw["pixel_sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
     assert len(manifest) == 600 + 128 + 256
 
 
@@ -199,19 +199,19 @@ def test_materialise_images_reproduces_the_manifest_hashes(tmp_path):
     images = data.materialise_images(rows, tmp_path / "images")
     assert list(images["id"]) == list(rows["id"])
     assert list(images["label"]) == [0, 0, 1, 1, 0]
-    for path, expected in zip(images["path"], rows["sha256"]):
+    for path, expected in zip(images["path"], rows["pixel_sha256"]):
         assert Path(path).parent == tmp_path / "images"
         assert _reference_pixel_hash(path) == expected
     # a corrupt cached render is replaced, not used
     broken = Path(images["path"][0])
     broken.write_bytes(b"not a png")
     again = data.materialise_images(rows, tmp_path / "images")
-    assert _reference_pixel_hash(again["path"][0]) == rows["sha256"][0]
+    assert _reference_pixel_hash(again["path"][0]) == rows["pixel_sha256"][0]
 
 
 def test_materialise_images_rejects_an_altered_hash(tmp_path):
     rows = _five_rows()
-    rows.loc[3, "sha256"] = "0" * 64
+    rows.loc[3, "pixel_sha256"] = "0" * 64
     with pytest.raises(DataError, match=rows["id"][3]):
         data.materialise_images(rows, tmp_path / "images")
 
@@ -272,82 +272,11 @@ def test_caption_from_name():
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading user images
+# Loading: user image sets are tested in test_imagesets.py; the project's own renders load strictly
 # --------------------------------------------------------------------------------------------------
-def _write_image_set(folder: Path) -> pd.DataFrame:
-    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "white": (255, 255, 255)}
-    rows = []
-    for name, colour in colours.items():
-        Image.new("RGB", (20, 12), colour).save(folder / f"{name}.png")
-        rows.append((name, f"{name}.png"))
-    png = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(png, "PNG")
-    (folder / "truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "garbage.jpg").write_bytes(b"this is not an image at all")
-    order = ["red", "truncated", "green", "empty", "garbage", "white"]
-    files = dict(rows) | {"truncated": "truncated.png", "empty": "empty.png", "garbage": "garbage.jpg"}
-    return pd.DataFrame(
-        {
-            "id": order,
-            "path": [str(folder / files[i]) for i in order],
-            "caption": [f"a {i} square" for i in order],
-            "label": [1, 1, 0, 0, 1, 0],
-            "subset": ["calibration", "test"] * 3,
-        }
-    )
-
-
-def test_load_images_skips_unreadable_files_and_keeps_the_rest(tmp_path):
-    images = _write_image_set(tmp_path)
-    report = data.BuildReport()
-    tensors, kept = data.load_images(images, 8, report)
-    assert list(kept["id"]) == ["red", "green", "white"]
-    assert list(kept["label"]) == [1, 0, 0]  # rows stay aligned with their images
-    assert tensors.shape == (3, 3, 8, 8)
-    expected = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [1.0, 1.0, 1.0]])[:, :, None, None].expand(3, 3, 8, 8)
-    assert torch.equal(tensors, expected)
-    assert report.kept == 3
-    assert sorted(i for i, _ in report.skipped) == ["empty", "garbage", "truncated"]
-    assert all("unreadable" in reason for _, reason in report.skipped)
-    assert list(report.to_frame().columns) == ["id", "reason"]
-
-
-def test_load_images_raises_when_nothing_is_readable(tmp_path):
-    images = _write_image_set(tmp_path)
-    with pytest.raises(DataError):
-        data.load_images(images[images["id"].isin(["empty", "garbage"])], 8)
-
-
-def test_load_image_set(tmp_path):
-    for name in ("a", "b"):
-        Image.new("RGB", (8, 8), "red").save(tmp_path / f"{name}.png")
-    csv = tmp_path / "set.csv"
-    csv.write_text("id,path,caption,label,subset\n007,a.png,first,1,calibration\n008,b.png,second,0,test\n")
-    images = data.load_image_set(csv)
-    assert list(images["id"]) == ["007", "008"]  # ids stay strings
-    assert list(images["path"]) == [str((tmp_path / "a.png").resolve()), str((tmp_path / "b.png").resolve())]
-    assert list(images["split"]) == ["member", "nonmember"]
-    assert list(images["label"]) == [1, 0]
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        "007,a.png,first,1,calibration\n007,b.png,second,0,test\n",  # duplicate id
-        "007,a.png,first,2,calibration\n008,b.png,second,0,test\n",  # label 2
-        "007,a.png,first,1,validation\n008,b.png,second,0,test\n",  # unknown subset
-    ],
-)
-def test_load_image_set_rejects(tmp_path, body):
-    csv = tmp_path / "set.csv"
-    csv.write_text("id,path,caption,label,subset\n" + body)
-    with pytest.raises(DataError):
-        data.load_image_set(csv)
-
-
-def test_load_image_set_rejects_missing_columns(tmp_path):
-    csv = tmp_path / "set.csv"
-    csv.write_text("id,path,label,subset\n007,a.png,1,calibration\n")
-    with pytest.raises(DataError, match="caption"):
-        data.load_image_set(csv)
+def test_load_tensors_refuses_an_unreadable_render(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert data.load_tensors([tmp_path / "ok.png"], 8).shape == (1, 3, 8, 8)
+    with pytest.raises(DataError, match="bad.png"):
+        data.load_tensors([tmp_path / "ok.png", tmp_path / "bad.png"], 8)

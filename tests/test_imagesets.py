@@ -797,8 +797,6 @@ def test_emoji_renders_into_a_new_folder(tmp_path):
     assert again.load(16).shape == (4, 3, 16, 16)
 
 
-@pytest.mark.xfail(strict=True, reason="data.claim_folder treats any file named like a render as the project's own, "
-                   "so materialise_images re-renders over a user's differing file of that name (bug in mialib/data.py)")
 def test_emoji_never_overwrites_a_users_file_named_like_a_render(tmp_path):
     split = data.read_manifest(ROOT / "data" / "emoji_split.csv")
     chosen = data.subsample_manifest(split, 2, 2, 2)["id"].iloc[0]

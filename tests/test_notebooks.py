@@ -1,7 +1,9 @@
-"""Execute every notebook at smoke size (papermill) and check the numbers it wrote against references."""
+"""Execute every notebook at smoke size (papermill), on the embedded emoji set and on a user's imagefolder,
+and check the numbers they wrote against references."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -11,30 +13,40 @@ import torch
 from skimage.metrics import structural_similarity
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from mialib import data, experiment
-from mialib.attacks.base import image_seed
+from mialib import experiment
+from mialib.attacks import REGISTRY
+from mialib.settings import Settings
 from mialib.target import load_target
+
+FIGURES = (
+    "examples", "closest_cross_split_pairs", "memorisation_samples", "observation_ssim_vs_t", "trajectory_grid", "roc",
+    "robustness_sweep", "robustness_examples", "ablation_t_and_stride", "training_dynamics",
+)  # fmt: skip
+# U-Net evaluations per image at the smoke preset's fixed settings (the registry's formulas are checked for every run below)
+FIXED_COSTS = {"structural_paper": 2, "pixel_paper": 2, "backward": 4, "secmi": 12, "pia": 2, "clid": 3, "vae_control": 0, "blind_image": 0, "blind_caption": 0}
+
+
+def _errors(notebook) -> list:
+    cells = json.loads(notebook.read_text())["cells"]
+    return [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
 
 
 def test_all_notebooks_executed(smoke_outputs):
+    runs = json.loads((smoke_outputs / "notebook_runs.json").read_text())
+    assert {name: r["status"] for name, r in runs.items()} == {name: "ok" for name in experiment.NOTEBOOKS}
     for name in experiment.NOTEBOOKS:
-        executed = smoke_outputs / "notebooks" / f"{name}.ipynb"
-        assert executed.exists()
-        cells = json.loads(executed.read_text())["cells"]
-        errors = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
-        assert not errors
-    for figure in ("examples", "closest_cross_split_pairs", "memorisation_samples", "observation_ssim_vs_t", "trajectory_grid", "roc", "../biased/figures/roc", "robustness_sweep", "robustness_examples", "ablation_t_and_stride", "training_dynamics"):
+        assert not _errors(smoke_outputs / "notebooks" / f"{name}.ipynb")
+    for figure in (*FIGURES, "../biased/figures/roc"):
         for suffix in ("png", "pdf"):
             assert (smoke_outputs / "figures" / f"{figure}.{suffix}").stat().st_size > 1000
-    for table in ("comparison.csv", "comparison.tex", "beats_blind.csv"):
-        assert (smoke_outputs / "tables" / table).stat().st_size > 100
+    for table in ("comparison.csv", "comparison.tex", "beats_blind.csv", "image_set.csv", "skipped_images.csv"):
+        assert (smoke_outputs / "tables" / table).exists()
 
 
 def test_01_split_counts_and_no_leak(smoke_outputs, smoke_params):
     summary = json.loads((smoke_outputs / "data_split.json").read_text())
-    assert summary["shared_ids"] == summary["shared_groups"] == summary["shared_sha256s"] == 0
+    assert summary["shared_ids"] == summary["shared_groups"] == summary["shared_pixel_sha256s"] == 0
     assert summary["near_duplicate_pairs"] == 0
-    assert summary["closest_pair_ssim"] < data.NEAR_DUPLICATE_SSIM
     counts = {(r["split"], r["subset"]): r["images"] for r in summary["counts"]}
     half = smoke_params["N_MEMBERS"] // 2
     assert counts == {
@@ -44,6 +56,7 @@ def test_01_split_counts_and_no_leak(smoke_outputs, smoke_params):
         ("nonmember", "calibration"): smoke_params["N_NONMEMBERS"] - smoke_params["N_NONMEMBERS"] // 2,
         ("nonmember", "test"): smoke_params["N_NONMEMBERS"] // 2,
     }
+    assert summary["given"] == smoke_params["N_MEMBERS"] + smoke_params["N_NONMEMBERS"] and summary["skipped"] == 0
 
 
 def test_02_observation_curve(smoke_outputs, smoke_params):
@@ -51,94 +64,84 @@ def test_02_observation_curve(smoke_outputs, smoke_params):
     assert list(observation.index) == list(range(0, smoke_params["CURVE_T_MAX"] + 1, smoke_params["CURVE_STRIDE"]))
     np.testing.assert_allclose(observation["difference"], observation["member"] - observation["nonmember"], atol=1e-12)
     assert observation[["member", "nonmember"]].abs().le(1).all().all()
-    # SSIM falls as the inversion goes deeper, for both groups.
     assert (observation["member"].iloc[-1] < observation["member"].iloc[0]) and (observation["nonmember"].iloc[-1] < observation["nonmember"].iloc[0])
-    # The t = 0 value is the VAE round trip, which 03 also reports as its own control.
+    # t = 0 is the VAE round trip, which 03 reports as its own control
     scores = pd.read_parquet(smoke_outputs / "scores.parquet")
-    vae = scores[scores["attack"] == "VAE-only control"]
+    vae = scores[scores["run"] == "vae_control"]
     np.testing.assert_allclose(observation.loc[0, "member"], vae[vae["label"] == 1]["score"].mean(), atol=1e-9)
     memorisation = pd.read_csv(smoke_outputs / "tables" / "memorisation.csv", index_col="split")
     assert set(memorisation.index) == {"member", "nonmember"}
-
-
-ATTACKS = {
-    # attack: U-Net evaluations per image at the smoke preset's settings (None: no U-Net)
-    "structural (paper)": 2,
-    "pixel MSE (paper setting)": 2,
-    "structural (calibrated)": None,  # depends on the calibrated t
-    "pixel MSE (calibrated)": None,
-    "backward reconstruction": 4,
-    "loss": 1,
-    "SecMI": 12,
-    "PIA": 2,
-    "CLiD": 3,
-    "VAE-only control": 0,
-    "blind image-only": 0,
-    "blind caption-only": 0,
-}
+    assert memorisation["count"].sum() == smoke_params["N_MEMBERS"] + smoke_params["N_NONMEMBERS"]
 
 
 @pytest.mark.parametrize("run", ["", "biased"])
-def test_03_metrics_match_sklearn(smoke_outputs, run):
+def test_03_metrics_match_sklearn_and_the_registry(smoke_outputs, smoke_params, run):
     folder = smoke_outputs / run
     scores = pd.read_parquet(folder / "scores.parquet")
     table = pd.read_csv(folder / "metrics.csv")
-    assert set(table["attack"]) == set(ATTACKS)
+    chosen = json.loads((folder / "chosen_settings.json").read_text())
+    assert list(table["run"]) == list(smoke_params["ATTACKS"]) == list(chosen)
     assert not scores["score"].isna().any()
+    settings = Settings.from_parameters(smoke_params)
     for row in table.itertuples():
-        rows = scores[(scores["attack"] == row.attack) & (scores["setting"] == row.setting)]
+        rows = scores[scores["run"] == row.run]
         test = rows[rows["subset"] == "test"]
         assert row.auc == pytest.approx(roc_auc_score(test["label"], test["score"]), abs=1e-12)
         fpr, tpr, _ = roc_curve(test["label"], test["score"], drop_intermediate=False)
         assert row.tpr_at_1fpr == pytest.approx(tpr[fpr <= 0.01].max(), abs=1e-12)
         assert row.n_test_members == (test["label"] == 1).sum()
-        # Bootstrap intervals hold the point estimate.
         for metric in ("auc", "balanced_accuracy", "tpr_at_1fpr"):
             assert getattr(row, f"{metric}_low") <= getattr(row, metric) <= getattr(row, f"{metric}_high")
-        expected = ATTACKS[row.attack]
-        if expected is not None:
-            assert row.unet_evals == expected
-        else:
-            t = int(row.setting.split(",")[0].removeprefix("t="))
-            assert row.unet_evals == t // 50  # stride 50 on the calibration path
+        spec = REGISTRY[row.attack]
+        assert row.unet_evals == spec.cost(chosen[row.run]["params"], settings)
+        if row.run in FIXED_COSTS:
+            assert row.unet_evals == FIXED_COSTS[row.run]
+        # the direction is applied once: score = direction * value, with the direction calibration chose
+        np.testing.assert_array_equal(rows["score"], chosen[row.run]["direction"] * rows["value"])
+        # settings are structured columns of every row
+        assert set(rows["guidance"]) == {settings.guidance} and set(rows["seed"]) == {settings.seed}
+    # the calibrated structural run's t is one of its grid's
+    calibrated = chosen["structural_calibrated"]
+    assert calibrated["params"]["t"] in range(50, smoke_params["CURVE_T_MAX"] + 1, 50)
     verdict = pd.read_csv(folder / "tables" / "beats_blind.csv")
     bar = table[table["attack"].str.startswith("blind")]["auc"].max()
     assert (verdict["beats blind baselines"] == (verdict["auc_low"] > bar)).all()
 
 
 def test_03_biased_split_inflation(smoke_outputs):
-    fair = pd.read_csv(smoke_outputs / "metrics.csv").set_index("attack")
-    inflation = pd.read_csv(smoke_outputs / "biased" / "tables" / "bias_inflation.csv").set_index("attack")
+    fair = pd.read_csv(smoke_outputs / "metrics.csv").set_index("run")
+    inflation = pd.read_csv(smoke_outputs / "biased" / "tables" / "bias_inflation.csv").set_index("run")
     np.testing.assert_allclose(inflation["auc_fair"], fair.loc[inflation.index, "auc"], atol=1e-12)
     np.testing.assert_allclose(inflation["auc_inflation"], inflation["auc_biased"] - inflation["auc_fair"], atol=1e-12)
-    # Only non-member pixels changed: members' scores are identical in both runs.
+    # only non-member pixels changed: members' scores are identical in both runs
     fair_scores = pd.read_parquet(smoke_outputs / "scores.parquet")
     biased_scores = pd.read_parquet(smoke_outputs / "biased" / "scores.parquet")
-    key = ["attack", "id"]
-    members = fair_scores[(fair_scores["label"] == 1) & (fair_scores["attack"] == "VAE-only control")].set_index(key)["score"]
+    key = ["run", "id"]
+    members = fair_scores[(fair_scores["label"] == 1) & (fair_scores["run"] == "vae_control")].set_index(key)["score"]
     np.testing.assert_allclose(members, biased_scores.set_index(key).loc[members.index, "score"], atol=1e-12)
-    # The source shift is visible without the model: the image-only blind classifier catches it.
-    assert inflation.loc["blind image-only", "auc_biased"] > 0.9
+    # the source shift is visible without the model: the image-only blind classifier catches it
+    assert inflation.loc["blind_image", "auc_biased"] > 0.9
 
 
 def test_03_loss_attack_sees_memorisation(smoke_outputs):
     """The smoke target memorises its 24 members: the loss attack separates them well above chance."""
-    table = pd.read_csv(smoke_outputs / "metrics.csv").set_index("attack")
+    table = pd.read_csv(smoke_outputs / "metrics.csv").set_index("run")
     assert table.loc["loss", "auc"] > 0.75
 
 
 def test_03_structural_score_equals_hand_computation(smoke_outputs, smoke_target_dir, smoke_params):
     """Two images' paper-setting scores: DDIM written out by hand, SSIM by skimage."""
     scores = pd.read_parquet(smoke_outputs / "scores.parquet")
-    paper = scores[scores["attack"] == "structural (paper)"].head(2)
-    images = experiment.prepare_data(**experiment.data_args(smoke_params)).set_index("id")
+    paper = scores[scores["run"] == "structural_paper"].head(2)
+    imageset = experiment.open_data(smoke_params)
     target = load_target(smoke_target_dir)
     abar = target.scheduler.alphas_cumprod.double()
     for image_id, expected in zip(paper["id"], paper["score"]):
-        x, _ = data.load_images(images.loc[[image_id]].reset_index(), smoke_params["IMAGE_SIZE"])
+        rows = imageset.records[imageset.records["id"] == image_id]
+        x = imageset.load(smoke_params["IMAGE_SIZE"], rows)
         with torch.no_grad():
             z = target.vae.encode(x).latent_dist.mean * target.vae.config.scaling_factor
-            tokens = target.tokenizer([images.loc[image_id, "caption"]], padding="max_length", max_length=target.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+            tokens = target.tokenizer(list(rows["caption"]), padding="max_length", max_length=target.tokenizer.model_max_length, truncation=True, return_tensors="pt")
             cond = target.text_encoder(tokens.input_ids)[0]
             for t_from, t_to in ((0, 50), (50, 100)):
                 eps = target.unet(z, torch.tensor([t_from]), encoder_hidden_states=cond).sample
@@ -147,84 +150,127 @@ def test_03_structural_score_equals_hand_computation(smoke_outputs, smoke_target
             decoded = target.vae.decode(z / target.vae.config.scaling_factor).sample
         reference = structural_similarity(x[0].double().numpy(), decoded[0].double().numpy(), data_range=2.0, channel_axis=0)
         assert expected == pytest.approx(reference, abs=1e-5)
-    assert image_seed("a") == image_seed("a") != image_seed("b")
 
 
 def test_04_robustness(smoke_outputs, smoke_params):
     result = pd.read_csv(smoke_outputs / "tables" / "robustness.csv")
-    fair = pd.read_csv(smoke_outputs / "metrics.csv").set_index("attack")
-    clean = result[result["distortion"] == "none"].set_index("attack")
-    # Undistorted, every attack at its calibrated settings reproduces 03's test AUC and TPR@1%FPR exactly.
-    assert len(clean) == 9
+    fair = pd.read_csv(smoke_outputs / "metrics.csv").set_index("run")
+    clean = result[result["distortion"] == "none"].set_index("run")
+    # every non-blind run of 03, at its calibrated settings, reproduces 03's test AUC and TPR@1%FPR exactly
+    expected_runs = [r for r in smoke_params["ATTACKS"] if not r.startswith("blind")]
+    assert list(clean.index) == expected_runs
     np.testing.assert_allclose(clean["auc"], fair.loc[clean.index, "auc"], atol=1e-9)
     np.testing.assert_allclose(clean["tpr_at_1fpr"], fair.loc[clean.index, "tpr_at_1fpr"], atol=1e-9)
+    assert list(clean["attack"]) == list(fair.loc[clean.index, "display"])
     expected = {(name, float(s)) for name, strengths in smoke_params["ROBUSTNESS_SWEEP"].items() for s in strengths}
     assert {(d, float(s)) for d, s in zip(result["distortion"], result["strength"]) if d != "none"} == expected
     distorted = result[result["distortion"] != "none"]
-    assert distorted["auc"].between(0, 1).all() and len(distorted) == 9 * len(expected)
-    # Distortions change the scores: not every AUC stays what it was on clean images.
-    merged = distorted.merge(clean["auc"].rename("clean_auc").reset_index(), on="attack")
-    assert (merged["auc"] != merged["clean_auc"]).any()
+    assert distorted["auc"].between(0, 1).all() and len(distorted) == len(expected_runs) * len(expected)
+    merged = distorted.merge(clean["auc"].rename("clean_auc").reset_index(), on="run")
+    assert (merged["auc"] != merged["clean_auc"]).any()  # distortions change the scores
     layout = pd.read_csv(smoke_outputs / "tables" / "robustness_paper_layout.csv", index_col="attack")
     assert "none" in layout.columns and "salt_pepper" in layout.columns
 
 
+def _ablation_row(ablations, study, value):
+    match = ablations[(ablations["study"] == study) & (ablations["value"].astype(str) == str(value))]
+    assert len(match) == 1, (study, value)
+    return match.iloc[0]
+
+
 def test_05_ablations_agree_with_03_and_count_evaluations(smoke_outputs, smoke_params):
     ablations = pd.read_csv(smoke_outputs / "tables" / "ablations.csv")
-    fair = pd.read_csv(smoke_outputs / "metrics.csv").set_index("attack")
-    paper_auc = fair.loc["structural (paper)", "auc"]
+    fair = pd.read_csv(smoke_outputs / "metrics.csv").set_index("run")
+    paper_auc = fair.loc["structural_paper", "auc"]
 
     def row(study, value):
-        match = ablations[(ablations["study"] == study) & (ablations["value"].astype(str) == str(value))]
-        assert len(match) == 1, (study, value)
-        return match.iloc[0]
+        return _ablation_row(ablations, study, value)
 
-    # Every study passes through the paper setting once; all must reproduce 03's test AUC.
     for study, value in [("T (+SSIM)", 100), ("stride at T=100", 50), ("guidance", 1.0), ("prompt", "true caption"),
                          ("encoding", "posterior mode"), ("schedule", "model alphas_cumprod"), ("path", "forward only (invert)"),
                          ("similarity", "SSIM, data range 2.0")]:
         assert row(study, value)["auc"] == pytest.approx(paper_auc, abs=1e-9)
-    assert row("path", "invert then denoise")["auc"] == pytest.approx(fair.loc["backward reconstruction", "auc"], abs=1e-9)
-    assert row("similarity", "-MSE")["auc"] == pytest.approx(fair.loc["pixel MSE (paper setting)", "auc"], abs=1e-9)
-    # MSE and PSNR rank images identically.
+    assert row("path", "invert then denoise")["auc"] == pytest.approx(fair.loc["backward", "auc"], abs=1e-9)
+    assert row("similarity", "-MSE")["auc"] == pytest.approx(fair.loc["pixel_paper", "auc"], abs=1e-9)
     assert row("similarity", "PSNR")["auc"] == pytest.approx(row("similarity", "-MSE")["auc"], abs=1e-12)
     for stride in smoke_params["ABLATION_STRIDES"]:
         assert row("stride at T=100", stride)["unet_evals"] == 100 // stride
     for guidance in smoke_params["ABLATION_GUIDANCE"]:
         assert row("guidance", guidance)["unet_evals"] == (2 if guidance in (0.0, 1.0) else 4)
     assert row("prompt", "empty")["auc"] != row("prompt", "true caption")["auc"]
-    # Every row's AUC is sklearn's on the per-image scores the notebook wrote beside the table.
     scores = pd.read_parquet(smoke_outputs / "ablation_scores.parquet")
     assert len(scores) == len(ablations) * (smoke_params["N_MEMBERS"] // 2 + smoke_params["N_NONMEMBERS"] // 2)
     for (study, value), group in scores.groupby(["study", "value"]):
         assert row(study, value)["auc"] == pytest.approx(roc_auc_score(group["label"], group["score"]), abs=1e-12)
-    # Another image's caption is a different computation, not the true caption's cached scores.
+
     def image_scores(study, value):
         return scores[(scores["study"] == study) & (scores["value"] == value)].set_index("id")["score"]
-    assert not np.allclose(image_scores("prompt", "unrelated caption"), image_scores("prompt", "true caption").loc[image_scores("prompt", "unrelated caption").index])
-    # The similarity rows at T = 100 are the T sweep's rows at 100, read off the same cached path.
+
+    unrelated = image_scores("prompt", "unrelated caption")
+    assert not np.allclose(unrelated, image_scores("prompt", "true caption").loc[unrelated.index])
     for study, value in [("T (+MS-SSIM)", "MS-SSIM"), ("T (-MSE)", "-MSE"), ("T (-latent MSE)", "-latent MSE")]:
-        assert row(study, smoke_params["PAPER_T"])["auc"] == pytest.approx(row("similarity", value)["auc"], abs=1e-12)
-    # At t = 0 the latent is the clean one: zero latent distance for every image, so chance AUC.
-    assert row("T (-latent MSE)", 0)["auc"] == pytest.approx(0.5, abs=1e-12)
-    # At the training resolution the resolution study reproduces 03's paper and calibrated rows.
+        assert row(study, 100)["auc"] == pytest.approx(row("similarity", value)["auc"], abs=1e-12)
+    assert row("T (-latent MSE)", 0)["auc"] == pytest.approx(0.5, abs=1e-12)  # t = 0: zero distance for every image
     size = smoke_params["IMAGE_SIZE"]
     assert row("resolution (paper setting)", size)["auc"] == pytest.approx(paper_auc, abs=1e-9)
-    chosen = json.loads((smoke_outputs / "chosen_settings.json").read_text())
-    sign = "+" if chosen["structural_direction"] > 0 else "-"
-    calibrated = row(f"resolution (calibrated t={chosen['structural_t']}, {sign}SSIM)", size)
-    assert calibrated["auc"] == pytest.approx(fair.loc["structural (calibrated)", "auc"], abs=1e-9)
-    for other in smoke_params["ABLATION_RESOLUTIONS"]:
-        assert 0 <= row("resolution (paper setting)", other)["auc"] <= 1
+    chosen = json.loads((smoke_outputs / "chosen_settings.json").read_text())["structural_calibrated"]
+    sign = "+" if chosen["direction"] > 0 else "-"
+    calibrated = row(f"resolution (calibrated t={chosen['params']['t']}, {sign}SSIM)", size)
+    assert calibrated["auc"] == pytest.approx(fair.loc["structural_calibrated", "auc"], abs=1e-9)
 
 
 def test_05_training_dynamics_end_at_the_final_model(smoke_outputs, smoke_params):
     dynamics = pd.read_csv(smoke_outputs / "tables" / "training_dynamics.csv")
     assert sorted(dynamics["step"].unique()) == sorted(smoke_params["CHECKPOINTS"])
-    # The last checkpoint is the saved model: its AUCs equal 04's clean-image AUCs exactly.
-    final = dynamics[dynamics["step"] == smoke_params["UNET_STEPS"]].set_index("attack")
-    clean = pd.read_csv(smoke_outputs / "tables" / "robustness.csv").query("distortion == 'none'").set_index("attack")
+    final = dynamics[dynamics["step"] == smoke_params["UNET_STEPS"]].set_index("run")
+    clean = pd.read_csv(smoke_outputs / "tables" / "robustness.csv").query("distortion == 'none'").set_index("run")
     np.testing.assert_allclose(final["auc"], clean.loc[final.index, "auc"], atol=1e-9)
-    # The model-free VAE control cannot change with U-Net training.
-    vae = dynamics[dynamics["attack"] == "VAE-only control"]["auc"]
-    assert vae.max() - vae.min() < 1e-12
+    vae = dynamics[dynamics["run"] == "vae_control"]["auc"]
+    assert vae.max() - vae.min() < 1e-12  # the model-free control cannot change with U-Net training
+
+
+# --------------------------------------------------------------------------------------------------
+# The same notebooks on a user's imagefolder
+# --------------------------------------------------------------------------------------------------
+def test_imagefolder_every_notebook_ran_and_the_biased_split_was_skipped(imagefolder_outputs):
+    runs = json.loads((imagefolder_outputs / "notebook_runs.json").read_text())
+    assert runs["03_attack_biased"]["status"] == "skipped" and "emoji" in runs["03_attack_biased"]["reason"]
+    assert {n: r["status"] for n, r in runs.items() if n != "03_attack_biased"} == {n: "ok" for n in experiment.NOTEBOOKS if n != "03_attack_biased"}
+    for name, run in runs.items():
+        if run["status"] == "ok":
+            assert not _errors(imagefolder_outputs / "notebooks" / f"{name}.ipynb")
+    for figure in FIGURES:
+        assert (imagefolder_outputs / "figures" / f"{figure}.png").stat().st_size > 1000
+    skipped = pd.read_csv(imagefolder_outputs / "tables" / "skipped_studies_01_data_split.csv")
+    assert list(skipped["study"]) == ["public split"]
+
+
+def test_imagefolder_records_are_the_users_files(imagefolder_outputs, user_imagefolder, smoke_params):
+    records = pd.read_csv(imagefolder_outputs / "tables" / "image_set.csv", dtype={"id": str})
+    assert len(records) == smoke_params["N_MEMBERS"] + smoke_params["N_NONMEMBERS"]
+    for record in records.itertuples():
+        assert record.sha256 == hashlib.sha256((user_imagefolder / record.source).read_bytes()).hexdigest()
+        assert record.source.startswith("members/" if record.label == 1 else "nonmembers/")
+    summary = json.loads((imagefolder_outputs / "data_split.json").read_text())
+    assert "shared_sha256s" in summary and summary["shared_sha256s"] == 0
+    assert {r["split"] for r in summary["counts"]} == {"member", "nonmember"}  # no public split in a user's set
+
+
+def test_imagefolder_scores_equal_the_embedded_runs_image_for_image(imagefolder_outputs, smoke_outputs):
+    """The same pixels, captions, ids and subsets through another adapter, in another order: every model
+    attack gives the same score per image (to float32 batching noise) and the same choices."""
+    emoji = pd.read_parquet(smoke_outputs / "scores.parquet").set_index(["run", "id"])
+    user = pd.read_parquet(imagefolder_outputs / "scores.parquet").set_index(["run", "id"])
+    assert sorted(user.index) == sorted(emoji.index)
+    model_runs = [r for r in user.index.get_level_values("run").unique() if not r.startswith("blind")]
+    for run in model_runs:
+        np.testing.assert_allclose(user.loc[run, "score"].sort_index(), emoji.loc[run, "score"].sort_index(), rtol=0, atol=2e-5, err_msg=run)
+    assert json.loads((imagefolder_outputs / "chosen_settings.json").read_text()) == json.loads((smoke_outputs / "chosen_settings.json").read_text())
+    table = pd.read_csv(imagefolder_outputs / "metrics.csv").set_index("run")
+    fair = pd.read_csv(smoke_outputs / "metrics.csv").set_index("run")
+    np.testing.assert_allclose(table.loc[model_runs, "auc"], fair.loc[model_runs, "auc"], atol=0.02)
+    # 04 and 05 ran on the imagefolder too and their clean rows reproduce its own 03
+    clean = pd.read_csv(imagefolder_outputs / "tables" / "robustness.csv").query("distortion == 'none'").set_index("run")
+    np.testing.assert_allclose(clean["auc"], table.loc[clean.index, "auc"], atol=1e-9)
+    ablations = pd.read_csv(imagefolder_outputs / "tables" / "ablations.csv")
+    assert _ablation_row(ablations, "T (+SSIM)", 100)["auc"] == pytest.approx(table.loc["structural_paper", "auc"], abs=1e-9)

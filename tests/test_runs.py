@@ -1,16 +1,21 @@
-"""mialib.runs: the batch cache and the inversion-trajectory cache that the notebooks' studies share."""
+"""mialib.runs and mialib.trajectories: the per-image trajectory cache that attacks read themselves, the
+batched run layer over an image set, the registry's costs, and the one place where a setting and a
+direction are chosen."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from sklearn.metrics import roc_auc_score
 
 import helpers
-from mialib import ddim, runs
-from mialib.attacks import structural_attack, structural_curve
+from mialib import imagesets, runs, studies
+from mialib.attacks import REGISTRY, parse_request, secmi_attack, structural_attack
+from mialib.attacks.registry import AttackRequest
+from mialib.settings import Settings
 from mialib.target import load_target
+from mialib.trajectories import TrajectoryCache
 
 IDS = ["1F34E", "1F600", "1F468-200D-1F33E"]
 CAPTIONS = ["red apple", "grinning face", "man farmer"]
@@ -35,125 +40,229 @@ def images():
     return helpers.make_images(3, seed=1)
 
 
-@pytest.fixture
-def frame():
-    return pd.DataFrame({"id": IDS, "caption": CAPTIONS})
+@pytest.fixture(scope="module")
+def imageset(tmp_path_factory):
+    folder = helpers.write_imagefolder(tmp_path_factory.mktemp("set") / "set", n=8)
+    return imagesets.open_imageset(f"imagefolder:{folder}")
 
 
-def _curves(target, frame, images, cache, total, stride=50, batch_size=2, **overrides):
-    return runs.structural_curves(target, frame, images, ddim.path(total, stride), cache, batch_size, **{**SETTINGS, **overrides})
+def _attack(target, images, t, cache=None, captions=CAPTIONS, ids=IDS, **overrides):
+    return structural_attack(target, images, captions, ids, t=t, stride=50, cache=cache, **overrides)
 
 
-def test_cached_curves_equal_the_uncached_computation(target, frame, images, tmp_path):
-    curves = _curves(target, frame, images, tmp_path, 150)
-    expected = structural_curve(target, images, CAPTIONS, IDS, [0, 50, 100, 150])
-    for t in (0, 50, 100, 150):
-        part = curves[curves["t"] == t].set_index("id").loc[IDS]
-        for measure in ("ssim", "mse", "ms_ssim", "latent_mse"):
-            np.testing.assert_allclose(part[measure], expected[t][measure], rtol=0, atol=1e-6)
-        assert (part["unet_evals"] == t // 50).all()  # one evaluation per stride-50 step from t = 0
-    assert (curves[curves["t"] == 0]["latent_mse"] == 0).all()
-    # the structural attack at the paper setting reads the same number off the path
-    paper = structural_attack(target, images, CAPTIONS, IDS, t=100, stride=50)
-    np.testing.assert_allclose(curves[curves["t"] == 100].set_index("id").loc[IDS]["ssim"], paper.scores, atol=1e-6)
-
-
-def test_a_shorter_path_and_other_measures_reuse_the_trajectory(target, frame, images, tmp_path):
-    long = _curves(target, frame, images, tmp_path, 200)
-    files = sorted((tmp_path / "trajectory").glob("*.safetensors"))
-    assert len(files) == 3  # one per image
+# --------------------------------------------------------------------------------------------------
+# The trajectory cache, read by the attack functions themselves
+# --------------------------------------------------------------------------------------------------
+def test_cached_inversion_equals_the_uncached_one(target, images, tmp_path):
+    cache = TrajectoryCache(tmp_path)
+    for t in (50, 100, 150):
+        cached, fresh = _attack(target, images, t, cache), _attack(target, images, t)
+        for key in ("ssim", "mse", "latent_mse"):
+            np.testing.assert_allclose(cached.extras[key], fresh.extras[key], rtol=0, atol=1e-6)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3  # one file per image, whatever t
     before = target.unet_evals
-    short = _curves(target, frame, images, tmp_path, 100)
-    other_range = _curves(target, frame, images, tmp_path, 100, data_range=1.0)
-    rebatched = _curves(target, frame.iloc[::-1], images.flip(0), tmp_path, 200, batch_size=1)
-    assert target.unet_evals == before  # no inversion ran: every call read the cached per-image trajectories
-    # (decoding in batches of another size moves float32 results by ~1e-8)
-    np.testing.assert_allclose(rebatched.set_index(["id", "t"]).loc[long.set_index(["id", "t"]).index, "ssim"], long["ssim"], atol=1e-6)
-    merged = short.merge(long, on=["id", "t"], suffixes=("", "_long"))
-    assert len(merged) == len(short) == 3 * 3
-    np.testing.assert_array_equal(merged["ssim"], merged["ssim_long"])
-    np.testing.assert_array_equal(merged["unet_evals"], merged["unet_evals_long"])
-    assert not np.allclose(other_range["ssim"], short["ssim"])  # the data range changes SSIM, not the path
-    np.testing.assert_array_equal(other_range["latent_mse"], short["latent_mse"])
+    again = _attack(target, images, 150, cache)
+    assert target.unet_evals == before  # read back, no inversion
+    np.testing.assert_allclose(again.scores, fresh.scores, rtol=0, atol=1e-6)
 
 
-def test_a_longer_path_extends_the_cached_one(target, frame, images, tmp_path):
-    _curves(target, frame, images, tmp_path / "a", 100)
+def test_a_shorter_path_is_read_and_a_longer_one_extended(target, images, tmp_path):
+    cache = TrajectoryCache(tmp_path)
+    _attack(target, images, 200, cache)
     before = target.unet_evals
-    extended = _curves(target, frame, images, tmp_path / "a", 250)
-    assert target.unet_evals - before == 3 * 3  # only 100 -> 150 -> 200 -> 250, for three images
-    fresh = _curves(target, frame, images, tmp_path / "b", 250)
-    merged = extended.merge(fresh, on=["id", "t"], suffixes=("", "_fresh"))
-    assert len(merged) == 3 * 6
-    for measure in ("ssim", "mse", "latent_mse"):
-        np.testing.assert_allclose(merged[measure], merged[f"{measure}_fresh"], rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(merged["unet_evals"], merged["unet_evals_fresh"])
-    assert (extended["seconds_per_image"] >= 0).all()
-    assert extended.groupby("id")["seconds_per_image"].is_monotonic_increasing.all()
-
-
-def test_captions_pixels_and_settings_key_the_caches(target, frame, images, tmp_path):
-    base = _curves(target, frame, images, tmp_path, 100).set_index(["id", "t"])
-    unrelated = frame.assign(caption=np.roll(frame["caption"].to_numpy(), 1))
-    before = target.unet_evals
-    other_caption = _curves(target, unrelated, images, tmp_path, 100).set_index(["id", "t"])
-    assert target.unet_evals - before == 3 * 2  # inverted again: the caption is part of the key
-    assert not np.allclose(other_caption.loc[(slice(None), 100), "ssim"], base.loc[(slice(None), 100), "ssim"])
-    shifted = _curves(target, frame, images.flip(-1), tmp_path, 100).set_index(["id", "t"])
-    assert not np.allclose(shifted["mse"], base["mse"])
-    guided = _curves(target, frame, images, tmp_path, 100, guidance=3.0).set_index(["id", "t"])
-    assert (guided.loc[(slice(None), 100), "unet_evals"] == 4).all()
-    assert len(list((tmp_path / "trajectory").glob("*.safetensors"))) == 4 * 3
-
-
-def test_attack_scores_cache_keys_on_captions(target, frame, images, tmp_path):
-    first = runs.attack_scores(target, structural_attack, frame, images, tmp_path, 3, t=100, stride=50)
-    unrelated = frame.assign(caption=np.roll(frame["caption"].to_numpy(), 1))
-    second = runs.attack_scores(target, structural_attack, unrelated, images, tmp_path, 3, t=100, stride=50)
-    expected = structural_attack(target, images, list(unrelated["caption"]), IDS, t=100, stride=50).scores
-    np.testing.assert_allclose(second["score"], expected, atol=1e-6)
-    assert not np.allclose(first["score"], second["score"])
-
-
-def test_an_interrupted_write_is_never_read(target, frame, images, tmp_path):
-    _curves(target, frame, images, tmp_path, 100, batch_size=3)
-    cached = sorted((tmp_path / "trajectory").glob("*.safetensors"))[0]
-    assert not list(tmp_path.rglob("*.partial"))
-    cached.with_suffix(".partial").write_bytes(b"half a file")  # what a kill during a write leaves
-    before = target.unet_evals
-    _curves(target, frame, images, tmp_path, 150, batch_size=3)
-    assert target.unet_evals - before == 3  # resumed from the complete file, the stray partial ignored
-
-
-def test_partly_cached_batches_invert_only_what_is_missing(target, frame, images, tmp_path):
-    _curves(target, frame.iloc[:2], images[:2], tmp_path, 100, batch_size=2)
-    before = target.unet_evals
-    both = _curves(target, frame, images, tmp_path, 150, batch_size=3)
-    assert target.unet_evals - before == 2 * 1 + 1 * 3  # two images extended by one step, one inverted from 0
-    expected = structural_curve(target, images, CAPTIONS, IDS, [0, 50, 100, 150])
-    part = both[both["t"] == 150].set_index("id").loc[IDS]
-    np.testing.assert_allclose(part["ssim"], expected[150]["ssim"], rtol=0, atol=1e-6)
-    assert (part["unet_evals"] == 3).all()
-
-
-def test_measuring_only_some_timesteps_reads_the_same_numbers(target, frame, images, tmp_path):
-    full = _curves(target, frame, images, tmp_path, 200)
-    before = target.unet_evals
-    end = _curves(target, frame, images, tmp_path, 200, at=[200, 100])
+    short = _attack(target, images, 100, cache)
     assert target.unet_evals == before
-    assert sorted(end["t"].unique()) == [100, 200]
-    merged = end.merge(full, on=["id", "t"], suffixes=("", "_full"))
-    assert len(merged) == len(end) == 6
-    for measure in ("ssim", "ms_ssim", "mse", "latent_mse", "unet_evals"):
-        np.testing.assert_allclose(merged[measure], merged[f"{measure}_full"], rtol=0, atol=1e-9)
-    with pytest.raises(ValueError, match="not on the path"):
-        _curves(target, frame, images, tmp_path, 200, at=[125])
+    np.testing.assert_allclose(short.scores, _attack(target, images, 100).scores, atol=1e-6)
+    before = target.unet_evals
+    extended = _attack(target, images, 300, cache)
+    assert target.unet_evals - before == 3 * 2  # 200 -> 250 -> 300 for three images
+    np.testing.assert_allclose(extended.scores, _attack(target, images, 300).scores, atol=1e-6)
 
 
-def test_only_uniform_paths_from_zero_are_cached(target, frame, images, tmp_path):
-    with pytest.raises(ValueError, match="expected a path"):
-        runs.structural_curves(target, frame, images, [0, 50, 150], tmp_path, 3, **SETTINGS)
-    with pytest.raises(ValueError, match="expected a path"):
-        runs.structural_curves(target, frame, images, [50, 100], tmp_path, 3, **SETTINGS)
-    with pytest.raises(ValueError, match="not inversion settings"):
-        runs.trajectory_batch(target, images, frame, 100, 50, tmp_path, {"t": 3})
+def test_captions_pixels_and_settings_key_the_cache(target, images, tmp_path):
+    cache = TrajectoryCache(tmp_path)
+    base = _attack(target, images, 100, cache)
+    before = target.unet_evals
+    other = _attack(target, images, 100, cache, captions=list(np.roll(CAPTIONS, 1)))
+    assert target.unet_evals - before == 3 * 2  # inverted again: the caption is part of the key
+    assert not np.allclose(other.scores, base.scores)
+    flipped = _attack(target, images.flip(-1), 100, cache)
+    assert not np.allclose(flipped.extras["mse"], base.extras["mse"])
+    guided = _attack(target, images, 100, cache, guidance=3.0)
+    assert guided.unet_evals == 4
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4 * 3
+
+
+def test_an_interrupted_write_is_never_read(target, images, tmp_path):
+    cache = TrajectoryCache(tmp_path)
+    _attack(target, images, 100, cache)
+    stray = sorted(tmp_path.glob("*.safetensors"))[0].with_suffix(".partial")
+    stray.write_bytes(b"half a file")  # what a kill during a write leaves
+    before = target.unet_evals
+    _attack(target, images, 150, cache)
+    assert target.unet_evals - before == 3  # resumed from the complete files, the partial ignored
+
+
+def test_partly_cached_batches_invert_only_what_is_missing(target, images, tmp_path):
+    cache = TrajectoryCache(tmp_path)
+    _attack(target, images[:2], 100, cache, captions=CAPTIONS[:2], ids=IDS[:2])
+    before = target.unet_evals
+    both = _attack(target, images, 150, cache)
+    assert target.unet_evals - before == 2 * 1 + 1 * 3  # two images extended by one step, one inverted from 0
+    np.testing.assert_allclose(both.scores, _attack(target, images, 150).scores, atol=1e-6)
+
+
+def test_secmi_and_the_structural_attack_share_a_path_at_its_stride(target, images, tmp_path):
+    cache = TrajectoryCache(tmp_path)
+    secmi = secmi_attack(target, images, CAPTIONS, IDS, t_sec=30, interval=10, cache=cache)
+    np.testing.assert_allclose(secmi.scores, secmi_attack(target, images, CAPTIONS, IDS, t_sec=30, interval=10).scores, atol=1e-9)
+    before = target.unet_evals
+    structural_attack(target, images, CAPTIONS, IDS, t=40, stride=10, cache=cache)
+    assert target.unet_evals == before  # 0 -> 10 -> ... -> 40 was SecMI's path
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry and the run layer
+# --------------------------------------------------------------------------------------------------
+MODEL_ATTACKS = [name for name, spec in REGISTRY.items() if spec.kind != "blind"]
+
+
+@pytest.mark.parametrize("name", MODEL_ATTACKS)
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_each_attack_through_the_run_layer_equals_the_function_and_its_cost_formula(target, imageset, tmp_path, name, guidance):
+    spec = REGISTRY[name]
+    settings = Settings(guidance=guidance)
+    params = spec.params()
+    before = target.unet_evals
+    values = runs.attack_values(target, imageset, spec, params, settings, tmp_path, 3, 32, progress=False)
+    counted = (target.unet_evals - before) / len(imageset)
+    assert counted == spec.cost(params, settings)  # the registry's formula is what a cold run costs
+    assert (values["unet_evals"] == spec.cost(params, settings)).all()
+    pixels = imageset.load(32)
+    direct = spec.function(target, pixels, list(imageset.records["caption"]), list(imageset.records["id"]), **params, **settings.for_function(spec.function))
+    assert list(values["id"]) == list(imageset.records["id"])
+    np.testing.assert_allclose(values["score"], direct.scores, rtol=0, atol=1e-6)
+    before = target.unet_evals
+    again = runs.attack_values(target, imageset, spec, params, settings, tmp_path, 3, 32, progress=False)
+    assert target.unet_evals == before  # every batch read back from the cache
+    np.testing.assert_array_equal(again["score"], values["score"])
+
+
+def test_every_attack_file_has_one_registry_entry():
+    from pathlib import Path
+
+    import mialib.attacks as package
+
+    files = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - {"__init__", "base", "registry"}
+    functions = {spec.function.__module__.rsplit(".", 1)[-1] for spec in REGISTRY.values() if spec.kind != "blind"}
+    assert files == functions
+
+
+@pytest.mark.parametrize(
+    "text, fixed, grid, direction",
+    [
+        ("structural", {}, {}, "method"),
+        ("structural:t=200,stride=20", {"t": 200, "stride": 20}, {}, "method"),
+        ("structural:t=50:200:50", {}, {"t": [50, 100, 150, 200]}, "auto"),
+        ("loss:t=[50,100]", {}, {"t": [50, 100]}, "method"),
+        ("pia:calibrate", {}, {"t": REGISTRY["pia"].grid["t"]}, "method"),
+        ("structural:t=100,direction=-1", {"t": 100}, {}, -1),
+        ("structural:t=[50,100],direction=1", {}, {"t": [50, 100]}, 1),
+    ],
+)
+def test_parse_request(text, fixed, grid, direction):
+    request = parse_request(text)
+    assert (request.fixed, request.grid, request.direction) == (fixed, grid, direction)
+    assert parse_request(request.text()).points() == request.points()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("nope", "unknown attack"),
+        ("structural:tt=3", "takes"),
+        ("loss:t=100,direction=-1", "fixed by its method"),
+        ("structural:t", "key=value"),
+        ("vae_control:calibrate", "no calibration grid"),
+        ("structural:t=100:50:50", "range"),
+    ],
+)
+def test_parse_request_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_request(text)
+
+
+def test_settings_are_validated_once():
+    with pytest.raises(ValueError, match="prompt"):
+        Settings(prompt="none")
+    with pytest.raises(ValueError, match="schedule"):
+        Settings(schedule="linear")
+    with pytest.raises(ValueError, match="dtype"):
+        Settings(dtype="int8")
+    settings = Settings.from_parameters({"GUIDANCE": 3, "SSIM_DATA_RANGE": 1, "SEED": 4, "OTHER": 1})
+    assert (settings.guidance, settings.data_range, settings.seed) == (3.0, 1.0, 4)
+    assert settings.for_function(REGISTRY["clid"].function) == {"encode_mode": "mode", "seed": 4}  # CLiD ignores the rest
+    assert settings.unet_branches() == 2
+
+
+def test_choice_and_direction_come_from_calibration_only(target, imageset, tmp_path):
+    result = runs.run_request(target, imageset, "structural:t=50:200:50", Settings(), tmp_path, 4, 32)
+    values = result.values.merge(imageset.records[["id", "label", "subset"]], on="id")
+    calibration = values[values["subset"] == "calibration"]
+    aucs = {(t, d): roc_auc_score(g["label"], d * g["score"]) for t, g in calibration.groupby("t") for d in (1, -1)}
+    best = max(aucs.values())
+    assert aucs[(result.chosen["t"], result.direction)] == pytest.approx(best)
+    assert result.calibration_auc == pytest.approx(best)
+    rows = result.rows.set_index("id").loc[imageset.records["id"]]
+    at_choice = result.values[result.values["t"] == result.chosen["t"]].set_index("id").loc[imageset.records["id"]]
+    np.testing.assert_array_equal(rows["score"], result.direction * at_choice["score"])  # the direction, applied once
+    np.testing.assert_array_equal(rows["value"], at_choice["score"])
+    assert set(rows["t"]) == {result.chosen["t"]} and set(rows["stride"]) == {50} and set(rows["measure"]) == {"ssim"}
+    assert set(rows["guidance"]) == {1.0} and set(rows["prompt"]) == {"caption"} and set(rows["dtype"]) == {"float32"}
+    assert list(result.rows.columns) == runs.SCORE_COLUMNS
+    # test rows never influence the choice: reversing every test label leaves it unchanged
+    flipped = imageset.select(np.ones(len(imageset), dtype=bool))
+    flipped.records["label"] = np.where(flipped.records["subset"] == "test", 1 - flipped.records["label"], flipped.records["label"])
+    again = runs.run_request(target, flipped, "structural:t=50:200:50", Settings(), tmp_path, 4, 32)
+    assert (again.chosen, again.direction) == (result.chosen, result.direction)
+
+
+def test_a_method_direction_is_never_reversed(target, imageset, tmp_path):
+    result = runs.run_request(target, imageset, "pia:t=[50,100,200]", Settings(), tmp_path, 4, 32)
+    assert result.direction == 1
+    assert (result.rows["score"] == result.rows["value"]).all()
+
+
+def test_requirements_are_checked_before_any_compute(target, tmp_path):
+    folder = helpers.write_imagefolder(tmp_path / "small", n=8)
+    small = imagesets.open_imageset(f"imagefolder:{folder}")
+    before = target.unet_evals
+    with pytest.raises(ValueError, match="at least 5 calibration images of each class"):
+        runs.score(target, small, {"s": "structural", "b": "blind_image"}, Settings(), tmp_path / "cache", 4, 32)
+    assert target.unet_evals == before  # refused before the structural attack ran
+    keep, skipped = runs.runnable(small, {"s": "structural", "b": "blind_image", "c": "blind_caption"})
+    assert list(keep) == ["s"] and set(skipped) == {"b", "c"}
+    members_only = small.select((small.records["label"] == 1).to_numpy())
+    with pytest.raises(ValueError, match="no non-members"):
+        runs.check_requirements(members_only, [parse_request("structural")], metrics=True)
+
+
+def test_score_table_and_metrics_agree_with_sklearn(target, imageset, tmp_path):
+    table, results = runs.score(target, imageset, {"paper": "structural", "loss": "loss:t=[50,100]"}, Settings(), tmp_path, 3, 32, progress=False)
+    assert list(table.columns) == runs.SCORE_COLUMNS
+    assert set(table["run"]) == {"paper", "loss"} and len(table) == 2 * len(imageset)
+    metrics = studies.metric_table(table, n_bootstrap=50)
+    for row in metrics.itertuples():
+        test = table[(table["run"] == row.run) & (table["subset"] == "test")]
+        assert row.auc == pytest.approx(roc_auc_score(test["label"], test["score"]), abs=1e-12)
+        assert row.auc_low <= row.auc <= row.auc_high
+    # what calibration chose replays as fixed requests with the same scores (04 and 05 rely on it)
+    replay = studies.chosen_requests({run: r.chosen_record() for run, r in results.items()})
+    again, _ = runs.score(target, imageset, replay, Settings(), tmp_path, 5, 32, progress=False)
+    pd.testing.assert_series_equal(again.set_index(["run", "id"])["score"].sort_index(), table.set_index(["run", "id"])["score"].sort_index(), atol=1e-9)
+
+
+def test_a_replayed_request_keeps_a_reversed_direction():
+    requests = studies.chosen_requests({"cal": {"attack": "structural", "params": {"t": 300, "stride": 50, "measure": "ssim"}, "direction": -1, "display": "x"}})
+    request = requests["cal"]
+    assert isinstance(request, AttackRequest) and request.direction == -1 and request.fixed["t"] == 300

@@ -39,8 +39,18 @@ def loss_errors(
     return errors
 
 
-def loss_attack(target, images, captions, ids, t: int = 100, **settings) -> AttackOutput:
-    """Score = -noise-prediction MSE at timestep t."""
+def loss_attack(
+    target,
+    images: torch.Tensor,
+    captions: list[str],
+    ids: list[str],
+    t: int = 100,
+    guidance: float = 1.0,
+    prompt: str = "caption",
+    encode_mode: str = "mode",
+    seed: int = 0,
+) -> AttackOutput:
+    """Score = -noise-prediction MSE at timestep t; extras {"mse": (n,)}."""
     before = target.unet_evals
-    error = loss_errors(target, images, captions, ids, [t], **settings)[int(t)]
+    error = loss_errors(target, images, captions, ids, [t], guidance, prompt, encode_mode, seed)[int(t)]
     return AttackOutput(scores=-error, unet_evals=(target.unet_evals - before) // len(images), extras={"mse": error})

@@ -178,6 +178,7 @@ class AttackRequest:
     grid: dict = field(default_factory=dict)
     direction: object = "method"
     run: str = ""
+    label: str = ""  # a display name that overrides the derived one (a replayed calibrated choice keeps its name)
 
     def __post_init__(self):
         spec = get(self.name)
@@ -197,6 +198,8 @@ class AttackRequest:
 
     @property
     def display(self) -> str:
+        if self.label:
+            return self.label
         spec = self.spec
         if self.grid:
             return f"{spec.label} (calibrated)"

@@ -315,23 +315,26 @@ def _caption(value) -> tuple[str | None, str | None]:
 
 
 def assign_subsets(frame: pd.DataFrame, seed: int) -> pd.Series:
-    """Calibration / test for records without one: within each label, groups ordered by
-    sha256(seed, group) fill calibration up to ceil(n / 2) images; the rest are test.
+    """Calibration / test for records without one, deterministic for a seed and the listed records.
 
-    Deterministic for a given seed and set, stratified by label, and groups never straddle subsets.
+    A group goes whole to one subset. Groups are stratified by their label (the majority label of the
+    group's images; ties count as member): within a label, groups ordered by sha256(seed, group) fill
+    calibration up to ceil(n / 2) of that label's images; the rest are test.
     """
     subsets = pd.Series("test", index=frame.index, dtype=object)
-    for _, part in frame.groupby("label"):
-        sizes = part.groupby("group").size()
-        order = sorted(sizes.index, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
-        wanted, taken = len(part) - len(part) // 2, 0
-        calibration = []
+    by_group = frame.groupby("group")["label"]
+    primary = (by_group.mean() >= 0.5).astype(int)  # the group's majority label
+    sizes = by_group.size()
+    for label in (1, 0):
+        groups = primary.index[primary == label]
+        order = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+        wanted, taken, calibration = int(sizes[groups].sum()) - int(sizes[groups].sum()) // 2, 0, []
         for group in order:
             if taken >= wanted:
                 break
             calibration.append(group)
             taken += sizes[group]
-        subsets[part.index[part["group"].isin(calibration)]] = "calibration"
+        subsets[frame.index[frame["group"].isin(calibration)]] = "calibration"
     return subsets
 
 
@@ -371,7 +374,9 @@ def build(
     frame = pd.DataFrame(
         {
             "id": ids,
-            "label": [parse_label(e.label) if e.skip is None else None for e in entries],
+            # every listed record with a readable label takes part in the subset assignment, skipped or
+            # not, so an image's subset does not move when others arrive (a resumed download) or break
+            "label": [parse_label(e.label) for e in entries],
             "group": [i if is_blank(e.group) else str(e.group).strip() for e, i in zip(entries, ids)],
             "source": [e.source for e in entries],
             "location": [e.location for e in entries],

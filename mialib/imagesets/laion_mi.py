@@ -304,7 +304,7 @@ def download(
     folder = Path(folder)
     log = log or (lambda line: None)
     rows = listing(folder)
-    target = claim_folder(folder / DOWNLOAD, own_names=OWN_NAMES)
+    target = claim_folder(folder / DOWNLOAD, lambda path: path.name in OWN_NAMES)
     output = target / OUTPUT
     done = attempts(folder)
     finished = {i for i, s in done.items() if not retry_failed or failure_reason(s) is None}

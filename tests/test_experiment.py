@@ -1,0 +1,230 @@
+"""mialib.experiment and mialib.cli: presets and notebook parameters, checks before compute, the runner
+that goes on past a failure, and the command line on a user's imagefolder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import helpers
+from mialib import cli, experiment, imagesets, studies
+from mialib.attacks import REGISTRY
+from mialib.settings import Settings
+from mialib.target import load_target
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = sorted({"01_data_split", "02_observation", "03_attack", "04_robustness", "05_ablations"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with helpers.one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_cli") / "model"
+    helpers.save_tiny_pipeline(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def user_set(tmp_path_factory) -> Path:
+    return helpers.write_imagefolder(tmp_path_factory.mktemp("cli_set") / "set", n=12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets and notebooks
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", SOURCES)
+def test_notebook_defaults_are_the_default_preset(name):
+    """Every default lives in a preset: each notebook's parameters cell equals configs/default.yaml."""
+    preset = experiment.load_preset(ROOT / "configs" / "default.yaml")
+    declared = experiment.declared_parameters(ROOT / "notebooks" / f"{name}.ipynb")
+    assert declared, name
+    for key, value in declared.items():
+        assert key in preset, f"{name} declares {key}, which configs/default.yaml lacks"
+        assert value == preset[key], f"{name}: {key} = {value!r}, the preset says {preset[key]!r}"
+
+
+@pytest.mark.parametrize("preset", ["default", "smoke"])
+def test_every_preset_key_is_used_and_its_attacks_parse(preset):
+    params = experiment.load_preset(ROOT / "configs" / f"{preset}.yaml")
+    declared = set().union(*(experiment.declared_parameters(ROOT / "notebooks" / f"{n}.ipynb") for n in SOURCES))
+    assert set(params) - declared - experiment.TARGET_KEYS == set()
+    from mialib import runs
+
+    requests = runs.as_requests(params["ATTACKS"])
+    assert set(r.name for r in requests.values()) <= set(REGISTRY)
+    Settings.from_parameters(params)
+
+
+def test_notebooks_are_thin():
+    """No function or class is defined in a notebook cell: logic belongs in mialib."""
+    import ast
+
+    import nbformat
+
+    for name in SOURCES:
+        notebook = nbformat.read(str(ROOT / "notebooks" / f"{name}.ipynb"), as_version=4)
+        for cell in notebook.cells:
+            if cell.cell_type == "code":
+                nodes = ast.walk(ast.parse(cell.source))
+                defined = [n for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))]
+                assert not defined, (name, cell.source)
+                assert not cell.get("outputs"), f"{name} is committed with outputs"
+
+
+def _study_params(tmp_path, data, model, **extra):
+    params = experiment.load_preset(ROOT / "configs" / "smoke.yaml")
+    params.update(DATA=data, MODEL=str(model), OUTPUT_DIR=str(tmp_path / "out"), BATCH_SIZE=4, **extra)
+    return params
+
+
+def test_setup_writes_the_set_and_checks_the_size_before_compute(tmp_path, model, user_set):
+    study = experiment.setup(_study_params(tmp_path, f"imagefolder:{user_set}", model), "x")
+    assert len(study.imageset) == 12 and study.target.resolution == 32
+    written = pd.read_csv(study.tables / "image_set.csv")
+    assert list(written.columns) == [c for c in study.imageset.records.columns if c != "location"]
+    assert (study.tables / "skipped_images.csv").exists()
+    with pytest.raises(ValueError, match="multiple of the VAE's downscale factor"):
+        experiment.setup(_study_params(tmp_path, f"imagefolder:{user_set}", model, IMAGE_SIZE=33), "x")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        experiment.setup(_study_params(tmp_path, f"imagefolder:{user_set}", tmp_path / "no" / "such-model"), "x")
+    with pytest.raises(ValueError, match="only for the embedded emoji set"):
+        experiment.setup(_study_params(tmp_path, f"imagefolder:{user_set}", model, NONMEMBER_STYLE="shifted"), "x")
+
+
+def test_a_small_set_runs_the_attacks_and_skips_the_blind_baselines_with_a_reason(tmp_path, model):
+    """8 images: the blind baselines cannot cross-validate; they are skipped before any compute and the
+    attacks still run (the old notebook failed after all the attack compute)."""
+    small = helpers.write_imagefolder(tmp_path / "small", n=8)
+    study = experiment.setup(_study_params(tmp_path, f"imagefolder:{small}", model), "03_attack")
+    comparison = studies.compare(study, {"paper": "structural", "loss": "loss:t=[50,100]", "blind_image": "blind_image"}, n_bootstrap=20)
+    assert list(comparison.table["run"]) == ["paper", "loss"]
+    assert "at least 5 calibration images" in comparison.skipped["blind_image"]
+    notes = pd.read_csv(study.tables / "skipped_studies_03_attack.csv")
+    assert list(notes["study"]) == ["blind_image"]
+    assert comparison.verdict["beats blind baselines"].isna().all()  # nothing to beat: no verdict is invented
+    # a model without checkpoints: training dynamics is skipped with its reason, not a crash
+    assert studies.training_dynamics(study, [200, 400]) is None
+    assert "no training checkpoints" in pd.read_csv(study.tables / "skipped_studies_03_attack.csv")["reason"].iloc[-1]
+
+
+def test_the_runner_goes_on_after_a_failure_and_reports_it(tmp_path, monkeypatch):
+    import papermill
+
+    executed = []
+
+    def fake_execute(source, output, parameters, **kwargs):
+        name = Path(output).stem
+        executed.append((name, parameters))
+        if name == "02_observation":
+            raise RuntimeError("boom in 02")
+        Path(output).write_text("{}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    params = experiment.load_preset(ROOT / "configs" / "smoke.yaml")
+    params.update(OUTPUT_DIR=str(tmp_path / "out"), DATA="imagefolder:somewhere")
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump(params))
+    with pytest.raises(experiment.NotebookFailures, match="02_observation: boom in 02"):
+        experiment.run_notebooks(preset)
+    assert [n for n, _ in executed] == ["01_data_split", "02_observation", "03_attack", "04_robustness", "05_ablations"]
+    outcomes = json.loads((tmp_path / "out" / "notebook_runs.json").read_text())
+    assert outcomes["02_observation"]["status"] == "failed" and outcomes["05_ablations"]["status"] == "ok"
+    assert outcomes["03_attack_biased"]["status"] == "skipped"
+    # each notebook received exactly the keys its parameters cell declares
+    for name, parameters in executed:
+        assert set(parameters) <= set(experiment.declared_parameters(ROOT / "notebooks" / f"{name}.ipynb"))
+
+
+def test_a_typo_in_a_preset_key_is_refused(tmp_path):
+    params = experiment.load_preset(ROOT / "configs" / "smoke.yaml")
+    params.update(OUTPUT_DIR=str(tmp_path / "out"), GUIDANCEE=2.0)
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match="GUIDANCEE"):
+        experiment.run_notebooks(preset)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------------
+def test_score_on_a_users_imagefolder_equals_the_attack_functions(tmp_path, model, user_set, capsys):
+    out = tmp_path / "scored"
+    argv = ["score", "--model", str(model), "--data", f"imagefolder:{user_set}", "--out", str(out), "--batch-size", "5",
+            "--attack", "structural", "--attack", "structural:t=50:150:50", "--attack", "loss:t=[50,100]", "--attack", "clid", "--quiet", "--bootstrap", "50"]
+    cli.main(argv)
+    printed = capsys.readouterr().out
+    assert "structural:t=[50, 100, 150]" in printed and "AUC" in printed
+    for name in ("scores.parquet", "metrics.csv", "skipped.csv", "parameters.json", "image_set.csv", "chosen_settings.json"):
+        assert (out / name).exists(), name
+    scores = pd.read_parquet(out / "scores.parquet")
+    imageset = imagesets.open_imageset(f"imagefolder:{user_set}")
+    target = load_target(model)
+    pixels, captions, ids = imageset.load(32), list(imageset.records["caption"]), list(imageset.records["id"])
+    chosen = json.loads((out / "chosen_settings.json").read_text())
+    for run, record in chosen.items():
+        spec = REGISTRY[record["attack"]]
+        direct = spec.function(target, pixels, captions, ids, **record["params"], **Settings().for_function(spec.function))
+        got = scores[scores["run"] == run].set_index("id").loc[ids]
+        np.testing.assert_allclose(got["score"], record["direction"] * direct.scores, rtol=0, atol=1e-6, err_msg=run)
+    parameters = json.loads((out / "parameters.json").read_text())
+    assert parameters["images"] == 12 and parameters["settings"]["guidance"] == 1.0
+    # a rerun resumes from the cache: no U-Net evaluation, the same table
+    before = sorted(p.name for p in (out / "cache").rglob("*.parquet"))
+    cli.main(argv)
+    assert sorted(p.name for p in (out / "cache").rglob("*.parquet")) == before
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "scores.parquet").drop(columns=["seconds_per_image", "peak_memory_mb", "unet_evals_run"]),
+                                  scores.drop(columns=["seconds_per_image", "peak_memory_mb", "unet_evals_run"]))
+    capsys.readouterr()
+    cli.main(["report", str(out)])
+    report = capsys.readouterr().out
+    assert "loss:t=[50, 100]" in report and "test split: 3 members, 3 non-members" in report
+
+
+def test_score_refuses_before_reading_or_writing(tmp_path, model, user_set, capsys):
+    base = ["score", "--data", f"imagefolder:{user_set}", "--attack", "structural"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, "--model", str(tmp_path / "models" / "sd-typo"), "--out", str(tmp_path / "a")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "does not exist" in error and "sd-typo" in error
+    assert not (tmp_path / "a").exists()
+    users = tmp_path / "my-results"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--model", str(model), "--out", str(users)])
+    assert "refusing to write" in capsys.readouterr().err and (users / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):
+        cli.main(["score", "--data", f"imagefolder:{user_set}", "--attack", "nope", "--model", str(model), "--out", str(tmp_path / "b")])
+    assert "unknown attack 'nope'" in capsys.readouterr().err
+
+
+def test_help_lists_the_registry(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["score", "--help"])
+    text = capsys.readouterr().out
+    for name in REGISTRY:
+        assert name in text
+
+
+def test_freeze_then_verify(tmp_path, user_set, capsys):
+    manifest = tmp_path / "frozen.csv"
+    cli.main(["freeze", "--data", f"imagefolder:{user_set}?seed=3", "--out", str(manifest)])
+    frozen = pd.read_csv(manifest, dtype=str)
+    assert list(frozen.columns)[:7] == ["id", "caption", "label", "subset", "source", "sha256", "subset_rule"] and len(frozen) == 12
+    with pytest.raises(SystemExit):
+        cli.main(["freeze", "--data", f"imagefolder:{user_set}", "--out", str(manifest)])
+    assert "never overwrites" in capsys.readouterr().err
+    verified = imagesets.open_imageset(f"imagefolder:{user_set}?manifest={manifest}")
+    assert verified.info["manifest"]["counts"] == {"verified": 12}
+    assert list(verified.records["subset"]) == list(frozen["subset"])
