@@ -191,8 +191,8 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
     ``globals()``) are its parameters. Opens the image set (writing its records and skip table), checks
     the model and the image size before any compute, and loads the target."""
     params = {k: v for k, v in params.items() if k.isupper() and not k.startswith("_")}
-    out = resolve(params["OUTPUT_DIR"])
-    for folder in (out, out / "tables", out / "figures"):
+    out = claim_output(resolve(params["OUTPUT_DIR"]))
+    for folder in (out / "tables", out / "figures"):
         folder.mkdir(parents=True, exist_ok=True)
     settings = Settings.from_parameters(params)
     imageset = open_data(params)
@@ -200,6 +200,7 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
     imageset.skipped.to_csv(out / "tables" / "skipped_images.csv", index=False)
     print(imageset.summary(), flush=True)
     study = Study(params, notebook, out, settings, imageset)
+    claim_output(study.cache)
     if load_model:
         import torch
 
@@ -214,6 +215,15 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
             print(f"{len(truncated)} captions are longer than the text encoder's {study.target.tokenizer.model_max_length} tokens and are cut there (tables/captions_truncated.csv)", flush=True)
         print(f"{study.target.name}: native {study.target.resolution} px, attacked at {study.size} px", flush=True)
     return study
+
+
+def claim_output(folder: Path) -> Path:
+    """An output or cache folder: under the repository's ``outputs/`` it is the project's own; anywhere
+    else it must be new, empty, or one that mialib wrote (never a folder holding a user's files)."""
+    if folder.resolve().is_relative_to((ROOT / "outputs").resolve()):
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    return data.claim_folder(folder)
 
 
 def check_size(target, size: int) -> None:

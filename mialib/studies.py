@@ -142,6 +142,9 @@ def decoded_examples(study, timesteps: list[int], stride: int) -> tuple[list, li
     from .attacks import decoded_trajectory
     from .trajectories import TrajectoryCache
 
+    off_path = [t for t in timesteps if t % stride]
+    if off_path:
+        raise ValueError(f"GRID_TIMESTEPS {off_path} are not multiples of the stride {stride}")
     rows, labels = [], []
     for label, name in ((1, "member"), (0, "non-member")):
         record = study.imageset.records[study.imageset.records["label"] == label].head(1)
@@ -375,6 +378,15 @@ class Ablations:
             self.record("T (-MSE)", t, at_t, "mse", -1)
             self.record("T (-latent MSE)", t, at_t, "latent_mse", -1)
         return self.table(prefix="T (").pivot_table(index="value", columns="study", values="auc", sort=False)
+
+    def sizes(self, sizes: list[int]) -> list[int]:
+        """The attack sizes that the model's VAE can take (multiples of its downscale factor); the
+        others are skipped with their reason before any compute."""
+        factor = 2 ** (len(self.study.target.vae.config.block_out_channels) - 1)
+        for size in sizes:
+            if size % factor:
+                self.study.skip(f"resolution {size} px", f"not a multiple of the VAE's downscale factor {factor}")
+        return [size for size in sizes if size % factor == 0]
 
     def table(self, prefix: str | None = None, exclude: str | None = None) -> pd.DataFrame:
         frame = pd.DataFrame(self.rows)

@@ -228,3 +228,25 @@ def test_freeze_then_verify(tmp_path, user_set, capsys):
     verified = imagesets.open_imageset(f"imagefolder:{user_set}?manifest={manifest}")
     assert verified.info["manifest"]["counts"] == {"verified": 12}
     assert list(verified.records["subset"]) == list(frozen["subset"])
+
+
+def test_captions_longer_than_the_text_encoder_are_recorded(tmp_path, model):
+    """The tiny tokenizer keeps 16 tokens: a longer caption is cut as the model cuts it, and listed."""
+    long = " ".join(["red apple on a wooden table"] * 6)
+    folder = helpers.write_imagefolder(tmp_path / "long", n=8, captions=[long] + [f"cat {i}" for i in range(7)])
+    study = experiment.setup(_study_params(tmp_path, f"imagefolder:{folder}", model), "x")
+    truncated = pd.read_csv(study.tables / "captions_truncated.csv")
+    assert list(truncated["id"]) == ["img000"] and (truncated["tokens"] > truncated["limit"]).all()
+    assert truncated["limit"].iloc[0] == helpers.MAX_TOKENS
+    out = tmp_path / "scored"
+    cli.main(["score", "--model", str(model), "--data", f"imagefolder:{folder}", "--out", str(out), "--attack", "vae_control", "--quiet", "--bootstrap", "10"])
+    assert list(pd.read_csv(out / "captions_truncated.csv")["id"]) == ["img000"]
+
+
+def test_a_users_output_folder_is_never_written_into(tmp_path, model, user_set):
+    users = tmp_path / "my-results"
+    users.mkdir()
+    (users / "metrics.csv").write_text("my own numbers")
+    with pytest.raises(ValueError, match="refusing to write"):
+        experiment.setup(dict(_study_params(tmp_path, f"imagefolder:{user_set}", model), OUTPUT_DIR=str(users)), "x")
+    assert (users / "metrics.csv").read_text() == "my own numbers"
