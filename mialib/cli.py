@@ -166,12 +166,16 @@ def report(args) -> None:
 
 def download(args) -> None:
     from .imagesets import parse_spec
+    from .imagesets.laion_mi import DownloadError
     from .imagesets.laion_mi import download as fetch
 
     kind, folder, _ = parse_spec(args.data)
     if kind != "laion-mi":
         raise ValueError(f"mialib download fetches laion-mi sets; {args.data!r} is {kind}")
-    summary = fetch(folder, processes=args.processes, threads=args.threads, timeout=args.timeout, retries=args.retries, limit=args.limit)
+    try:
+        summary = fetch(folder, processes=args.processes, threads=args.threads, timeout=args.timeout, retries=args.retries, limit=args.limit)
+    except DownloadError as error:  # the tool is missing or failed: say so without a traceback
+        raise ValueError(str(error)) from None
     print(json.dumps(summary, indent=2, default=str))
 
 

@@ -294,7 +294,7 @@ def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] = N
     import papermill
 
     params = load_preset(preset_path)
-    output_dir = resolve(params["OUTPUT_DIR"])
+    output_dir = claim_output(resolve(params["OUTPUT_DIR"]))  # before anything is written there
     (output_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     runs = notebook_runs(params)
     unknown = [name for name in notebooks if name not in runs]

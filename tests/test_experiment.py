@@ -250,3 +250,29 @@ def test_a_users_output_folder_is_never_written_into(tmp_path, model, user_set):
     with pytest.raises(ValueError, match="refusing to write"):
         experiment.setup(dict(_study_params(tmp_path, f"imagefolder:{user_set}", model), OUTPUT_DIR=str(users)), "x")
     assert (users / "metrics.csv").read_text() == "my own numbers"
+
+
+def test_download_takes_only_laion_mi_sets_and_names_what_is_missing(tmp_path, user_set, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["download", "--data", f"imagefolder:{user_set}"])
+    assert exit_info.value.code == 2 and "fetches laion-mi sets" in capsys.readouterr().err
+    empty = tmp_path / "laion_mi"
+    empty.mkdir()
+    with pytest.raises(SystemExit):
+        cli.main(["download", "--data", f"laion-mi:{empty}"])
+    assert "parquet" in capsys.readouterr().err
+
+
+def test_the_runner_refuses_a_users_output_folder_before_executing(tmp_path, monkeypatch):
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("nothing may run"))
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "parameters.json").write_text("{}")
+    params = dict(experiment.load_preset(ROOT / "configs" / "smoke.yaml"), OUTPUT_DIR=str(users))
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match="refusing to write"):
+        experiment.run_notebooks(preset)
+    assert (users / "parameters.json").read_text() == "{}" and not (users / "notebooks").exists()
