@@ -85,7 +85,7 @@ class Target:
         """(index, token count) of every caption longer than the text encoder's limit, where
         :meth:`encode_prompts` cuts it (the start and end tokens count)."""
         limit = self.tokenizer.model_max_length
-        lengths = [len(ids) for ids in self.tokenizer(list(captions), truncation=False)["input_ids"]]
+        lengths = [len(ids) for ids in self.tokenizer(list(captions), truncation=False, verbose=False)["input_ids"]]
         return [(i, n) for i, n in enumerate(lengths) if n > limit]
 
     @torch.no_grad()
