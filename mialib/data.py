@@ -293,7 +293,8 @@ OWNED_MARKER = ".mialib-owned"
 
 
 def claim_folder(folder: str | os.PathLike, is_own: Callable[[Path], bool] | None = None) -> Path:
-    """Create ``folder`` for files the project writes and regenerates, or reuse one it made before.
+    """Create ``folder`` for files the project writes and regenerates, or reuse one it made before (it,
+    or a folder above it, holds the project's marker).
 
     A folder that already holds files without the project's marker belongs to somebody else, unless
     ``is_own(path)`` vouches for every one of them (renders an earlier version wrote, checked by
@@ -301,7 +302,8 @@ def claim_folder(folder: str | os.PathLike, is_own: Callable[[Path], bool] | Non
     """
     folder = Path(folder)
     marker = folder / OWNED_MARKER
-    if folder.exists() and not marker.exists():
+    inside_own = any((parent / OWNED_MARKER).exists() for parent in folder.absolute().parents)  # e.g. a run's cache/
+    if folder.exists() and not marker.exists() and not inside_own:
         foreign = sorted(p.name for p in folder.iterdir() if is_own is None or not is_own(p))
         if foreign:
             raise DataError(

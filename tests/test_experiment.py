@@ -276,3 +276,16 @@ def test_the_runner_refuses_a_users_output_folder_before_executing(tmp_path, mon
     with pytest.raises(ValueError, match="refusing to write"):
         experiment.run_notebooks(preset)
     assert (users / "parameters.json").read_text() == "{}" and not (users / "notebooks").exists()
+
+
+def test_a_folder_inside_one_mialib_wrote_is_its_own(tmp_path):
+    from mialib.data import DataError, claim_folder
+
+    out = claim_folder(tmp_path / "run")  # as `mialib score --out` does
+    (out / "cache" / "loss").mkdir(parents=True)  # as the run layer then does, without a marker
+    assert claim_folder(out / "cache") == out / "cache"  # a notebook's CACHE_DIR may point there
+    other = tmp_path / "users"
+    (other / "cache").mkdir(parents=True)
+    (other / "cache" / "x.txt").write_text("mine")
+    with pytest.raises(DataError):
+        claim_folder(other / "cache")
