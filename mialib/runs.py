@@ -252,9 +252,3 @@ def runnable(imageset, requests: dict) -> tuple[dict, dict]:
             keep[run] = request
     return keep, skipped
 
-
-def write_dir_guard(folder: str | os.PathLike) -> Path:
-    """An output folder for a run: created, or reused when mialib wrote it; never a user's folder."""
-    from .data import claim_folder
-
-    return claim_folder(folder)

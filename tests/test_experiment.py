@@ -175,7 +175,8 @@ def test_score_on_a_users_imagefolder_equals_the_attack_functions(tmp_path, mode
         spec = REGISTRY[record["attack"]]
         direct = spec.function(target, pixels, captions, ids, **record["params"], **Settings().for_function(spec.function))
         got = scores[scores["run"] == run].set_index("id").loc[ids]
-        np.testing.assert_allclose(got["score"], record["direction"] * direct.scores, rtol=0, atol=1e-6, err_msg=run)
+        # batches of 5 against one of 12: float32 rounding differs by batch size (see test_runs)
+        np.testing.assert_allclose(got["score"], record["direction"] * direct.scores, rtol=2e-5, atol=1e-6, err_msg=run)
     parameters = json.loads((out / "parameters.json").read_text())
     assert parameters["images"] == 12 and parameters["settings"]["guidance"] == 1.0
     # a rerun resumes from the cache: no U-Net evaluation, the same table

@@ -141,7 +141,9 @@ def test_each_attack_through_the_run_layer_equals_the_function_and_its_cost_form
     pixels = imageset.load(32)
     direct = spec.function(target, pixels, list(imageset.records["caption"]), list(imageset.records["id"]), **params, **settings.for_function(spec.function))
     assert list(values["id"]) == list(imageset.records["id"])
-    np.testing.assert_allclose(values["score"], direct.scores, rtol=0, atol=1e-6)
+    # batches of 3 against one batch of 8: float32 convolutions round differently by batch size (up to about
+    # 1.5e-6, measured in issue 10, which makes batching bit-identical); PIA's l4 distance amplifies it
+    np.testing.assert_allclose(values["score"], direct.scores, rtol=2e-5, atol=1e-6)
     before = target.unet_evals
     again = runs.attack_values(target, imageset, spec, params, settings, tmp_path, 3, 32, progress=False)
     assert target.unet_evals == before  # every batch read back from the cache

@@ -174,14 +174,6 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.records)
 
-    @property
-    def labels(self) -> np.ndarray:
-        return self.records["label"].to_numpy()
-
-    def counts(self) -> pd.DataFrame:
-        """Images per label and subset."""
-        return self.records.groupby(["label", "subset"]).size().rename("images").reset_index()
-
     def select(self, mask) -> "ImageSet":
         """The records where ``mask`` holds (a boolean array, or a list of ids), in this set's order."""
         if isinstance(mask, (list, tuple, set, pd.Index)) and not (len(mask) and isinstance(next(iter(mask)), (bool, np.bool_))):
