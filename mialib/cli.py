@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     score = commands.add_parser("score", help="score an image set with registered attacks", epilog=_attacks_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    score.add_argument("--model", required=True, help="a local pipeline folder (safetensors) or a hub id owner/name")
+    score.add_argument("--model", required=True, help="a local pipeline folder (safetensors), a hub id owner/name, or a single .safetensors checkpoint")
+    score.add_argument("--variant", default=None, help="weight files variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
+    score.add_argument("--model-config", default=None, help="single-file --model only: its family's pipeline folder or hub id (configs, tokenizer, scheduler)")
     score.add_argument("--data", required=True, help=DATA_HELP)
     score.add_argument("--attack", action="append", required=True, metavar="NAME[:key=value,...]", help="an attack to run (repeatable); see the list below")
     score.add_argument("--out", required=True, help="output folder (created; a rerun resumes from its cache)")
@@ -98,19 +100,20 @@ def score(args) -> None:
     from .data import claim_folder
     from .experiment import check_size
     from .settings import Settings
-    from .target import load_target, locate_model
+    from .target import check_source, load_target
 
     started = time.time()
     settings = Settings(args.guidance, args.prompt, args.encode_mode, args.schedule, args.seed, args.data_range, args.dtype)
     requests = runs.as_requests([parse_request(text) for text in args.attack])
-    model = locate_model(args.model)  # a typo'd path fails here, before anything is read or written
+    model = check_source(args.model, args.model_config)  # a typo'd path or a bad file form fails here, before anything is read or written
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
     imageset = imagesets.open_imageset(args.data if "seed=" in args.data else _with_seed(args.data, args.seed))
     print(imageset.summary(), flush=True)
     runs.check_requirements(imageset, requests.values())  # before any compute
     out = claim_folder(args.out)
-    target = load_target(model, device=args.device, dtype=getattr(torch, args.dtype))
+    target = load_target(model, device=args.device, dtype=args.dtype, variant=args.variant, config=args.model_config)
+    print(f"{target.name}: {target.family}, predicts {target.prediction_type}, {args.dtype} (VAE {str(target.vae.dtype).split('.')[-1]}), native {target.resolution} px", flush=True)
     size = args.size or target.resolution
     check_size(target, size)
     imageset.records.drop(columns=["location"]).to_csv(out / "image_set.csv", index=False)
@@ -123,7 +126,8 @@ def score(args) -> None:
         pd.DataFrame({"id": [ids[i] for i, _ in truncated], "tokens": [n for _, n in truncated], "limit": target.tokenizer.model_max_length}).to_csv(out / "captions_truncated.csv", index=False)
         print(f"{len(truncated)} captions exceed the text encoder's {target.tokenizer.model_max_length} tokens and are cut there (captions_truncated.csv)")
     parameters = {
-        "model": model, "data": args.data, "attacks": {run: r.text() for run, r in requests.items()}, "device": args.device,
+        "model": model, "variant": args.variant, "model_config": args.model_config, "family": target.family,
+        "prediction_type": target.prediction_type, "vae_dtype": str(target.vae.dtype), "data": args.data, "attacks": {run: r.text() for run, r in requests.items()}, "device": args.device,
         "batch_size": args.batch_size, "size": size, "settings": settings.columns(), "bootstrap": args.bootstrap,
         "images": len(imageset), "given": imageset.given, "skipped": len(imageset.skipped), "fingerprint": target.fingerprint(),
         "image_set": imageset.info,

@@ -206,7 +206,10 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
 
         from .target import load_target
 
-        study.target = load_target(locate_model(params["MODEL"]), device=params.get("DEVICE", "cpu"), dtype=getattr(torch, settings.dtype))
+        study.target = load_target(
+            locate_model(params["MODEL"]), device=params.get("DEVICE", "cpu"), dtype=settings.dtype,
+            variant=params.get("VARIANT") or None, config=params.get("MODEL_CONFIG") or None,
+        )
         check_size(study.target, study.size)
         truncated = study.target.truncated_captions(list(imageset.records["caption"]))
         if truncated:

@@ -1,8 +1,18 @@
-"""The attacked model: any Stable-Diffusion-shaped pipeline folder or hub id, loaded from safetensors.
+"""The attacked model: a Stable Diffusion 1.x / 2.x / XL pipeline folder, hub id or single file, from safetensors.
 
-``Target`` bundles the VAE, U-Net, text encoder, tokenizer and a DDIM scheduler built ``from_config``
-of the model's own scheduler (so ``alphas_cumprod`` is the model's). Every U-Net evaluation goes
-through :meth:`Target.eps`, which applies classifier-free guidance explicitly and counts evaluations.
+``Target`` bundles the VAE, U-Net, text encoder(s), tokenizer(s) and a DDIM scheduler built ``from_config``
+of the model's own scheduler (so ``alphas_cumprod`` and ``prediction_type`` are the model's). The attacks
+see three calls and nothing of the model family:
+
+- :meth:`Target.encode_prompts` builds a :class:`Conditioning` (SD: the text encoder's hidden states; SDXL:
+  both encoders' penultimate hidden states concatenated, plus the pooled embedding of the second);
+- :meth:`Target.eps` evaluates the U-Net with explicit classifier-free guidance, counts evaluations and turns
+  whatever the model predicts (epsilon, v or the clean sample) into the noise prediction epsilon;
+- :meth:`Target.encode_images` / :meth:`Target.decode` go through the VAE with its own scaling factor.
+
+Weights load from safetensors only: no pickle is ever unpickled and no remote code runs. A folder whose
+weights exist only as a variant (``diffusion_pytorch_model.fp16.safetensors``) loads that variant; a hub id
+is fetched with :meth:`diffusers.DiffusionPipeline.download` (safetensors only) and then loads like a folder.
 """
 
 from __future__ import annotations
@@ -16,70 +26,175 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOW_PIPELINES = {
+    "StableDiffusion3Pipeline": "Stable Diffusion 3",
+    "StableDiffusion3Img2ImgPipeline": "Stable Diffusion 3",
+    "FluxPipeline": "FLUX",
+    "FluxImg2ImgPipeline": "FLUX",
+    "AuraFlowPipeline": "AuraFlow",
+    "SanaPipeline": "Sana",
+    "LuminaText2ImgPipeline": "Lumina",
+    "Lumina2Pipeline": "Lumina 2",
+    "HiDreamImagePipeline": "HiDream",
+    "QwenImagePipeline": "Qwen-Image",
+}
+XL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+class UnsupportedModel(ValueError):
+    """The model is of a family, prediction type or file form the attacks here cannot use; the message says which."""
+
+
+@dataclass
+class Conditioning:
+    """The text conditioning of a batch, as :meth:`Target.eps` hands it to the U-Net.
+
+    ``hidden``: (n, tokens, dim) hidden states (cross-attention). ``pooled``: (n, dim) pooled text embedding
+    (SDXL only). SDXL's size and crop conditioning (``time_ids``) depends on the latents' size, so
+    :meth:`Target.eps` builds it per call. Indexing selects images: ``cond[index]``.
+    """
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def __getitem__(self, index) -> "Conditioning":
+        return Conditioning(self.hidden[index], None if self.pooled is None else self.pooled[index])
+
+    def equal(self, other: "Conditioning") -> bool:
+        same_pooled = (self.pooled is None and other.pooled is None) or (
+            self.pooled is not None and other.pooled is not None and torch.equal(self.pooled, other.pooled)
+        )
+        return torch.equal(self.hidden, other.hidden) and same_pooled
 
 
 @dataclass
 class Target:
     vae: AutoencoderKL
     unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    text_encoder: torch.nn.Module
+    tokenizer: object
     scheduler: DDIMScheduler
     name: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second (OpenCLIP bigG, with projection) encoder
+    tokenizer_2: object | None = None
+    zero_empty_prompt: bool = False  # SDXL's force_zeros_for_empty_prompt: "" conditions on zeros
+    sources: dict = field(default_factory=dict)  # component -> the safetensors files its weights came from
     unet_evals: int = 0  # U-Net forward passes, counted per image (a batch of n counts n)
     _fingerprint: tuple | None = field(default=None, repr=False, compare=False)  # (weights' state, digest)
+    _loaded_state: tuple | None = field(default=None, repr=False, compare=False)  # weights' state when loaded
 
     # ----------------------------------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
+
+    @property
+    def prediction_type(self) -> str:
+        """What the U-Net predicts, read from the scheduler at every call (so a swapped scheduler counts)."""
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
     @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
     @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def resolution(self) -> int:
         """Native image size: latent sample size times the VAE's downscale factor."""
-        downscale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return int(self.unet.config.sample_size) * downscale
+        return int(self.unet.config.sample_size) * self.downscale
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        named = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            named["text_encoder_2"] = self.text_encoder_2
+        return named
+
+    # ----------------------------------------------------------------------------------------------
+    def weight_state(self) -> tuple:
+        """Identity of every weight tensor (storage and version): it changes when any weight does."""
+        return tuple((t.data_ptr(), t._version) for m in self.modules().values() for t in m.state_dict().values())
 
     def fingerprint(self) -> str:
-        """sha256 over every weight, the tokenizer's vocabulary and the scheduler config (keys caches).
+        """sha256 that identifies the model as the attacks see it (keys every cache).
 
-        Hashing Stable Diffusion's weights takes seconds, so the digest is kept and reused while every
-        weight tensor is the same object at the same version (an in-place change bumps the version).
+        It covers the weights, every component's config, the tokenizers' vocabularies, the scheduler config
+        and the dtypes. Weights loaded from files and unchanged since are identified by the files' bytes
+        (streamed: no copy of the model is held; each file is hashed once per process), any other weights
+        by their tensors' bytes, one tensor at a time. Configs are hashed without diffusers' private keys
+        (``_use_default_values`` is built from a set, so its order changes with ``PYTHONHASHSEED``).
+        The digest is kept and reused while every weight tensor is the same object at the same version.
         """
-        state = (
-            json.dumps(dict(self.scheduler.config), sort_keys=True, default=str),
-            tuple((t.data_ptr(), t._version) for m in (self.unet, self.vae, self.text_encoder) for t in m.state_dict().values()),
-        )
+        state = (json.dumps(stable_config(self.scheduler.config), sort_keys=True, default=str), self.weight_state())
         if self._fingerprint is not None and self._fingerprint[0] == state:
             return self._fingerprint[1]
-        self._fingerprint = (state, self._digest())
+        self._fingerprint = (state, self._digest(from_files=bool(self.sources) and state[1] == self._loaded_state))
         return self._fingerprint[1]
 
-    def _digest(self) -> str:
+    def _digest(self, from_files: bool = False) -> str:
         digest = hashlib.sha256()
-        digest.update(json.dumps(dict(self.scheduler.config), sort_keys=True, default=str).encode())
-        digest.update(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode())
-        for module in (self.unet, self.vae, self.text_encoder):
+        described = {
+            "dtype": str(self.dtype),
+            "vae_dtype": str(self.vae.dtype),
+            "scheduler": stable_config(self.scheduler.config),
+            "configs": {name: stable_config(module.config) for name, module in self.modules().items()},
+            "tokenizers": [sorted(t.get_vocab().items()) for t in (self.tokenizer, self.tokenizer_2) if t is not None],
+            "zero_empty_prompt": self.zero_empty_prompt,
+        }
+        digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+        if from_files:
+            for name in sorted(self.sources):
+                for path in self.sources[name]:
+                    digest.update(f"{name}/{Path(path).name}:{file_digest(path)}".encode())
+            return digest.hexdigest()
+        for name, module in self.modules().items():
             for key, tensor in sorted(module.state_dict().items()):
-                digest.update(key.encode())
-                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+                digest.update(f"{name}.{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
     # ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+        return tokenizer(
+            list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+
     @torch.no_grad()
-    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states (batch, tokens, dim); "" is the null prompt (never the word "none")."""
-        tokens = self.tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return self.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
+    def encode_prompts(self, captions: list[str]) -> Conditioning:
+        """The conditioning of a batch of captions; "" is the null prompt (never the word "none").
+
+        SD 1.x / 2.x: the text encoder's output hidden states. SDXL, as its pipeline builds them: both
+        encoders' penultimate hidden states concatenated, and the second encoder's projected pooled
+        embedding; with ``force_zeros_for_empty_prompt`` (SDXL's default) the empty caption is zeros.
+        """
+        captions = list(captions)
+        if self.text_encoder_2 is None:
+            hidden = self.text_encoder(self._token_ids(self.tokenizer, captions).to(self.device))[0]
+            return Conditioning(hidden.to(self.dtype))
+        parts, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            output = encoder(self._token_ids(tokenizer, captions).to(self.device), output_hidden_states=True)
+            parts.append(output.hidden_states[-2])
+            pooled = output[0]
+        hidden, pooled = torch.cat(parts, dim=-1).to(self.dtype), pooled.to(self.dtype)
+        if self.zero_empty_prompt:
+            empty = torch.tensor([c == "" for c in captions], device=hidden.device)
+            hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        return Conditioning(hidden, pooled)
 
     def truncated_captions(self, captions: list[str]) -> list[tuple[int, int]]:
         """(index, token count) of every caption longer than the text encoder's limit, where
@@ -88,14 +203,25 @@ class Target:
         lengths = [len(ids) for ids in self.tokenizer(list(captions), truncation=False, verbose=False)["input_ids"]]
         return [(i, n) for i, n in enumerate(lengths) if n > limit]
 
+    # ----------------------------------------------------------------------------------------------
+    def _vae_shift(self, device, dtype) -> tuple:
+        """(mean, std) of the VAE's latents where its config gives them (else (0, 1))."""
+        mean, std = self.vae.config.get("latents_mean"), self.vae.config.get("latents_std")
+        if mean is None or std is None:
+            return 0.0, 1.0
+        shape = (1, len(mean), 1, 1)
+        return (torch.tensor(mean, device=device, dtype=dtype).view(shape), torch.tensor(std, device=device, dtype=dtype).view(shape))
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, mode: str = "mode", seeds: list[int] | None = None) -> torch.Tensor:
-        """Images in [-1, 1] -> latents times the VAE's own ``scaling_factor``.
+        """Images in [-1, 1] -> latents times the VAE's own ``scaling_factor``, in the U-Net's dtype.
 
         ``mode="mode"`` takes the posterior mean (deterministic); ``mode="sample"`` draws one posterior
-        sample per image with a per-image seed (the official code samples, unseeded).
+        sample per image with a per-image seed (the official code samples, unseeded). The VAE runs in its
+        own dtype (float32 where an fp16 model's VAE config asks for ``force_upcast``).
         """
-        posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        vae_dtype = self.vae.dtype
+        posterior = self.vae.encode(images.to(self.device, vae_dtype)).latent_dist
         if mode == "mode":
             latents = posterior.mode()
         elif mode == "sample":
@@ -103,61 +229,115 @@ class Target:
                 raise ValueError("mode='sample' needs one seed per image")
             noise = torch.stack(
                 [torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-            ).to(self.device, self.dtype)
+            ).to(self.device, vae_dtype)
             latents = posterior.mean + posterior.std * noise
         else:
             raise ValueError(f"encode mode must be 'mode' or 'sample', not {mode!r}")
-        return latents * self.scaling_factor
+        mean, std = self._vae_shift(latents.device, vae_dtype)
+        return ((latents - mean) * self.scaling_factor / std).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images (no clamp, as in the official code)."""
-        return self.vae.decode(latents / self.scaling_factor).sample
+        """Latents -> images in float32 (no clamp, as in the official code)."""
+        latents = latents.to(self.device, self.vae.dtype)
+        mean, std = self._vae_shift(latents.device, latents.dtype)
+        return self.vae.decode(latents * std / self.scaling_factor + mean).sample.float()
 
+    # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def eps(
         self,
         latents: torch.Tensor,
         t: int,
-        cond: torch.Tensor,
-        uncond: torch.Tensor | None = None,
+        cond: Conditioning | torch.Tensor,
+        uncond: Conditioning | torch.Tensor | None = None,
         guidance: float = 1.0,
     ) -> torch.Tensor:
-        """Noise prediction with explicit classifier-free guidance.
+        """Noise prediction epsilon with explicit classifier-free guidance, whatever the model predicts.
 
-        ``eps = eps(z|"") + guidance * (eps(z|c) - eps(z|""))``. At guidance 1 only the conditional branch
+        ``out = out(z|"") + guidance * (out(z|c) - out(z|""))``. At guidance 1 only the conditional branch
         runs and at guidance 0 only the unconditional one (one U-Net evaluation per image); otherwise two.
+        The output is then read as the model's ``prediction_type`` with its own ``alphas_cumprod`` a_t
+        (the conversions are affine in the output, so guiding before or after converting is the same):
+
+        - ``epsilon``: eps = out;
+        - ``v_prediction`` (SD 2.x at 768 px): v = sqrt(a_t) eps - sqrt(1 - a_t) x0, so
+          eps = sqrt(a_t) * v + sqrt(1 - a_t) * z_t;
+        - ``sample`` (the model predicts x0): eps = (z_t - sqrt(a_t) * x0) / sqrt(1 - a_t).
         """
         timestep = torch.full((latents.shape[0],), int(t), device=self.device, dtype=torch.long)
         if guidance == 1.0:
-            return self._unet(latents, timestep, cond)
-        if uncond is None:
-            raise ValueError("guidance != 1 needs the unconditional (empty prompt) embedding")
-        if guidance == 0.0:
-            return self._unet(latents, timestep, uncond)
-        eps_uncond = self._unet(latents, timestep, uncond)
-        eps_cond = self._unet(latents, timestep, cond)
-        return eps_uncond + guidance * (eps_cond - eps_uncond)
+            output = self._unet(latents, timestep, cond)
+        elif uncond is None:
+            raise ValueError("guidance != 1 needs the unconditional (empty prompt) conditioning")
+        elif guidance == 0.0:
+            output = self._unet(latents, timestep, uncond)
+        else:
+            out_uncond = self._unet(latents, timestep, uncond)
+            out_cond = self._unet(latents, timestep, cond)
+            output = out_uncond + guidance * (out_cond - out_uncond)
+        return self.to_epsilon(output, latents, t)
 
-    def _unet(self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    def to_epsilon(self, output: torch.Tensor, latents: torch.Tensor, t: int) -> torch.Tensor:
+        """The model's raw output at timestep t read as epsilon (see :meth:`eps`)."""
+        prediction = self.prediction_type
+        if prediction == "epsilon":
+            return output
+        a_t = float(self.scheduler.alphas_cumprod[int(t)])
+        if prediction == "v_prediction":
+            return a_t**0.5 * output + (1.0 - a_t) ** 0.5 * latents
+        if prediction == "sample":
+            return (latents - a_t**0.5 * output) / (1.0 - a_t) ** 0.5
+        raise UnsupportedModel(f"prediction_type {prediction!r} is not supported; supported: {', '.join(PREDICTION_TYPES)}")
+
+    def _unet(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning | torch.Tensor) -> torch.Tensor:
+        if isinstance(cond, torch.Tensor):
+            cond = Conditioning(cond)
+        kwargs = {}
+        if self.text_encoder_2 is not None:
+            if cond.pooled is None:
+                raise ValueError("an SDXL U-Net needs the pooled text embedding: build the conditioning with encode_prompts")
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": self.time_ids(latents, cond.hidden.dtype)}
         self.unet_evals += latents.shape[0]
-        return self.unet(latents, timestep, encoder_hidden_states=embeddings).sample
+        return self.unet(latents, timestep, encoder_hidden_states=cond.hidden, **kwargs).sample
+
+    def time_ids(self, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """SDXL's size and crop conditioning for uncropped images at the attacked size:
+        (original height, width, crop top, left, target height, width), one row per image."""
+        height, width = latents.shape[-2] * self.downscale, latents.shape[-1] * self.downscale
+        row = torch.tensor([height, width, 0, 0, height, width], device=latents.device, dtype=dtype)
+        return row.expand(latents.shape[0], 6)
 
 
-def _check_supported(scheduler_config: dict) -> None:
-    prediction = scheduler_config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise NotImplementedError(
-            f"this model predicts {prediction!r}; the attacks here implement epsilon prediction only"
-        )
+# --------------------------------------------------------------------------------------------------
+_FILE_DIGESTS: dict[tuple, str] = {}
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, streamed (constant memory); computed once per process per (file, size, mtime)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        with open(path, "rb") as handle:
+            _FILE_DIGESTS[key] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def stable_config(config) -> dict:
+    """A config as a plain dict without the keys that do not describe the model: diffusers' private
+    ``_*`` keys (but ``_class_name``), paths and library versions."""
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    drop = {"transformers_version", "dtype", "torch_dtype", "name_or_path"}
+    return {k: v for k, v in items.items() if (k == "_class_name" or not k.startswith("_")) and k not in drop}
+
+
+# --------------------------------------------------------------------------------------------------
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 
 def locate_model(model: str | os.PathLike) -> str:
-    """An existing local folder, or a string of the hub's form ``owner/name`` whose first part is not a
-    local folder. Anything else is a local path that does not exist: say so, rather than ask the hub."""
+    """An existing local folder or file, or a string of the hub's form ``owner/name`` whose first part is
+    not a local folder. Anything else is a local path that does not exist: say so, rather than ask the hub."""
     text = str(model)
     path = Path(text).expanduser()
     if path.exists():
@@ -168,35 +348,236 @@ def locate_model(model: str | os.PathLike) -> str:
     raise FileNotFoundError(f"model path {text!r} does not exist (the nearest existing folder is {parent}); check the MODEL / --model path")
 
 
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype}")
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return DTYPES[str(dtype)]
+
+
+def check_dtype(dtype: torch.dtype, device: str | torch.device) -> None:
+    """float16 on the CPU is refused: most CPU kernels emulate it (one SD 1.5 U-Net evaluation at 256 px took
+    92.8 s in float16 against 1.3 s in float32 on a 2-core machine)."""
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        raise ValueError(
+            "DTYPE float16 on the CPU is about 70 times slower than float32 (one SD 1.5 U-Net evaluation at 256 px: "
+            "92.8 s against 1.3 s): use DTYPE float32 (or bfloat16) on the CPU, and float16 on a GPU (DEVICE cuda)"
+        )
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_family(pipeline_class: str, scheduler_config: dict, where: str) -> None:
+    """Refuse flow-matching families (SD3, FLUX, ...) and prediction types the attacks cannot read."""
+    scheduler_class = scheduler_config.get("_class_name", "")
+    family = FLOW_PIPELINES.get(pipeline_class) or ("a flow-matching model" if "FlowMatch" in scheduler_class else None)
+    if family:
+        raise UnsupportedModel(
+            f"{where} is {family} ({pipeline_class or scheduler_class}), a flow-matching model: it predicts a velocity "
+            "along a straight noise-to-data path, not diffusion noise under a DDPM schedule, so DDIM inversion and the "
+            "attacks here do not apply. Supported: Stable Diffusion 1.x and 2.x (epsilon, v or sample prediction) and SDXL."
+        )
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise UnsupportedModel(f"{where}: prediction_type {prediction!r} is not supported; supported: {', '.join(PREDICTION_TYPES)}")
+
+
+def weight_files(folder: Path, component: str, variant: str | None = None) -> tuple[str | None, list[Path]]:
+    """(variant, files) of a component's safetensors weights in a local pipeline folder.
+
+    Without ``variant`` the plain files are taken; where a folder holds only one variant
+    (``diffusion_pytorch_model.fp16.safetensors``, as many hub repositories ship) that one is. Pickled
+    weights are refused with the component's name and how to convert them.
+    """
+    sub = folder / component
+    if not sub.is_dir():
+        raise FileNotFoundError(f"{folder} has no {component}/ folder: a Stable Diffusion pipeline folder holds vae/, unet/, text_encoder/, tokenizer/ and scheduler/ (SDXL also text_encoder_2/ and tokenizer_2/)")
+    by_variant: dict[str | None, list[Path]] = {}
+    for path in sorted(sub.glob("*.safetensors")):
+        stem = SHARD.sub("", path.name[: -len(".safetensors")])
+        by_variant.setdefault(stem.split(".", 1)[1] if "." in stem else None, []).append(path)
+    if not by_variant:
+        pickled = sorted(p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise UnsupportedModel(
+                f"{component} in {folder} has only pickled weights ({', '.join(pickled)}). mialib loads safetensors only and never "
+                "unpickles a file (a pickle can run code). If you trust the file, convert the pipeline once: python -c "
+                f"\"from diffusers import DiffusionPipeline; DiffusionPipeline.from_pretrained('{folder}', use_safetensors=False)"
+                f".save_pretrained('{folder}-safetensors', safe_serialization=True)\" and pass the new folder"
+            )
+        raise FileNotFoundError(f"{sub} holds no weights (*.safetensors)")
+    if variant is not None:
+        if variant not in by_variant:
+            found = ", ".join("plain" if v is None else v for v in by_variant)
+            raise FileNotFoundError(f"{sub} has no {variant!r} variant weights (it has: {found}); set VARIANT / --variant accordingly")
+        return variant, by_variant[variant]
+    if None in by_variant:
+        return None, by_variant[None]
+    if len(by_variant) == 1:
+        return next(iter(by_variant.items()))
+    raise FileNotFoundError(f"{sub} holds only variant weights ({', '.join(by_variant)}): choose one with VARIANT / --variant")
+
+
+def _load_component(cls, folder: Path, component: str, dtype: torch.dtype, variant: str | None, sources: dict):
+    chosen, files = weight_files(folder, component, variant)
+    kwargs = {"subfolder": component, "use_safetensors": True, "variant": chosen, "local_files_only": True}
+    kwargs["dtype" if cls.__module__.startswith("transformers") else "torch_dtype"] = dtype
+    module = cls.from_pretrained(str(folder), **kwargs)
+    sources[component] = [str(p) for p in files]
+    return module
+
+
+def _upcast_vae(vae_config: dict, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype: float32 for a float16 model whose VAE config asks for ``force_upcast`` (AutoencoderKL's
+    default; SD's VAE overflows in float16), else the model's."""
+    return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", True) else dtype
+
+
+def _download(model_id: str, variant: str | None) -> Path:
+    """A hub repository's pipeline files in the local hub cache, safetensors only (no safety checker)."""
+    from diffusers import DiffusionPipeline
+
+    folder = DiffusionPipeline.download(
+        model_id, variant=variant, use_safetensors=True, safety_checker=None, feature_extractor=None, image_encoder=None
+    )
+    return Path(folder)
+
+
 def load_target(
     model: str | os.PathLike,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
     checkpoint: str | os.PathLike | None = None,
+    variant: str | None = None,
+    config: str | os.PathLike | None = None,
 ) -> Target:
-    """Load a Stable Diffusion pipeline folder or hub id, weights from safetensors only.
+    """Load Stable Diffusion 1.x / 2.x / XL from a pipeline folder, a hub id or a single ``.safetensors`` file.
 
-    ``checkpoint`` is a folder holding ``unet/`` (and optionally ``text_encoder/``) that replace the model's
-    own, for example a training checkpoint of the embedded target.
-    No remote code is ever executed. The scheduler is a ``DDIMScheduler`` built from the model's own
-    scheduler config, so a PNDM-configured Stable Diffusion keeps its ``scaled_linear`` betas.
+    - ``dtype`` (float32, bfloat16, float16) is the weights' dtype, passed to ``from_pretrained`` (no cast
+      afterwards); a float16 model's VAE stays float32 where its config says ``force_upcast``. float16 on the
+      CPU is refused.
+    - ``variant`` picks weight files such as ``*.fp16.safetensors``; a local folder holding only one variant
+      loads it without being told.
+    - ``config``: for a single-file checkpoint, the pipeline folder or hub id of its family (configs,
+      tokenizer, scheduler), e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
+    - ``checkpoint``: a folder holding ``unet/`` (and optionally ``text_encoder/``) that replace the model's
+      own, for example a training checkpoint of the embedded target.
+
+    The scheduler is a ``DDIMScheduler`` built from the model's own scheduler config, so a PNDM- or
+    Euler-configured model keeps its ``scaled_linear`` betas and its ``prediction_type``.
     """
-    model = locate_model(model)
-    kwargs = dict(use_safetensors=True)
-    scheduler_config = DDIMScheduler.load_config(model, subfolder="scheduler")
-    _check_supported(scheduler_config)
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **kwargs)
-    unet_source = str(checkpoint) if checkpoint is not None else model
-    unet = UNet2DConditionModel.from_pretrained(unet_source, subfolder="unet", **kwargs)
-    text_source = model
-    if checkpoint is not None and (Path(checkpoint) / "text_encoder").exists():
-        text_source = str(checkpoint)
-    text_encoder = CLIPTextModel.from_pretrained(text_source, subfolder="text_encoder", **kwargs)
-    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    for module in (vae, unet, text_encoder):
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    name = Path(model).name if Path(model).exists() else model
+    dtype = as_dtype(dtype)
+    check_dtype(dtype, device)
+    source = check_source(model, config)
+    path = Path(source)
+    if path.is_file():
+        return _load_single_file(path, config, device, dtype)
+    folder = path if path.exists() else _download(source, variant)
+    name = path.name if path.exists() else source
+    pipeline_class = _read_json(folder / "model_index.json").get("_class_name", "")
+    if not (folder / "scheduler").is_dir():
+        check_family(pipeline_class, {}, str(source))
+        raise FileNotFoundError(f"{source} has no scheduler/ folder: is it a diffusers pipeline folder? (a single-file checkpoint is a .safetensors file)")
+    scheduler_config = DDIMScheduler.load_config(str(folder), subfolder="scheduler")
+    check_family(pipeline_class, scheduler_config, str(source))
+    sources: dict[str, list[str]] = {}
+    vae_config = AutoencoderKL.load_config(str(folder), subfolder="vae") if (folder / "vae").is_dir() else {}
+    vae = _load_component(AutoencoderKL, folder, "vae", _upcast_vae(vae_config, dtype), variant, sources)
+    unet_folder = Path(checkpoint) if checkpoint is not None else folder
+    unet = _load_component(UNet2DConditionModel, unet_folder, "unet", dtype, None if checkpoint is not None else variant, sources)
+    text_folder = Path(checkpoint) if checkpoint is not None and (Path(checkpoint) / "text_encoder").exists() else folder
+    xl = pipeline_class in XL_PIPELINES or (folder / "text_encoder_2").is_dir()
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    text_encoder = _load_component(CLIPTextModel, text_folder, "text_encoder", dtype, variant if text_folder == folder else None, sources)
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer")
+    extra = {}
+    if xl:
+        extra["text_encoder_2"] = _load_component(CLIPTextModelWithProjection, folder, "text_encoder_2", dtype, variant, sources)
+        extra["tokenizer_2"] = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer_2")
+        extra["zero_empty_prompt"] = bool(_read_json(folder / "model_index.json").get("force_zeros_for_empty_prompt", True))
     if checkpoint is not None:
         name = f"{name}@{Path(checkpoint).name}"
-    return Target(vae, unet, text_encoder, tokenizer, scheduler, name=name, device=torch.device(device), dtype=dtype)
+    target = Target(vae, unet, text_encoder, tokenizer, DDIMScheduler.from_config(scheduler_config), name=name, dtype=dtype, sources=sources, **extra)
+    return _finish(target, device)
+
+
+def _finish(target: Target, device: str) -> Target:
+    for module in target.modules().values():
+        module.to(device).eval().requires_grad_(False)
+    target.device = torch.device(device)
+    target._loaded_state = target.weight_state()
+    return target
+
+
+SINGLE_FILE_CONFIGS = (
+    "stable-diffusion-v1-5/stable-diffusion-v1-5 (SD 1.x), stabilityai/stable-diffusion-2-1 (SD 2.x, 768 px, v-prediction), "
+    "stabilityai/stable-diffusion-xl-base-1.0 (SDXL), or a local pipeline folder of the same family"
+)
+
+
+def check_source(model: str | os.PathLike, config: str | os.PathLike | None = None) -> str:
+    """What can be told before anything loads: the model exists (or is a hub id); a single file is a
+    ``.safetensors`` one and comes with ``config``; ``config`` is given for single files only."""
+    source = locate_model(model)
+    file = Path(source)
+    if not file.is_file():
+        if config is not None:
+            raise ValueError(f"config is for single-file checkpoints; {source} is a pipeline folder or hub id")
+        return source
+    suffix = file.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise UnsupportedModel(
+            f"{file} is a pickled checkpoint ({suffix}). mialib loads safetensors only and never unpickles a file (a pickle "
+            "can run code). If you trust the file, convert it once: python -c \"import torch, safetensors.torch as s; "
+            f"d = torch.load('{file}', map_location='cpu', weights_only=True); d = d.get('state_dict', d); "
+            f"s.save_file({{k: v.contiguous() for k, v in d.items() if isinstance(v, torch.Tensor)}}, '{file.with_suffix('.safetensors')}')\" "
+            "and pass the .safetensors file"
+        )
+    if suffix != ".safetensors":
+        raise UnsupportedModel(f"{file} is neither a pipeline folder nor a .safetensors checkpoint")
+    if config is None:
+        raise ValueError(
+            f"{file} is a single-file checkpoint: it holds the weights but not the configs, tokenizer and scheduler. "
+            f"Pass its family's pipeline with MODEL_CONFIG / --model-config: {SINGLE_FILE_CONFIGS}"
+        )
+    locate_model(config)
+    return source
+
+
+def _load_single_file(file: Path, config, device: str, dtype: torch.dtype) -> Target:
+    """A model-site checkpoint (original LDM key layout in one .safetensors file), converted by diffusers'
+    ``from_single_file`` with the configs, tokenizers and scheduler of ``config`` (its family's pipeline)."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    config_source = locate_model(config)
+    local = Path(config_source).is_dir()
+    index = _read_json(Path(config_source) / "model_index.json") if local else DiffusionPipeline.load_config(config_source)
+    pipeline_class = index.get("_class_name", "")
+    scheduler_config = DDIMScheduler.load_config(config_source, subfolder="scheduler")
+    check_family(pipeline_class, scheduler_config, str(config_source))
+    xl = pipeline_class in XL_PIPELINES or (local and (Path(config_source) / "text_encoder_2").is_dir())
+    kwargs = {"config": str(config_source), "torch_dtype": dtype, "local_files_only": local}
+    if xl:
+        pipeline = StableDiffusionXLPipeline.from_single_file(str(file), **kwargs)
+    else:
+        pipeline = StableDiffusionPipeline.from_single_file(str(file), safety_checker=None, requires_safety_checker=False, **kwargs)
+    if _upcast_vae(pipeline.vae.config, dtype) != dtype:
+        pipeline.vae.float()  # force_upcast (.float() rather than .to(dtype), which warns)
+    extra = {}
+    if xl:
+        extra = {
+            "text_encoder_2": pipeline.text_encoder_2,
+            "tokenizer_2": pipeline.tokenizer_2,
+            "zero_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+        }
+    target = Target(
+        pipeline.vae, pipeline.unet, pipeline.text_encoder, pipeline.tokenizer, DDIMScheduler.from_config(scheduler_config),
+        name=file.name, dtype=dtype, sources={"checkpoint": [str(file)]}, **extra,
+    )
+    return _finish(target, device)

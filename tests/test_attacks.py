@@ -134,7 +134,7 @@ def test_structural_attack_ms_ssim_measure(pipeline_and_target, images):
 
 
 def test_structural_attack_cost_with_guidance_and_empty_prompt(target, images):
-    null = target.encode_prompts(["", ""])
+    null = target.encode_prompts(["", ""]).hidden
     before = target.unet_evals
     with helpers.UNetCallCounter(target.unet) as counter:
         out = structural_attack(target, images, CAPTIONS, IDS, t=100, stride=25, guidance=3.0, prompt="empty")
@@ -146,9 +146,9 @@ def test_structural_attack_cost_with_guidance_and_empty_prompt(target, images):
 def test_condition_modes(target):
     cond, uncond = condition(target, CAPTIONS, "caption", 1.0)
     assert uncond is None
-    assert torch.equal(cond, target.encode_prompts(CAPTIONS))
+    assert cond.equal(target.encode_prompts(CAPTIONS))
     cond, uncond = condition(target, CAPTIONS, "empty", 2.0)
-    assert torch.equal(cond, target.encode_prompts(["", ""])) and torch.equal(uncond, cond)
+    assert cond.equal(target.encode_prompts(["", ""])) and uncond.equal(cond)
     with pytest.raises(ValueError):
         condition(target, CAPTIONS, "none")
 

@@ -290,7 +290,7 @@ def test_reported_cost_matches_unet_calls(target, images, attack, settings, eval
     out, counted, counter = _run_counted(target, attack, images, guidance=guidance, **settings)
     expected = evals if guidance == 1.0 else 2 * evals
     assert out.unet_evals == counted == expected
-    null = target.encode_prompts(["", ""])
+    null = target.encode_prompts(["", ""]).hidden
     n_null = sum(torch.equal(hidden, null) for _, hidden in counter.calls)
     assert n_null == (0 if guidance == 1.0 else len(counter.calls) // 2)  # explicit guidance, no hidden branch
 

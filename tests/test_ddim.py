@@ -43,8 +43,8 @@ def inputs(target):
     torch.manual_seed(0)
     images = helpers.make_images(2)
     latents = target.encode_images(images)
-    cond = target.encode_prompts(["red apple", "man farmer"])
-    uncond = target.encode_prompts(["", ""])
+    cond = target.encode_prompts(["red apple", "man farmer"]).hidden
+    uncond = target.encode_prompts(["", ""]).hidden
     return latents, cond, uncond
 
 

@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 
 import helpers
-from mialib.target import Target, load_target
+from mialib.target import Target, UnsupportedModel, load_target
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,20 +92,56 @@ def test_only_safetensors_weights_are_written(saved):
     ]
 
 
-def test_pickle_weights_are_refused(saved, tmp_path):
+def test_pickle_weights_are_refused_with_the_component_and_a_conversion_hint(saved, tmp_path):
     folder = _copy(saved, tmp_path)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     saved[0].unet.save_pretrained(folder / "unet", safe_serialization=False)
     assert (folder / "unet" / "diffusion_pytorch_model.bin").exists()
-    with pytest.raises(OSError, match="safetensors"):
+    with pytest.raises(UnsupportedModel, match=r"unet in .* has only pickled weights \(diffusion_pytorch_model.bin\).*never unpickles.*safe_serialization=True"):
         load_target(folder)
 
 
+def test_prediction_conversions_hand_computed(target):
+    # z_t = sqrt(a) x0 + sqrt(1 - a) eps and v = sqrt(a) eps - sqrt(1 - a) x0 at t = 100 of the model's schedule
+    generator = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    a = float(target.scheduler.alphas_cumprod[100])
+    assert abs(a - 0.8938) < 1e-3  # Stable Diffusion's scaled_linear schedule
+    z_t = a**0.5 * x0 + (1 - a) ** 0.5 * eps
+    v = a**0.5 * eps - (1 - a) ** 0.5 * x0
+    expected = {"epsilon": eps, "v_prediction": v, "sample": x0}
+    for prediction, output in expected.items():
+        swapped = _clone(target)
+        swapped.scheduler = DDIMScheduler.from_config({**target.scheduler.config, "prediction_type": prediction})
+        torch.testing.assert_close(swapped.to_epsilon(output, z_t, 100), eps, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
-def test_unsupported_prediction_type_raises(saved, tmp_path, prediction):
+def test_a_scheduler_switched_after_loading_is_read_at_every_call(target, prediction):
+    latents = target.encode_images(helpers.make_images(2))
+    cond = target.encode_prompts(["red apple", "man farmer"])
+    with torch.no_grad():
+        raw = target.unet(latents, 200, encoder_hidden_states=cond.hidden).sample
+    assert torch.equal(target.eps(latents, 200, cond), raw)  # epsilon: the output itself
+    swapped = _clone(target)
+    swapped.scheduler = DDIMScheduler.from_config({**target.scheduler.config, "prediction_type": prediction})
+    a = float(target.scheduler.alphas_cumprod[200])
+    expected = a**0.5 * raw + (1 - a) ** 0.5 * latents if prediction == "v_prediction" else (latents - a**0.5 * raw) / (1 - a) ** 0.5
+    torch.testing.assert_close(swapped.eps(latents, 200, cond), expected, rtol=0, atol=1e-5)
+    assert swapped.fingerprint() != target.fingerprint()  # the scheduler config is part of the fingerprint
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_other_prediction_types_load(saved, tmp_path, prediction):
     folder = _copy(saved, tmp_path)
     _edit_scheduler_config(folder, prediction_type=prediction)
-    with pytest.raises(NotImplementedError, match=prediction):
+    assert load_target(folder).prediction_type == prediction
+
+
+def test_unknown_prediction_type_is_refused(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    _edit_scheduler_config(folder, prediction_type="flow_prediction")
+    with pytest.raises(UnsupportedModel, match="prediction_type 'flow_prediction' is not supported; supported: epsilon, v_prediction, sample"):
         load_target(folder)
 
 
@@ -165,13 +201,14 @@ def test_fingerprint_is_deterministic_and_covers_the_tokenizer_and_scheduler(sav
 
 @pytest.mark.parametrize("module, parameter", [("unet", "conv_out.bias"), ("vae", "decoder.conv_out.weight")])
 def test_fingerprint_changes_when_a_weight_changes(target, module, parameter):
+    original = target.fingerprint()
     changed = _clone(target)
     before = changed.fingerprint()
     with torch.no_grad():
         tensor = getattr(changed, module).get_parameter(parameter)
         tensor.view(-1)[0] += 1e-3
     assert changed.fingerprint() != before
-    assert target.fingerprint() == before  # the original is untouched
+    assert target.fingerprint() == original  # the original is untouched
 
 
 def test_fingerprint_changes_when_a_text_encoder_weight_changes(target):
@@ -187,10 +224,10 @@ def test_encode_prompts_matches_the_text_encoder(saved, target):
     pipeline, _ = saved
     captions = ["red apple", ""]
     expected = helpers.reference_text_embeddings(pipeline, captions)
-    got = target.encode_prompts(captions)
+    got = target.encode_prompts(captions).hidden
     assert got.shape == (2, helpers.MAX_TOKENS, 32)
     assert torch.equal(got, expected)
-    assert not torch.equal(target.encode_prompts([""]), target.encode_prompts(["none"]))
+    assert not target.encode_prompts([""]).equal(target.encode_prompts(["none"]))
 
 
 def test_encode_and_decode_use_the_models_scaling_factor(target):
@@ -233,8 +270,72 @@ def test_fingerprint_is_hashed_once_while_the_weights_stay_the_same(target, monk
     first = changed.fingerprint()
     calls = []
     original = Target._digest
-    monkeypatch.setattr(Target, "_digest", lambda self: calls.append(1) or original(self))
+    monkeypatch.setattr(Target, "_digest", lambda self, **kw: calls.append(1) or original(self, **kw))
     assert changed.fingerprint() == first and calls == []  # reused: same tensors, same versions
     with torch.no_grad():
         changed.unet.conv_out.bias.data = changed.unet.conv_out.bias.data + 1.0  # a new tensor, not in place
     assert changed.fingerprint() != first and calls == [1]
+
+
+# --------------------------------------------------------------------------------------------------
+def test_a_loaded_target_is_fingerprinted_from_its_files_until_a_weight_changes(saved, tmp_path):
+    loaded = load_target(saved[1])
+    assert sorted(loaded.sources) == ["text_encoder", "unet", "vae"]
+    by_files = loaded.fingerprint()
+    assert by_files == loaded._digest(from_files=True) != loaded._digest(from_files=False)
+    with torch.no_grad():
+        loaded.unet.conv_out.bias.add_(1e-3)  # in place: the files no longer describe the weights
+    assert loaded.fingerprint() == loaded._digest(from_files=False) != by_files
+
+
+def test_fingerprint_covers_the_dtype(saved):
+    assert load_target(saved[1], dtype="bfloat16").fingerprint() != load_target(saved[1]).fingerprint()
+
+
+def test_bfloat16_loads_with_torch_dtype_and_no_cast_warning(saved, capfd):
+    target = load_target(saved[1], dtype="bfloat16")
+    assert {p.dtype for m in target.modules().values() for p in m.parameters()} == {torch.bfloat16}
+    assert "kept in float32" not in capfd.readouterr().err
+    latents = target.encode_images(helpers.make_images(2))
+    assert latents.dtype == torch.bfloat16 and target.decode(latents).dtype == torch.float32
+
+
+def test_float16_on_the_cpu_is_refused_with_what_to_use(saved):
+    with pytest.raises(ValueError, match="float16 on the CPU .* use DTYPE float32 \\(or bfloat16\\) on the CPU, and float16 on a GPU"):
+        load_target(saved[1], dtype="float16")
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+        load_target(saved[1], dtype="float64")
+
+
+def test_float16_keeps_the_vae_in_float32_where_its_config_asks(saved, monkeypatch):
+    import mialib.target as target_module
+
+    monkeypatch.setattr(target_module, "check_dtype", lambda dtype, device: None)  # load only; nothing runs in fp16 here
+    target = load_target(saved[1], dtype="float16")
+    assert target.unet.dtype == torch.float16 and target.text_encoder.dtype == torch.float16
+    assert target.vae.dtype == torch.float32  # AutoencoderKL's force_upcast (default True): SD's VAE overflows in fp16
+    assert target_module._upcast_vae({"force_upcast": False}, torch.float16) == torch.float16
+    assert target_module._upcast_vae({"force_upcast": True}, torch.bfloat16) == torch.bfloat16
+
+
+def test_fingerprint_is_the_same_in_processes_with_different_hash_seeds(saved, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = _copy(saved, tmp_path)  # Stable Diffusion's PNDM scheduler config, read as DDIM (diffusers then
+    pndm = PNDMScheduler.from_config(saved[0].scheduler.config)  # records its defaults in a set-built list)
+    shutil.rmtree(folder / "scheduler")
+    pndm.save_pretrained(folder / "scheduler")
+    script = (
+        "import json, sys; from mialib.target import load_target; t = load_target(sys.argv[1]); "
+        "print(t.fingerprint()); print(json.dumps(dict(t.scheduler.config), sort_keys=True, default=str))"
+    )
+    outputs = []
+    for seed in ("1", "2", "3", "4"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1"}
+        result = subprocess.run([sys.executable, "-c", script, str(folder)], env=env, capture_output=True, text=True, check=True)
+        outputs.append(result.stdout.splitlines())
+    assert len({fingerprint for fingerprint, _ in outputs}) == 1
+    # the raw config is what changed with the hash seed (the reason the private keys are left out)
+    assert len({config for _, config in outputs}) > 1
