@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 I2D := $(VENV)/img2dataset
 I2D_STAMP := $(I2D)/.installed
 
-.PHONY: run prepare notebooks test lab install tools clean-outputs benchmark
+.PHONY: run prepare notebooks test lab install tools clean-outputs benchmark benchmark-sd
 
 run: $(STAMP) ## build data and target if missing, then execute the notebooks with papermill
 	$(PY) -m mialib all --preset configs/$(PRESET).yaml
@@ -27,6 +27,9 @@ lab: $(STAMP) ## JupyterLab with the project's kernel
 
 benchmark: $(STAMP) ## speed and memory figures of the attacks on the embedded target
 	$(PY) scripts/benchmark.py --preset configs/$(PRESET).yaml
+
+benchmark-sd: $(STAMP) ## SD 1.5-shaped random weights: load, fingerprint memory, `mialib score` at 64 and 256 px (4 GB disk)
+	$(PY) scripts/benchmark_sd.py
 
 install: $(STAMP)
 

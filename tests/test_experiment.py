@@ -53,11 +53,39 @@ def test_notebook_defaults_are_the_default_preset(name):
         assert value == preset[key], f"{name}: {key} = {value!r}, the preset says {preset[key]!r}"
 
 
-@pytest.mark.parametrize("preset", ["default", "smoke"])
+def _uncommented_keys(path: Path) -> list[str]:
+    """Lines of a YAML file that hold a key (at any depth) but no ``#`` comment after the key's value."""
+    text = path.read_text()
+    lines = text.splitlines()
+    missing = []
+
+    def walk(node):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                row = key.start_mark.line
+                after = value.end_mark.column if value.end_mark.line == row else key.end_mark.column
+                if "#" not in lines[row][after:]:
+                    missing.append(f"{path.name}:{row + 1}: {lines[row].strip()}")
+                walk(value)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item)
+
+    walk(yaml.compose(text, Loader=yaml.SafeLoader))
+    return missing
+
+
+@pytest.mark.parametrize("preset", sorted(path.stem for path in (ROOT / "configs").glob("*.yaml")))
 def test_every_preset_key_is_used_and_its_attacks_parse(preset):
-    params = experiment.load_preset(ROOT / "configs" / f"{preset}.yaml")
+    path = ROOT / "configs" / f"{preset}.yaml"
+    params = experiment.load_preset(path)
     declared = set().union(*(experiment.declared_parameters(ROOT / "notebooks" / f"{n}.ipynb") for n in SOURCES))
     assert set(params) - declared - experiment.TARGET_KEYS == set()
+    # complete: a key left out would silently take the notebooks' default (the tiny target's 32 px, CPU, ...)
+    assert set(experiment.load_preset(ROOT / "configs" / "default.yaml")) - set(params) == set()
+    uncommented = _uncommented_keys(path)
+    assert not uncommented, "every key of a preset says what it is in a # comment; these do not:\n" + "\n".join(uncommented)
+    imagesets.parse_spec(params["DATA"])  # kind and ?options are known (the files themselves may not exist yet)
     from mialib import runs
 
     requests = runs.as_requests(params["ATTACKS"])

@@ -94,13 +94,15 @@ def test_every_family_and_file_form_scores(zoo, user_set, tmp_path, family, fold
         assert not np.array_equal(group["score"], other), run
 
 
-def test_the_variant_can_be_named_and_a_missing_one_is_refused(zoo, user_set, tmp_path, capsys):
+def test_the_variant_can_be_named_a_missing_one_falls_back_or_is_refused(zoo, tmp_path, capsys):
     target = load_target(zoo["sd1"]["fp16"], variant="fp16")
     assert all(p.endswith(".fp16.safetensors") for files in target.sources.values() for p in files)
-    with pytest.raises(SystemExit) as exit_info:
-        _score(zoo["sd1"]["folder"], user_set, tmp_path / "out", "--variant", "fp16")
-    assert exit_info.value.code == 2
-    assert "has no 'fp16' variant weights (it has: plain); set VARIANT / --variant accordingly" in capsys.readouterr().err
+    # as diffusers does: a component without the variant loads its plain files, and says so
+    plain = load_target(zoo["sd1"]["folder"], variant="fp16")
+    assert not any(".fp16." in p for files in plain.sources.values() for p in files)
+    assert "has no 'fp16' variant weights; its plain files are loaded" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match=r"has no 'bf16' variant weights \(it has: fp16\); set VARIANT / --variant accordingly"):
+        load_target(zoo["sd1"]["fp16"], variant="bf16")
 
 
 def test_bfloat16_scores_close_to_float32(zoo, user_set, tmp_path, folder_runs):
@@ -192,3 +194,19 @@ def test_single_files_need_a_config_and_must_be_safetensors(zoo, tmp_path, user_
     assert "--model-config" in capsys.readouterr().err and not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="config is for single-file checkpoints"):
         load_target(zoo["sd1"]["folder"], config=zoo["sd1"]["folder"])
+
+
+def test_a_hub_id_is_checked_then_downloaded_safetensors_only(zoo, monkeypatch):
+    """No hub here: diffusers' download is replaced by the zoo's folder, to check what mialib asks of it."""
+    from diffusers import DiffusionPipeline
+
+    calls = []
+    monkeypatch.setattr(DiffusionPipeline, "load_config", classmethod(lambda cls, name, **kw: {"_class_name": "StableDiffusionXLPipeline"}))
+    monkeypatch.setattr(DiffusionPipeline, "download", classmethod(lambda cls, name, **kw: calls.append((name, kw)) or str(zoo["sdxl"]["fp16"])))
+    target = load_target("stabilityai/stable-diffusion-xl-base-1.0", variant="fp16")
+    assert target.family == "sdxl" and target.name == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert calls == [("stabilityai/stable-diffusion-xl-base-1.0", {"variant": "fp16", "use_safetensors": True, "safety_checker": None, "feature_extractor": None, "image_encoder": None})]
+    monkeypatch.setattr(DiffusionPipeline, "load_config", classmethod(lambda cls, name, **kw: {"_class_name": "FluxPipeline"}))
+    with pytest.raises(UnsupportedModel, match="is FLUX"):
+        load_target("black-forest-labs/FLUX.1-dev")
+    assert len(calls) == 1  # refused before any download
