@@ -1,6 +1,7 @@
 """Stable Diffusion v1.5 as users load it, on this machine: random weights in SD 1.5's real component shapes.
 
     python scripts/benchmark_sd.py [--out outputs/benchmark_sd] [--images 8] [--sizes 64 256] [--device cpu]
+    python scripts/benchmark_sd.py --device cuda --sizes 512 --dtypes float32 float16 --images 32     # on a GPU
 
 Builds a pipeline folder with SD 1.5's component configs (U-Net 320/640/1280/1280 with cross-attention 768, VAE
 128/256/512/512, CLIP ViT-L/14-shaped text encoder, SD's PNDM scheduler config) and random weights, saved with
@@ -13,7 +14,7 @@ process's own:
    per image and peak memory per attack (cold caches), and a second run that must read everything back.
 
 Random weights say nothing about membership; the figures are cost. Everything is printed and saved
-(``sd15_load.csv``, ``sd15_score.csv``, ``sd15_cost.png``); nothing is asserted.
+(``sd15_load.csv``, ``sd15_score_<dtype>.csv``, ``sd15_cost.png``); nothing is asserted.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ import json, resource, sys, time
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
 from mialib.target import load_target
-began = time.perf_counter(); target = load_target(sys.argv[1], dtype=sys.argv[2]); loaded = time.perf_counter() - began
+began = time.perf_counter(); target = load_target(sys.argv[1], dtype=sys.argv[2], device=sys.argv[3]); loaded = time.perf_counter() - began
 after_load = rss()
 began = time.perf_counter(); digest = target.fingerprint(); hashed = time.perf_counter() - began
 after_hash = rss()
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="dtypes of the load and fingerprint probe")
+    parser.add_argument("--score-dtype", default="float32", help="dtype of the scoring runs")
     args = parser.parse_args()
 
     import pandas as pd
@@ -111,7 +113,7 @@ def main() -> None:
     # 1. load and fingerprint, one fresh process per dtype
     loads = []
     for dtype in args.dtypes:
-        result = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(model), dtype], env=env, capture_output=True, text=True, check=True)
+        result = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(model), dtype, args.device], env=env, capture_output=True, text=True, check=True)
         loads.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(loads[-1], flush=True)
     pd.DataFrame(loads).to_csv(out / "sd15_load.csv", index=False)
@@ -122,23 +124,23 @@ def main() -> None:
         images = helpers.write_imagefolder(out / f"images-{size}", n=args.images, size=size)
         for run in ("cold", "warm"):
             argv = [sys.executable, "-m", "mialib", "score", "--model", str(model), "--data", f"imagefolder:{images}",
-                    "--out", str(out / f"scored-{size}"), "--size", str(size), "--batch-size", "4", "--device", args.device,
-                    "--bootstrap", "10", "--quiet"]
+                    "--out", str(out / f"scored-{size}-{args.score_dtype}"), "--size", str(size), "--batch-size", "4",
+                    "--device", args.device, "--dtype", args.score_dtype, "--bootstrap", "10", "--quiet"]
             for attack in ATTACKS:
                 argv += ["--attack", attack]
             began = time.perf_counter()
             subprocess.run(argv, env=env, check=True)
             wall = time.perf_counter() - began
-            scores = pd.read_parquet(out / f"scored-{size}" / "scores.parquet")
+            scores = pd.read_parquet(out / f"scored-{size}-{args.score_dtype}" / "scores.parquet")
             for attack, group in scores.groupby("run", sort=False):
-                rows.append(dict(size=size, run=run, attack=attack, images=len(group), seconds_per_image=group["seconds_per_image"].mean(),
+                rows.append(dict(size=size, dtype=args.score_dtype, run=run, attack=attack, images=len(group), seconds_per_image=group["seconds_per_image"].mean(),
                                  unet_evals=group["unet_evals"].iloc[0], unet_evals_run=group["unet_evals_run"].mean(),
                                  peak_memory_mb=group["peak_memory_mb"].max(), wall_s=wall))
             print(pd.DataFrame(rows).query("size == @size and run == @run").to_string(index=False), flush=True)
     frame = pd.DataFrame(rows)
-    frame.to_csv(out / "sd15_score.csv", index=False)
+    frame.to_csv(out / f"sd15_score_{args.score_dtype}.csv", index=False)
     plot(frame, pd.DataFrame(loads), out / "sd15_cost.png")
-    print(f"saved {out / 'sd15_load.csv'}, {out / 'sd15_score.csv'}, {out / 'sd15_cost.png'}")
+    print(f"saved {out / 'sd15_load.csv'}, {out / f'sd15_score_{args.score_dtype}.csv'}, {out / 'sd15_cost.png'}")
 
 
 def plot(frame, loads, path: Path) -> None:
