@@ -103,7 +103,7 @@ def _walk(target, latents, steps, cond, uncond, guidance, schedule) -> dict[int,
     sample = latents
     for t_from, t_to in zip(steps[:-1], steps[1:]):
         eps = target.eps(sample, t_from, cond, uncond, guidance)
-        sample = ddim_step(sample, eps, abar[t_from], abar[t_to])
+        sample = ddim_step(sample, eps, abar[t_from], abar[t_to]).contiguous()  # one memory format, cached or not
         trajectory[t_to] = sample
     return trajectory
 

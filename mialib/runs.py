@@ -3,9 +3,9 @@
 The flow for one :class:`~mialib.attacks.registry.AttackRequest`:
 
 1. :func:`attack_values` streams the set batch by batch through the attack function at one parameter
-   point. Each batch's result is cached in ``<cache_dir>/<attack>/<key>.parquet``, the key hashing the
-   model fingerprint, the attack, its parameters, the settings, and the batch's ids, captions and
-   pixels; an interrupted run resumes from the batches on disk. Attacks that invert read and write the
+   point. Results are cached per image (:class:`ResultStore`: the folder key hashes the model
+   fingerprint, the attack, its parameters, the settings and the size; each row's key the image's id,
+   caption and pixels), so an interrupted run resumes, and another batch size reuses every result. Attacks that invert read and write the
    per-image trajectory cache (``<cache_dir>/trajectory/``), so every attack and study shares inversions.
 2. :func:`run_request` does that for every point of the request's grid, then chooses the point (and,
    for the structural family, the direction) on the calibration split (:func:`mialib.metrics.choose_setting`).
@@ -41,18 +41,76 @@ SCORE_COLUMNS = [
 
 
 def peak_memory_mb(device: str = "cpu") -> float:
-    """Peak memory so far: ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU."""
+    """Peak memory since the last :func:`reset_peak_memory`: ``torch.cuda.max_memory_allocated`` on GPU, the
+    process's resident high-water mark (``VmHWM``) on CPU (the lifetime ``ru_maxrss`` where /proc is absent)."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_memory(device: str = "cpu") -> None:
+    """Start a new peak: before each attack, so its figure is its own (not the process's lifetime peak)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current resident size
+    except OSError:
+        pass
+
+
 def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
     partial = path.with_suffix(".partial")
     frame.to_parquet(partial)
-    partial.replace(path)  # a killed run never leaves a half-written batch behind
+    partial.replace(path)  # a killed run never leaves a half-written file behind
+
+
+def set_aside(path: Path, error: Exception) -> None:
+    """A cache file that cannot be read (truncated by a copy or a full disk): renamed ``*.damaged`` (kept
+    for inspection, never read again), reported on stderr; its results are then recomputed."""
+    import sys
+
+    damaged = path.with_name(path.name + ".damaged")
+    path.replace(damaged)
+    print(f"damaged cache file {path} ({type(error).__name__}: {str(error)[:200]}): set aside as {damaged.name}, recomputing", file=sys.stderr, flush=True)
+
+
+class ResultStore:
+    """Per-image results of one attack at one parameter point (for one model, settings and size): parquet
+    shards in one folder, each row keyed by the image (id, caption, pixels). Any batch size, any order and
+    any interruption reuse every row already written; a damaged shard is set aside and its rows recomputed."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def read(self) -> pd.DataFrame:
+        """Every stored row, indexed by image key."""
+        frames = []
+        for path in sorted(self.folder.glob("*.parquet")):
+            try:
+                frames.append(pd.read_parquet(path))
+            except Exception as error:  # pyarrow raises ArrowInvalid / OSError for truncated files
+                set_aside(path, error)
+        if not frames:
+            return pd.DataFrame(columns=["key"]).set_index("key")
+        return pd.concat(frames, ignore_index=True).drop_duplicates("key", keep="last").set_index("key")
+
+    def write(self, frame: pd.DataFrame) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_parquet(frame, self.folder / f"{digest(list(frame['key']))}.parquet")
+
+
+def image_keys(ids: list[str], captions: list[str], pixels: torch.Tensor) -> list[str]:
+    """One key per image: its id, caption and exact pixels (so a distorted copy is another image)."""
+    return [digest(i, c, pixel_digest(p)) for i, c, p in zip(ids, captions, pixels)]
 
 
 def attack_values(
@@ -60,8 +118,13 @@ def attack_values(
 ) -> pd.DataFrame:
     """One attack at one parameter point over a set: ``id, score`` (the method's direction), the
     attack's per-image extras, ``unet_evals`` (the registry's cost formula), ``unet_evals_run`` (counted
-    in this run: 0 where caches answered), ``seconds_per_image`` (wall time this run spent) and
-    ``peak_memory_mb``."""
+    in this run: 0 where the cache answered), ``seconds_per_image`` (wall time per image of the batch that
+    computed it) and ``peak_memory_mb``.
+
+    Results are stored per image in ``<cache_dir>/<attack>/<point key>/`` (the point key hashes the model
+    fingerprint, the parameters, the settings and the size), so a rerun with another batch size, a resumed
+    run or a run over a subset or superset computes only the images it has not seen.
+    """
     if spec.kind == "blind":
         began = time.perf_counter()
         frame = spec.function(imageset, size, batch_size, settings.seed)
@@ -72,32 +135,40 @@ def attack_values(
     if "cache" in _parameters(spec.function):
         keywords["cache"] = trajectories
     cost = spec.cost(params, settings)
-    folder = cache_dir / spec.name
-    folder.mkdir(parents=True, exist_ok=True)
-    fingerprint = target.fingerprint()
-    frames = []
+    reset_peak_memory(str(target.device))
+    store = ResultStore(cache_dir / spec.name / digest(target.fingerprint(), spec.name, params, settings.columns(), size))
+    known = store.read()
+    found, order = {}, []
     batches = imageset.batches(size, batch_size)
     total = -(-len(imageset) // batch_size)
     label = f"{spec.name} " + ", ".join(f"{k}={v}" for k, v in params.items())
     for rows, pixels in tqdm(batches, desc=label, total=total, disable=not progress, leave=False):
         ids, captions = list(rows["id"]), list(rows["caption"])
-        key = digest(fingerprint, spec.name, params, settings.columns(), ids, captions, pixel_digest(pixels), size)
-        path = folder / f"{key}.parquet"
-        if path.exists():
-            frames.append(pd.read_parquet(path))
+        keys = image_keys(ids, captions, pixels)
+        order += keys
+        missing = [j for j, key in enumerate(keys) if key not in known.index and key not in found]
+        for j, key in enumerate(keys):
+            if key in known.index:
+                found[key] = known.loc[key].to_dict() | {"unet_evals_run": 0.0}
+        if not missing:
             continue
+        sub_ids, sub_captions = [ids[j] for j in missing], [captions[j] for j in missing]
         before, began = target.unet_evals, time.perf_counter()
-        output = spec.function(target, pixels.to(target.device), captions, ids, **keywords)
-        frame = pd.DataFrame({"id": ids, "score": np.asarray(output.scores, dtype=np.float64), **{k: np.asarray(v) for k, v in output.extras.items()}})
+        output = spec.function(target, pixels[missing].to(target.device), sub_captions, sub_ids, **keywords)
+        frame = pd.DataFrame({"key": [keys[j] for j in missing], "id": sub_ids, "score": np.asarray(output.scores, dtype=np.float64),
+                              **{k: np.asarray(v) for k, v in output.extras.items()}})
         frame["unet_evals"] = cost
-        frame["unet_evals_run"] = (target.unet_evals - before) / len(ids)
-        frame["seconds_per_image"] = (time.perf_counter() - began) / len(ids)
+        frame["unet_evals_run"] = (target.unet_evals - before) / len(missing)
+        frame["seconds_per_image"] = (time.perf_counter() - began) / len(missing)
         frame["peak_memory_mb"] = peak_memory_mb(str(target.device))
-        _atomic_parquet(frame, path)
-        frames.append(frame)
-    if not frames:
+        store.write(frame)
+        for record in frame.to_dict("records"):
+            found[record.pop("key")] = record
+    if not order:
         return pd.DataFrame(columns=["id", "score", "unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb"])
-    return pd.concat(frames, ignore_index=True)
+    values = pd.DataFrame([found[key] for key in order])
+    columns = ["id", "score"] + [c for c in values.columns if c not in ("id", "score", "unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb")]
+    return values[columns + ["unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb"]]
 
 
 def _parameters(function) -> set:

@@ -234,7 +234,7 @@ class Target:
         else:
             raise ValueError(f"encode mode must be 'mode' or 'sample', not {mode!r}")
         mean, std = self._vae_shift(latents.device, vae_dtype)
-        return ((latents - mean) * self.scaling_factor / std).to(self.dtype)
+        return ((latents - mean) * self.scaling_factor / std).to(self.dtype).contiguous()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

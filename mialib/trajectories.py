@@ -52,12 +52,18 @@ class TrajectoryCache:
 
         if not path.exists():
             return None
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata()
-            seconds = {int(k): v for k, v in json.loads(meta["seconds"]).items()}
-            evals = {int(k): v for k, v in json.loads(meta["evals"]).items()}
-            steps = [t for t in sorted(seconds) if t <= total]
-            latents = {t: handle.get_tensor(f"t={t}").to(target.device, target.dtype) for t in steps}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata()
+                seconds = {int(k): v for k, v in json.loads(meta["seconds"]).items()}
+                evals = {int(k): v for k, v in json.loads(meta["evals"]).items()}
+                steps = [t for t in sorted(seconds) if t <= total]
+                latents = {t: handle.get_tensor(f"t={t}").to(target.device, target.dtype) for t in steps}
+        except Exception as error:  # a truncated or corrupted file (SafetensorError, JSON, missing keys)
+            from .runs import set_aside
+
+            set_aside(path, error)
+            return None
         return {"latents": latents, "seconds": seconds, "evals": evals}
 
     @staticmethod
@@ -115,7 +121,8 @@ class TrajectoryCache:
                 self._save(paths[i], state, ids[i])
                 states[i] = state
         steps = ddim.path(total, stride)
-        trajectory = {t: torch.cat([s["latents"][t] for s in states]) for t in steps}
+        # contiguous (not channels-last): fresh and cached latents then decode with the same rounding
+        trajectory = {t: torch.cat([s["latents"][t] for s in states]).contiguous() for t in steps}
         seconds = {t: np.array([s["seconds"][t] for s in states]) for t in steps}
         evals = {t: np.array([s["evals"][t] for s in states]) for t in steps}
         return trajectory, seconds, evals

@@ -318,3 +318,33 @@ def test_a_folder_inside_one_mialib_wrote_is_its_own(tmp_path):
     (other / "cache" / "x.txt").write_text("mine")
     with pytest.raises(DataError):
         claim_folder(other / "cache")
+
+
+def test_a_score_run_killed_with_sigkill_resumes_to_the_uninterrupted_tables(tmp_path, model, user_set):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def command(out):
+        return ["score", "--model", str(model), "--data", f"imagefolder:{user_set}", "--out", str(out),
+                "--batch-size", "2", "--bootstrap", "20", "--quiet", "--attack", "structural:t=50:300:50", "--attack", "secmi", "--attack", "pia"]
+
+    # the uninterrupted run and the resumed one in this process (one thread), the killed one in its own
+    cli.main(command(tmp_path / "whole"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.Popen([sys.executable, "-m", "mialib", *command(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "killed" / "cache").rglob("*.parquet"))) < 5:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "scores.parquet").exists()  # killed part-way
+    cli.main(command(tmp_path / "killed"))
+    whole, resumed = (pd.read_parquet(tmp_path / name / "scores.parquet") for name in ("whole", "killed"))
+    costs = ["seconds_per_image", "peak_memory_mb", "unet_evals_run"]
+    pd.testing.assert_frame_equal(resumed.drop(columns=costs), whole.drop(columns=costs))  # bit-identical scores
+    assert (tmp_path / "killed" / "chosen_settings.json").read_text() == (tmp_path / "whole" / "chosen_settings.json").read_text()
+    metrics = [pd.read_csv(tmp_path / name / "metrics.csv").drop(columns=["seconds_per_image", "peak_memory_mb"]) for name in ("whole", "killed")]
+    pd.testing.assert_frame_equal(metrics[1], metrics[0])
