@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,13 +109,34 @@ def score(args) -> None:
     model = check_source(args.model, args.model_config)  # a typo'd path or a bad file form fails here, before anything is read or written
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
+    processes = _processes(cpu=args.device == "cpu")
+    main_process = processes is None or processes.is_main_process
+    device = args.device
+    if processes is not None and device == "cuda":
+        device = f"cuda:{processes.local_process_index}"
     imageset = imagesets.open_imageset(args.data if "seed=" in args.data else _with_seed(args.data, args.seed))
-    print(imageset.summary(), flush=True)
+    if main_process:
+        print(imageset.summary(), flush=True)
     runs.check_requirements(imageset, requests.values())  # before any compute
-    out = claim_folder(args.out)
-    target = load_target(model, device=args.device, dtype=args.dtype, variant=args.variant, config=args.model_config)
-    print(f"{target.name}: {target.family}, predicts {target.prediction_type}, {args.dtype} (VAE {str(target.vae.dtype).split('.')[-1]}), native {target.resolution} px", flush=True)
+    if main_process:
+        out = claim_folder(args.out)
+    if processes is not None:
+        processes.wait_for_everyone()
+        out = Path(args.out)
+    target = load_target(model, device=device, dtype=args.dtype, variant=args.variant, config=args.model_config)
     size = args.size or target.resolution
+    if processes is not None:
+        # each process scores its share of the images into the shared per-image cache; the main process then
+        # builds the tables from it (computing nothing more)
+        ids = list(imageset.records["id"])
+        share = imageset.select(ids[processes.process_index :: processes.num_processes])
+        for request in requests.values():
+            if request.spec.kind != "blind":
+                runs.grid_values(target, share, request, settings, out / "cache", args.batch_size, size, progress=not args.quiet and main_process)
+        processes.wait_for_everyone()
+        if not main_process:
+            return
+    print(f"{target.name}: {target.family}, predicts {target.prediction_type}, {args.dtype} (VAE {str(target.vae.dtype).split('.')[-1]}), native {target.resolution} px", flush=True)
     check_size(target, size)
     imageset.records.drop(columns=["location"]).to_csv(out / "image_set.csv", index=False)
     imageset.skipped.to_csv(out / "skipped.csv", index=False)
@@ -128,6 +150,7 @@ def score(args) -> None:
     parameters = {
         "model": model, "variant": args.variant, "model_config": args.model_config, "family": target.family,
         "prediction_type": target.prediction_type, "vae_dtype": str(target.vae.dtype), "data": args.data, "attacks": {run: r.text() for run, r in requests.items()}, "device": args.device,
+        "processes": 1 if processes is None else processes.num_processes,
         "batch_size": args.batch_size, "size": size, "settings": settings.columns(), "bootstrap": args.bootstrap,
         "images": len(imageset), "given": imageset.given, "skipped": len(imageset.skipped), "fingerprint": target.fingerprint(),
         "image_set": imageset.info,
@@ -140,6 +163,20 @@ def score(args) -> None:
     metrics.to_csv(out / "metrics.csv", index=False)
     print(format_metrics(metrics))
     print(f"{len(table)} scores of {len(imageset)} images ({len(imageset.skipped)} skipped) in {time.time() - started:.1f} s -> {out}")
+
+
+def _processes(cpu: bool):
+    """accelerate's process state when launched as several processes (``accelerate launch`` or ``torchrun``
+    set WORLD_SIZE), else None: the single-process path stays as it is. On the CPU the processes talk over
+    gloo (accelerate needs ``cpu=True`` to see them)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu)
+    if state.num_processes <= 1:
+        raise ValueError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but accelerate sees one process; launch with torchrun or accelerate launch")
+    return state
 
 
 def _with_seed(spec: str, seed: int) -> str:

@@ -117,9 +117,9 @@ def attack_values(
     target, imageset, spec: AttackSpec, params: dict, settings: Settings, cache_dir, batch_size: int, size: int, progress: bool = True
 ) -> pd.DataFrame:
     """One attack at one parameter point over a set: ``id, score`` (the method's direction), the
-    attack's per-image extras, ``unet_evals`` (the registry's cost formula), ``unet_evals_run`` (counted
-    in this run: 0 where the cache answered), ``seconds_per_image`` (wall time per image of the batch that
-    computed it) and ``peak_memory_mb``.
+    attack's per-image extras, ``unet_evals`` (the registry's cost formula), and what computing the row
+    cost, in whichever run or process computed it: ``unet_evals_run`` (counted), ``seconds_per_image``
+    (wall time per image of its batch) and ``peak_memory_mb`` (peak since the attack started).
 
     Results are stored per image in ``<cache_dir>/<attack>/<point key>/`` (the point key hashes the model
     fingerprint, the parameters, the settings and the size), so a rerun with another batch size, a resumed
@@ -149,7 +149,7 @@ def attack_values(
         missing = [j for j, key in enumerate(keys) if key not in known.index and key not in found]
         for j, key in enumerate(keys):
             if key in known.index:
-                found[key] = known.loc[key].to_dict() | {"unet_evals_run": 0.0}
+                found[key] = known.loc[key].to_dict()
         if not missing:
             continue
         sub_ids, sub_captions = [ids[j] for j in missing], [captions[j] for j in missing]

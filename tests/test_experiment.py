@@ -320,7 +320,11 @@ def test_a_folder_inside_one_mialib_wrote_is_its_own(tmp_path):
         claim_folder(other / "cache")
 
 
-def test_a_score_run_killed_with_sigkill_resumes_to_the_uninterrupted_tables(tmp_path, model, user_set):
+def test_a_killed_run_resumes_and_two_processes_give_the_one_process_tables(tmp_path, model, user_set):
+    """One uninterrupted run is the reference for two others. (1) A run killed with SIGKILL part-way, then
+    rerun: bit-identical tables. (2) `torchrun` (or `accelerate launch` on GPUs) with two CPU processes: each
+    scores half of the images into the shared per-image cache and the main process builds the tables. At
+    batch size 1 no image's arithmetic depends on which images share its batch, so both equal the reference."""
     import os
     import signal
     import subprocess
@@ -328,23 +332,32 @@ def test_a_score_run_killed_with_sigkill_resumes_to_the_uninterrupted_tables(tmp
     import time
 
     def command(out):
-        return ["score", "--model", str(model), "--data", f"imagefolder:{user_set}", "--out", str(out),
-                "--batch-size", "2", "--bootstrap", "20", "--quiet", "--attack", "structural:t=50:300:50", "--attack", "secmi", "--attack", "pia"]
+        return ["score", "--model", str(model), "--data", f"imagefolder:{user_set}", "--out", str(out), "--batch-size", "1",
+                "--bootstrap", "20", "--quiet", "--attack", "structural:t=50:150:50", "--attack", "secmi", "--attack", "loss"]
 
-    # the uninterrupted run and the resumed one in this process (one thread), the killed one in its own
-    cli.main(command(tmp_path / "whole"))
+    def tables(name):
+        scores = pd.read_parquet(tmp_path / name / "scores.parquet").drop(columns=["seconds_per_image", "peak_memory_mb"])
+        metrics = pd.read_csv(tmp_path / name / "metrics.csv").drop(columns=["seconds_per_image", "peak_memory_mb"])
+        return scores, metrics, (tmp_path / name / "chosen_settings.json").read_text()
+
+    cli.main(command(tmp_path / "whole"))  # in this process, one thread, like the others
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     killed = subprocess.Popen([sys.executable, "-m", "mialib", *command(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((tmp_path / "killed" / "cache").rglob("*.parquet"))) < 5:
+    while time.time() < deadline and len(list((tmp_path / "killed" / "cache").rglob("*.parquet"))) < 8:
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "scores.parquet").exists()  # killed part-way
     cli.main(command(tmp_path / "killed"))
-    whole, resumed = (pd.read_parquet(tmp_path / name / "scores.parquet") for name in ("whole", "killed"))
-    costs = ["seconds_per_image", "peak_memory_mb", "unet_evals_run"]
-    pd.testing.assert_frame_equal(resumed.drop(columns=costs), whole.drop(columns=costs))  # bit-identical scores
-    assert (tmp_path / "killed" / "chosen_settings.json").read_text() == (tmp_path / "whole" / "chosen_settings.json").read_text()
-    metrics = [pd.read_csv(tmp_path / name / "metrics.csv").drop(columns=["seconds_per_image", "peak_memory_mb"]) for name in ("whole", "killed")]
-    pd.testing.assert_frame_equal(metrics[1], metrics[0])
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mialib", *command(tmp_path / "two")], env=env, check=True, capture_output=True, timeout=300)
+    assert json.loads((tmp_path / "two" / "parameters.json").read_text())["processes"] == 2
+    shards = [pd.read_parquet(p) for p in (tmp_path / "two" / "cache" / "secmi").rglob("*.parquet")]
+    assert sum(len(s) for s in shards) == len(shards) == 12  # every image computed once, by one of the processes
+    whole = tables("whole")
+    for name in ("killed", "two"):
+        scores, metrics, chosen = tables(name)
+        pd.testing.assert_frame_equal(scores, whole[0])  # scores and counted U-Net evaluations, bit for bit
+        pd.testing.assert_frame_equal(metrics, whole[1])
+        assert chosen == whole[2], name

@@ -287,7 +287,7 @@ def test_results_are_kept_per_image_so_any_batch_size_and_subset_reuse_them(targ
     whole = _values(target, imageset, tmp_path, 5, "loss")
     assert target.unet_evals - before == len(imageset) - len(calibration)  # only the images not seen yet
     assert list(whole["id"]) == list(imageset.records["id"])
-    assert (whole.set_index("id").loc[part["id"], "unet_evals_run"] == 0).all()  # answered by the cache
+    assert (whole.set_index("id").loc[part["id"], "unet_evals_run"] == 1).all()  # the cost when computed
     before = target.unet_evals
     for batch_size in (1, 8):
         again = _values(target, imageset, tmp_path, batch_size, "loss")
