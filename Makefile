@@ -39,7 +39,7 @@ tools: $(I2D_STAMP) ## the img2dataset command that `mialib download` drives (.v
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e ".[dev]"   # --no-compile: modules compile when first imported (saves ~2 min)
+	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name mialib --display-name "mialib (.venv)" > /dev/null
 	touch $(STAMP)
 
@@ -48,5 +48,5 @@ clean-outputs:
 
 $(I2D_STAMP): $(STAMP)
 	test -x $(I2D)/bin/python || $(PYTHON) -m venv $(I2D)
-	$(I2D)/bin/python -m pip install --quiet --no-compile "img2dataset==1.47.0"
+	$(I2D)/bin/python -m pip install --quiet "img2dataset==1.47.0"
 	touch $(I2D_STAMP)
