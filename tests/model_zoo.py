@@ -188,6 +188,14 @@ def _finish(pipeline, folder):
 # --------------------------------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------------------------------
+def _sd_pipeline(folder, **components):
+    """A ``StableDiffusionPipeline`` of these components (no safety checker), saved to ``folder``."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return _finish(pipeline, folder)
+
+
 def build_sd1(folder, image_size: int = 32, prediction_type: str = "epsilon"):
     """SD 1.x-shaped ``StableDiffusionPipeline`` saved to ``folder`` (safetensors); returns the pipeline.
 
@@ -196,7 +204,7 @@ def build_sd1(folder, image_size: int = 32, prediction_type: str = "epsilon"):
     offline (:func:`mialib.tiny.build_tokenizer`), and Stable Diffusion's PNDM scheduler with ``prediction_type``.
     No safety checker / feature extractor.
     """
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
@@ -207,17 +215,7 @@ def build_sd1(folder, image_size: int = 32, prediction_type: str = "epsilon"):
     scheduler = PNDMScheduler(
         **SD_BETAS, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, prediction_type=prediction_type
     )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return _finish(pipeline, folder)
+    return _sd_pipeline(folder, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
 
 def build_sd2_v(folder, image_size: int = 32):
@@ -229,7 +227,7 @@ def build_sd2_v(folder, image_size: int = 32):
     ``DDIMScheduler`` (scaled_linear, steps_offset 1, clip_sample False, set_alpha_to_one False) with
     ``prediction_type="v_prediction"``.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
@@ -244,17 +242,7 @@ def build_sd2_v(folder, image_size: int = 32):
         set_alpha_to_one=False,
         prediction_type="v_prediction",
     )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return _finish(pipeline, folder)
+    return _sd_pipeline(folder, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
 
 def build_sample(folder, image_size: int = 32):
