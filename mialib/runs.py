@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import metrics
+from . import memo, metrics
 from .attacks.registry import AttackRequest, AttackSpec, parse_request
 from .settings import Settings
 from .trajectories import TrajectoryCache, digest, pixel_digest
@@ -104,8 +104,9 @@ class ResultStore:
         return pd.concat(frames, ignore_index=True).drop_duplicates("key", keep="last").set_index("key")
 
     def write(self, frame: pd.DataFrame) -> None:
+        """Store rows (in the background writer: :func:`mialib.memo.WRITER.flush` waits for it)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_parquet(frame, self.folder / f"{digest(list(frame['key']))}.parquet")
+        memo.WRITER.submit(_atomic_parquet, frame, self.folder / f"{digest(list(frame['key']))}.parquet")
 
 
 def image_keys(ids: list[str], captions: list[str], pixels: torch.Tensor) -> list[str]:
@@ -130,13 +131,14 @@ def attack_values(
         frame = spec.function(imageset, size, batch_size, settings.seed)
         return frame.assign(unet_evals=0, unet_evals_run=0, seconds_per_image=(time.perf_counter() - began) / max(len(frame), 1), peak_memory_mb=np.nan)
     cache_dir = Path(cache_dir)
-    trajectories = TrajectoryCache(cache_dir / "trajectory")
+    fingerprint = target.fingerprint()
+    trajectories = TrajectoryCache(cache_dir / "trajectory", fingerprint)
     keywords = {**params, **settings.for_function(spec.function)}
     if "cache" in _parameters(spec.function):
         keywords["cache"] = trajectories
     cost = spec.cost(params, settings)
     reset_peak_memory(str(target.device))
-    store = ResultStore(cache_dir / spec.name / digest(target.fingerprint(), spec.name, params, settings.columns(), size))
+    store = ResultStore(cache_dir / spec.name / digest(fingerprint, spec.name, params, settings.columns(), size))
     known = store.read()
     found, order = {}, []
     batches = imageset.batches(size, batch_size)
@@ -164,6 +166,7 @@ def attack_values(
         store.write(frame)
         for record in frame.to_dict("records"):
             found[record.pop("key")] = record
+    memo.WRITER.flush()  # every result and trajectory of this call is on disk when it returns
     if not order:
         return pd.DataFrame(columns=["id", "score", "unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb"])
     values = pd.DataFrame([found[key] for key in order])
@@ -226,10 +229,16 @@ def grid_values(
     """Per-image values at every point of the request's grid (the grid's parameters as columns); no
     choice is made (a descriptive curve, or the input of :func:`run_request`'s choice)."""
     request = parse_request(request) if isinstance(request, str) else request
-    frames = []
-    for point in request.points():
-        values = attack_values(target, imageset, request.spec, point, settings, cache_dir, batch_size, size, progress)
-        frames.append(values.assign(**{k: point[k] for k in request.grid}))
+    points = request.points()
+    order = list(range(len(points)))
+    if "t" in request.grid and "cache" in _parameters(request.spec.function):
+        # Deepest t first: one inversion reaches it, and every shallower point reads a prefix of that
+        # cached path (instead of extending and rewriting the path once per point).
+        order.sort(key=lambda i: -int(points[i].get("t", 0)))
+    frames = [None] * len(points)
+    for i in order:
+        values = attack_values(target, imageset, request.spec, points[i], settings, cache_dir, batch_size, size, progress)
+        frames[i] = values.assign(**{k: points[i][k] for k in request.grid})
     return pd.concat(frames, ignore_index=True)
 
 

@@ -157,6 +157,7 @@ def decoded_examples(study, timesteps: list[int], stride: int) -> tuple[list, li
         )
         rows.append([image] + [path[t].detach().cpu().float() for t in timesteps])
         labels.append(f"{name}: {record['caption'].iloc[0][:16]}")
+    TrajectoryCache.flush()
     return rows, labels
 
 

@@ -18,6 +18,7 @@ is fetched with :meth:`diffusers.DiffusionPipeline.download` (safetensors only) 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -125,7 +126,7 @@ class Target:
     # ----------------------------------------------------------------------------------------------
     def weight_state(self) -> tuple:
         """Identity of every weight tensor (storage and version): it changes when any weight does."""
-        return tuple((t.data_ptr(), t._version) for m in self.modules().values() for t in m.state_dict().values())
+        return tuple((t.data_ptr(), t._version) for m in self.modules().values() for t in itertools.chain(m.parameters(), m.buffers()))
 
     def fingerprint(self) -> str:
         """sha256 that identifies the model as the attacks see it (keys every cache).

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ddim
+from . import ddim, memo
 
 INVERSION_SETTINGS = ("guidance", "prompt", "encode_mode", "schedule", "seed")
+_QUEUED: dict[str, dict] = {}  # trajectories handed to the background writer and not yet on disk
 
 
 def digest(*parts) -> str:
@@ -30,6 +31,30 @@ def digest(*parts) -> str:
 
 def pixel_digest(image: torch.Tensor) -> str:
     return hashlib.sha256(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+class Trajectory(dict):
+    """``{t: z_t}`` of a batch, with ``files``: the cache file of each image (None when not cached), so
+    that what is computed from a cached latent (its VAE decode) can be remembered by file and t."""
+
+    files: list[str] | None = None
+
+
+def decode_at(target, trajectory: dict, t: int) -> torch.Tensor:
+    """``target.decode(trajectory[t])``, remembered in memory per image for cached trajectories (the
+    structural, pixel and backward attacks and the studies decode the same latents many times)."""
+    files = getattr(trajectory, "files", None)
+    if not files:
+        return target.decode(trajectory[t])
+    keys = [(f, int(t)) for f in files]
+    found = [memo.DECODED.get(k) for k in keys]
+    missing = [i for i, d in enumerate(found) if d is None]
+    if missing:
+        decoded = target.decode(trajectory[t][missing])
+        for position, i in enumerate(missing):
+            found[i] = decoded[position : position + 1].detach().to("cpu", copy=True)
+            memo.DECODED.put(keys[i], found[i])
+    return torch.cat(found).to(trajectory[t].device)
 
 
 def uniform_path(timesteps: list[int]) -> tuple[int, int] | None:
@@ -44,37 +69,63 @@ def uniform_path(timesteps: list[int]) -> tuple[int, int] | None:
 class TrajectoryCache:
     """Per-image inversion trajectories in ``folder`` (see the module docstring)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, fingerprint: str | None = None):
         self.folder = Path(folder)
+        self.fingerprint = fingerprint  # the model's, when the caller already has it (else asked per batch)
+
+    @staticmethod
+    def flush() -> None:
+        """Wait until every trajectory handed to the background writer is on disk."""
+        memo.WRITER.flush()
 
     def _load(self, path: Path, total: int, target) -> dict | None:
         from safetensors import safe_open
 
-        if not path.exists():
-            return None
+        remembered = _QUEUED.get(str(path))
+        if remembered is None:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                return None
+            remembered = memo.LATENTS.get((str(path), stat.st_mtime_ns, stat.st_size))
+        if remembered is not None:
+            steps = [t for t in sorted(remembered["seconds"]) if t <= total]
+            return {"latents": {t: remembered["latents"][t].to(target.device, target.dtype) for t in steps},
+                    "seconds": dict(remembered["seconds"]), "evals": dict(remembered["evals"])}
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata()
                 seconds = {int(k): v for k, v in json.loads(meta["seconds"]).items()}
                 evals = {int(k): v for k, v in json.loads(meta["evals"]).items()}
-                steps = [t for t in sorted(seconds) if t <= total]
-                latents = {t: handle.get_tensor(f"t={t}").to(target.device, target.dtype) for t in steps}
+                everything = {t: handle.get_tensor(f"t={t}") for t in sorted(seconds)}
         except Exception as error:  # a truncated or corrupted file (SafetensorError, JSON, missing keys)
             from .runs import set_aside
 
             set_aside(path, error)
             return None
-        return {"latents": latents, "seconds": seconds, "evals": evals}
+        memo.LATENTS.put((str(path), stat.st_mtime_ns, stat.st_size), {"latents": everything, "seconds": seconds, "evals": evals})
+        steps = [t for t in sorted(seconds) if t <= total]
+        return {"latents": {t: everything[t].to(target.device, target.dtype) for t in steps}, "seconds": seconds, "evals": evals}
 
     @staticmethod
     def _save(path: Path, state: dict, image_id: str) -> None:
         from safetensors.torch import save_file
 
-        latents = {f"t={t}": z.detach().cpu().contiguous() for t, z in state["latents"].items()}
+        latents = {f"t={t}": z.detach().to("cpu", copy=True).contiguous() for t, z in state["latents"].items()}
         metadata = {"id": image_id, "seconds": json.dumps(state["seconds"]), "evals": json.dumps(state["evals"])}
-        partial = path.with_suffix(".partial")
-        save_file(latents, str(partial), metadata=metadata)
-        partial.replace(path)  # atomic: an interrupted write never leaves a truncated trajectory
+        remembered = {"latents": {int(k[2:]): v for k, v in latents.items()}, "seconds": dict(state["seconds"]), "evals": dict(state["evals"])}
+
+        def write():
+            partial = path.with_suffix(".partial")
+            save_file(latents, str(partial), metadata=metadata)
+            partial.replace(path)  # atomic: an interrupted write never leaves a truncated trajectory
+            stat = path.stat()
+            memo.LATENTS.put((str(path), stat.st_mtime_ns, stat.st_size), remembered)
+            if _QUEUED.get(str(path)) is remembered:
+                del _QUEUED[str(path)]
+
+        _QUEUED[str(path)] = remembered  # readable at once, before the background write lands
+        memo.WRITER.submit(write)
 
     def trajectory(self, target, images: torch.Tensor, captions: list[str], ids: list[str], total: int, stride: int, settings: dict):
         """The inversion trajectories of a batch along ``path(total, stride)``, from the cache where they are.
@@ -89,7 +140,7 @@ class TrajectoryCache:
         if unknown:
             raise ValueError(f"not inversion settings: {sorted(unknown)}")
         self.folder.mkdir(parents=True, exist_ok=True)
-        fingerprint = target.fingerprint()
+        fingerprint = self.fingerprint or target.fingerprint()
         ids, captions = list(ids), list(captions)
         paths = [
             self.folder / f"{digest(fingerprint, settings, stride, image_id, caption, pixel_digest(image))}.safetensors"
@@ -122,7 +173,8 @@ class TrajectoryCache:
                 states[i] = state
         steps = ddim.path(total, stride)
         # contiguous (not channels-last): fresh and cached latents then decode with the same rounding
-        trajectory = {t: torch.cat([s["latents"][t] for s in states]).contiguous() for t in steps}
+        trajectory = Trajectory({t: torch.cat([s["latents"][t] for s in states]).contiguous() for t in steps})
+        trajectory.files = [str(p) for p in paths]
         seconds = {t: np.array([s["seconds"][t] for s in states]) for t in steps}
         evals = {t: np.array([s["evals"][t] for s in states]) for t in steps}
         return trajectory, seconds, evals

@@ -284,3 +284,27 @@ def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_more_samples()
         assert (table["low"] <= table["estimate"]).all() and (table["estimate"] <= table["high"]).all()
         widths.append(table.loc["auc", "high"] - table.loc["auc", "low"])
     assert widths[1] < widths[0] / 2  # about 1 / sqrt(16) = 1/4 of the width
+
+
+def test_every_bootstrap_resample_equals_sklearn_on_the_resampled_arrays():
+    """The bootstrap's one-pass resample metrics against roc_curve / sklearn.auc / tpr_at_fpr on each
+    resample's drawn arrays (scores rounded so that ties occur)."""
+    from sklearn.metrics import auc as sklearn_auc
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat([1, 0], [60, 140])
+    scores = np.round(rng.normal(labels * 0.7, 1.0), 1)
+    threshold = 0.35
+    weights = metrics.bootstrap_weights(labels, 40, seed=5)
+    assert (weights[:, labels == 1].sum(axis=1) == 60).all() and (weights[:, labels == 0].sum(axis=1) == 140).all()
+    table = metrics.resampled_metrics(labels, scores, weights, threshold)
+    for row, counts in zip(table.itertuples(), weights):
+        index = np.repeat(np.arange(len(labels)), counts.astype(int))
+        drawn_labels, drawn_scores = labels[index], scores[index]
+        fpr, tpr, _ = roc_curve(drawn_labels, drawn_scores, drop_intermediate=False)
+        assert row.auc == pytest.approx(sklearn_auc(fpr, tpr), abs=1e-12)
+        assert row.auc == pytest.approx(roc_auc_score(drawn_labels, drawn_scores), abs=1e-12)
+        assert row.tpr_at_1fpr == metrics.tpr_at_fpr(drawn_labels, drawn_scores, 0.01)
+        assert row.tpr_at_01fpr == metrics.tpr_at_fpr(drawn_labels, drawn_scores, 0.001)
+        assert row.balanced_accuracy == pytest.approx(metrics.balanced_accuracy_at(drawn_labels, drawn_scores, threshold), abs=1e-12)

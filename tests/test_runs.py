@@ -47,7 +47,9 @@ def imageset(tmp_path_factory):
 
 
 def _attack(target, images, t, cache=None, captions=CAPTIONS, ids=IDS, **overrides):
-    return structural_attack(target, images, captions, ids, t=t, stride=50, cache=cache, **overrides)
+    output = structural_attack(target, images, captions, ids, t=t, stride=50, cache=cache, **overrides)
+    TrajectoryCache.flush()  # the files are written in the background; the tests look at them
+    return output
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,6 +117,7 @@ def test_partly_cached_batches_invert_only_what_is_missing(target, images, tmp_p
 def test_secmi_and_the_structural_attack_share_a_path_at_its_stride(target, images, tmp_path):
     cache = TrajectoryCache(tmp_path)
     secmi = secmi_attack(target, images, CAPTIONS, IDS, t_sec=30, interval=10, cache=cache)
+    cache.flush()
     np.testing.assert_allclose(secmi.scores, secmi_attack(target, images, CAPTIONS, IDS, t_sec=30, interval=10).scores, atol=1e-9)
     before = target.unet_evals
     structural_attack(target, images, CAPTIONS, IDS, t=40, stride=10, cache=cache)

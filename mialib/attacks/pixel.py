@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import ddim
+from ..trajectories import decode_at
 from ..similarity import mse
 from .base import AttackOutput
 from .structural import inversion_trajectory, latent_mse
@@ -48,7 +49,7 @@ def pixel_attack(
     before = target.unet_evals
     trajectory = inversion_trajectory(target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, seed, cache=cache)
     evals = (target.unet_evals - before) // len(images)
-    error = mse(images, target.decode(trajectory[t])).numpy()
+    error = mse(images, decode_at(target, trajectory, t)).numpy()
     peak = 10 * np.log10(data_range**2 / error)
     value = -error if metric == "mse" else peak
     return AttackOutput(scores=value, unet_evals=evals, extras={"mse": error, "psnr": peak, "latent_mse": latent_mse(trajectory[t], trajectory[0])})

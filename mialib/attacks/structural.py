@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .. import ddim
+from ..trajectories import decode_at
 from ..similarity import ms_ssim, mse, ssim
 from .base import AttackOutput, condition
 
@@ -95,7 +96,7 @@ def structural_attack(
     trajectory = inversion_trajectory(target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, seed, cache=cache)
     evals = (target.unet_evals - before) // len(images)
     reference = images.to(torch.float64)
-    decoded = target.decode(trajectory[t])
+    decoded = decode_at(target, trajectory, t)
     score_fn = ssim if measure == "ssim" else ms_ssim
     similarity = score_fn(reference, decoded, data_range=data_range).numpy()
     extras = {measure: similarity, "mse": mse(reference, decoded).numpy(), "latent_mse": latent_mse(trajectory[t], trajectory[0])}
@@ -121,4 +122,4 @@ def decoded_trajectory(
     trajectory = inversion_trajectory(
         target, image[None], [caption], [image_id], ddim.path(max(timesteps), stride), guidance, prompt, encode_mode, schedule, seed, cache=cache
     )
-    return {t: target.decode(trajectory[t])[0] for t in timesteps}
+    return {t: decode_at(target, trajectory, t)[0] for t in timesteps}

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .. import memo
 from ..data import DataError, preprocess
 
 RECORD_COLUMNS = ["id", "caption", "label", "subset", "source", "sha256"]
@@ -94,6 +95,19 @@ _SHARDS = _Shards()
 
 def tar_location(shard: str | os.PathLike, member: str) -> str:
     return f"tar://{Path(shard)}#{member}"
+
+
+def _memo_key(location: str | None, sha256: str, min_side: int, size: int) -> tuple | None:
+    """What a preprocessed image is remembered by: the file's place, its size and modification time
+    (a changed or deleted file misses, is read again and fails its sha256 check), the hash and the size."""
+    if location is None:
+        return None
+    path = location[len("tar://") :].split("#", 1)[0] if location.startswith("tar://") else location
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (location, stat.st_mtime_ns, stat.st_size, sha256, min_side, size)
 
 
 def read_bytes(location: str) -> bytes:
@@ -199,11 +213,17 @@ class ImageSet:
     def load(self, size: int, rows: pd.DataFrame | None = None) -> torch.Tensor:
         """Preprocessed pixels (n, 3, size, size) in [-1, 1] of ``rows`` (default: every record).
 
-        Each file is read again and checked against the sha256 taken when the set was opened.
+        Each file is read again and checked against the sha256 taken when the set was opened, unless this
+        process already holds its pixels for an unchanged file (same size and modification time; ``mialib.memo``).
         """
         rows = self.records if rows is None else rows
         tensors = []
         for row in rows.itertuples(index=False):
+            key = _memo_key(row.location, row.sha256, self.min_side, size)
+            remembered = memo.PIXELS.get(key) if key is not None else None
+            if remembered is not None:
+                tensors.append(remembered)
+                continue
             try:
                 payload = read_bytes(row.location)
             except (OSError, tarfile.TarError) as error:
@@ -215,6 +235,8 @@ class ImageSet:
             except ImageProblem as problem:
                 raise DataError(f"image {row.id!r} ({row.source}) can no longer be read: {problem}") from None
             tensors.append(preprocess(image, size))
+            if key is not None:
+                memo.PIXELS.put(key, tensors[-1])
         if not tensors:
             return torch.empty(0, 3, size, size)
         batch = torch.stack(tensors)
@@ -227,9 +249,20 @@ class ImageSet:
         pixels is in memory at a time."""
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, not {batch_size}")
-        for start in range(0, len(self.records), batch_size):
-            rows = self.records.iloc[start : start + batch_size].reset_index(drop=True)
-            yield rows, self.load(size, rows)
+        from concurrent.futures import ThreadPoolExecutor
+
+        chunks = [self.records.iloc[start : start + batch_size].reset_index(drop=True) for start in range(0, len(self.records), batch_size)]
+        if not chunks:
+            return
+        # The next batch is read and decoded in a background thread while the caller works on this one
+        # (Pillow and file reads release the GIL), so at most two batches of pixels are in memory.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mialib-images") as reader:
+            pending = reader.submit(self.load, size, chunks[0])
+            for k, rows in enumerate(chunks):
+                pixels = pending.result()
+                if k + 1 < len(chunks):
+                    pending = reader.submit(self.load, size, chunks[k + 1])
+                yield rows, pixels
 
     def manifest(self) -> pd.DataFrame:
         """The frozen form of this set: ``id, caption, label, subset, sha256, source, subset_rule`` (+ group)."""
