@@ -105,7 +105,27 @@ def prepare_target(params: dict, progress: bool = True) -> str:
     public = data.load_tensors(images.loc[images["split"] == "public", "path"], config.image_size)
     members = images[images["split"] == "member"]
     tensors = data.load_tensors(members["path"], config.image_size)
-    return str(build_tiny_target(target_dir, public, tensors, list(members["caption"]), list(images["caption"]), config, progress))
+    return str(build_tiny_target(target_dir, public, tensors, list(members["caption"]), list(images["caption"]), config, progress, emoji_tokenizer(config)))
+
+
+EMOJI_TOKENIZER = ROOT / "data" / "emoji_tokenizer"
+
+
+def emoji_tokenizer(config, folder: Path = EMOJI_TOKENIZER):
+    """The embedded target's tokenizer: a byte-level BPE trained once on every caption of the emoji
+    manifest and committed (``data/emoji_tokenizer``), so that every build of the target starts from the
+    same token ids (``tiny.build_tiny_target`` explains why a fresh training would not). Missing, it is
+    trained and saved there."""
+    from transformers import CLIPTokenizer
+
+    from .tiny import build_tokenizer
+
+    if not (folder / "tokenizer_config.json").exists():
+        captions = list(pd.read_csv(ROOT / "data" / "emoji_split.csv")["caption"])
+        build_tokenizer(captions, config.max_tokens).save_pretrained(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    tokenizer.model_max_length = config.max_tokens
+    return tokenizer
 
 
 def locate_model(model: str | os.PathLike) -> str:

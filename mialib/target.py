@@ -93,6 +93,7 @@ class Target:
     unet_evals: int = 0  # U-Net forward passes, counted per image (a batch of n counts n)
     _fingerprint: tuple | None = field(default=None, repr=False, compare=False)  # (weights' state, digest)
     _loaded_state: tuple | None = field(default=None, repr=False, compare=False)  # weights' state when loaded
+    _tokens: list = field(default_factory=list, repr=False, compare=False)  # [(tokenizer, {caption: token ids})]
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -167,11 +168,17 @@ class Target:
         return digest.hexdigest()
 
     # ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
-        return tokenizer(
-            list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
+    def _token_ids(self, tokenizer, captions: list[str]) -> torch.Tensor:
+        """Padded token ids of the captions; each caption is tokenised once per tokenizer."""
+        known = next((table for owner, table in self._tokens if owner is tokenizer), None)
+        if known is None:
+            known = {}
+            self._tokens.append((tokenizer, known))
+        new = sorted({c for c in captions if c not in known})
+        if new:
+            ids = tokenizer(new, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            known.update(zip(new, ids))
+        return torch.stack([known[c] for c in captions])
 
     @torch.no_grad()
     def encode_prompts(self, captions: list[str]) -> Conditioning:

@@ -285,10 +285,15 @@ def build_tiny_target(
     vocabulary_captions: list[str],
     config: TinyConfig,
     progress: bool = True,
+    tokenizer: CLIPTokenizer | None = None,
 ) -> Path:
     """Train (or finish training) the tiny target and save it as a pipeline folder; returns the folder.
 
-    A finished folder (``model_index.json`` present with the same config) is left as it is.
+    A finished folder (``model_index.json`` present with the same config) is left as it is. ``tokenizer``:
+    a fixed one (the embedded default's is committed, ``data/emoji_tokenizer``); without it one is trained
+    on ``vocabulary_captions``. Training a byte-level BPE is not reproducible between processes (the
+    ``tokenizers`` trainer breaks ties between equally frequent pairs in hash-map order, so token ids and
+    merges differ from run to run), and everything downstream of the token ids with it.
     """
     target_dir = Path(target_dir)
     config_path = target_dir / "tiny_config.json"
@@ -305,7 +310,8 @@ def build_tiny_target(
         (target_dir / "training").mkdir(parents=True)
     started.write_text(json.dumps(asdict(config), indent=2))
 
-    tokenizer = build_tokenizer(vocabulary_captions, config.max_tokens)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(vocabulary_captions, config.max_tokens)
     components = build_components(config, tokenizer)
     vae_dir = target_dir / "training" / "vae"
     if (vae_dir / "diffusion_pytorch_model.safetensors").exists():

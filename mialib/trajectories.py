@@ -108,10 +108,13 @@ class TrajectoryCache:
         return {"latents": {t: everything[t].to(target.device, target.dtype) for t in steps}, "seconds": seconds, "evals": evals}
 
     @staticmethod
-    def _save(path: Path, state: dict, image_id: str) -> None:
+    def _save(path: Path, state: dict, image_id: str, fresh: dict | None = None) -> None:
+        """Write a trajectory (in the background); ``fresh`` holds CPU copies of newly computed latents."""
         from safetensors.torch import save_file
 
-        latents = {f"t={t}": z.detach().to("cpu", copy=True).contiguous() for t, z in state["latents"].items()}
+        fresh = fresh or {}
+        latents = {f"t={t}": fresh[t] if t in fresh else z.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+                   for t, z in state["latents"].items()}
         metadata = {"id": image_id, "seconds": json.dumps(state["seconds"]), "evals": json.dumps(state["evals"])}
         remembered = {"latents": {int(k[2:]): v for k, v in latents.items()}, "seconds": dict(state["seconds"]), "evals": dict(state["evals"])}
 
@@ -162,6 +165,8 @@ class TrajectoryCache:
                 new = inversion_trajectory(target, None, sub_captions, sub_ids, steps, **settings, start=start)
             elapsed = (time.perf_counter() - began) / len(index)
             per_step = (target.unet_evals - before) / len(index) / max(len(steps) - 1, 1)
+            # one contiguous CPU copy per step for the whole batch; each image's file holds its rows
+            copies = {t: new[t].detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for t in steps}
             for position, i in enumerate(index):
                 state = states[i] or {"latents": {}, "seconds": {}, "evals": {}}
                 base_seconds, base_evals = state["seconds"].get(steps[0], 0.0), state["evals"].get(steps[0], 0)
@@ -169,7 +174,7 @@ class TrajectoryCache:
                     state["latents"][t] = new[t][position : position + 1]
                     state["seconds"].setdefault(t, base_seconds + elapsed * k / max(len(steps) - 1, 1))
                     state["evals"].setdefault(t, int(round(base_evals + per_step * k)))
-                self._save(paths[i], state, ids[i])
+                self._save(paths[i], state, ids[i], {t: copies[t][position : position + 1] for t in steps})
                 states[i] = state
         steps = ddim.path(total, stride)
         # contiguous (not channels-last): fresh and cached latents then decode with the same rounding

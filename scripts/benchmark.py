@@ -33,7 +33,9 @@ class ModelClock:
 
     def __init__(self, target, device: str):
         self.seconds, self.device, self._began, self.handles = 0.0, device, {}, []
-        modules = [target.unet, target.vae.encoder, target.vae.decoder, target.text_encoder]
+        vae = target.vae
+        modules = [target.unet, vae.encoder, vae.decoder, target.text_encoder]
+        modules += [m for m in (getattr(vae, "quant_conv", None), getattr(vae, "post_quant_conv", None)) if m is not None]
         modules += [m for m in (target.text_encoder_2,) if m is not None]
         for module in modules:
             self.handles.append(module.register_forward_pre_hook(self._pre))

@@ -179,3 +179,24 @@ def test_ms_ssim_identity_symmetry_and_order():
     np.testing.assert_allclose(ms_ssim(x, y).numpy(), ms_ssim(y, x).numpy(), atol=1e-12)
     worse = torch.clamp(x + 0.6 * torch.from_numpy(np.random.default_rng(2).normal(size=x.shape)), -1, 1)
     assert torch.all(ms_ssim(x, worse) < ms_ssim(x, y))
+
+
+@pytest.mark.parametrize("size", [32, 64, 256])
+def test_the_working_precision_agrees_with_the_float64_reference_within_1e5(size):
+    """The attacks compute SSIM and MS-SSIM in float32 on the decoded image's device; the float64 CPU path
+    (equal to skimage / torchmetrics above) is the reference. Near-identical pairs (a decoder's
+    reconstruction) and unrelated ones, flat regions included."""
+    rng = np.random.default_rng(size)
+    x = rng.uniform(-1, 1, (4, 3, size, size))
+    x[:, :, : size // 4] = 0.25  # a flat band: variances near zero, where cancellation would show
+    near = np.clip(x + rng.normal(0, 0.02, x.shape), -1, 1)
+    far = rng.uniform(-1, 1, x.shape)
+    for y in (near, far):
+        xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+        for function in (ssim, ms_ssim):
+            reference = function(xt, yt, precision="reference")
+            working = function(xt, yt, precision="working")
+            assert working.dtype == torch.float64 and working.device.type == "cpu"
+            np.testing.assert_allclose(working.numpy(), reference.numpy(), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="precision"):
+        ssim(xt, yt, precision="half")

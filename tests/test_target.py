@@ -344,3 +344,54 @@ def test_fingerprint_is_the_same_in_processes_with_different_hash_seeds(saved, t
     assert len({fingerprint for fingerprint, _ in outputs}) == 1
     # the raw config is what changed with the hash seed (the reason the private keys are left out)
     assert outputs[0][1] != outputs[1][1]
+
+
+BUILD_SCRIPT = """
+import glob, hashlib, sys, torch
+from safetensors.torch import load_file
+from mialib import experiment, tiny
+torch.set_num_threads(2)
+config = tiny.TinyConfig(vae_steps=8, unet_steps=8, checkpoints=(4, 8))
+g = torch.Generator().manual_seed(0)
+public, members = torch.rand(32, 3, 32, 32, generator=g) * 2 - 1, torch.rand(16, 3, 32, 32, generator=g) * 2 - 1
+captions = [f"a grinning face number {i}" for i in range(16)]
+tiny.build_tiny_target(sys.argv[1], public, members, captions, captions, config, progress=False, tokenizer=experiment.emoji_tokenizer(config))
+digest = hashlib.sha256()
+for path in sorted(glob.glob(sys.argv[1] + "/**/*.safetensors", recursive=True)):
+    if "optimizer" not in path:
+        for key, tensor in sorted(load_file(path).items()):
+            digest.update(key.encode() + tensor.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_two_builds_of_the_embedded_target_give_bit_identical_weights(tmp_path, capsys):
+    """The target's build path with the committed tokenizer, in this process and in a fresh one (another
+    hash seed, the same two threads): every weight file (final and checkpoints) is bit-identical."""
+    import os
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(tmp_path / "other")], env={**os.environ, "PYTHONHASHSEED": "2"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = other.communicate(timeout=600)
+    assert other.returncode == 0, stderr
+    threads = torch.get_num_threads()
+    sys.argv, argv = ["build", str(tmp_path / "here")], sys.argv
+    try:
+        exec(BUILD_SCRIPT, {"__name__": "build"})
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    here = capsys.readouterr().out.split()[-1]
+    assert len(here) == 64 and here == stdout.split()[-1]
+
+
+def test_the_committed_emoji_tokenizer_is_the_one_builds_use():
+    from mialib import experiment, tiny
+
+    tokenizer = experiment.emoji_tokenizer(tiny.TinyConfig())
+    assert (experiment.EMOJI_TOKENIZER / "tokenizer.json").exists()
+    assert tokenizer.model_max_length == tiny.TinyConfig().max_tokens
+    ids = tokenizer(["grinning face", ""], padding="max_length", max_length=8).input_ids
+    assert ids[0][0] == tokenizer.bos_token_id and ids[1][:2] == [tokenizer.bos_token_id, tokenizer.eos_token_id]

@@ -48,7 +48,7 @@ def backward_attack(
     cond, uncond = condition(target, captions, prompt, guidance)
     reconstruction = ddim.denoise(target, inverted, steps[::-1], cond, uncond, guidance, schedule)[steps[0]]
     # 3. decode and compare with the input
-    similarity = ssim(images, target.decode(reconstruction), data_range=data_range).numpy()
+    similarity = ssim(images, target.decode(reconstruction), data_range=data_range, precision="working").numpy()
     latent_mse = (reconstruction - latents).double().pow(2).flatten(1).mean(dim=1).cpu().numpy()
     evals = (target.unet_evals - before) // len(images)
     return AttackOutput(

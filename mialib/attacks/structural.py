@@ -63,7 +63,7 @@ def inversion_trajectory(
 
 def latent_mse(z_t: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
     """Mean squared distance per image between an inverted latent and the clean one (float64)."""
-    return (z_t.detach().to("cpu", torch.float64) - clean.detach().to("cpu", torch.float64)).pow(2).flatten(1).mean(dim=1).numpy()
+    return (z_t.detach().to(torch.float64) - clean.detach().to(torch.float64)).pow(2).flatten(1).mean(dim=1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -95,11 +95,10 @@ def structural_attack(
     before = target.unet_evals
     trajectory = inversion_trajectory(target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, seed, cache=cache)
     evals = (target.unet_evals - before) // len(images)
-    reference = images.to(torch.float64)
     decoded = decode_at(target, trajectory, t)
     score_fn = ssim if measure == "ssim" else ms_ssim
-    similarity = score_fn(reference, decoded, data_range=data_range).numpy()
-    extras = {measure: similarity, "mse": mse(reference, decoded).numpy(), "latent_mse": latent_mse(trajectory[t], trajectory[0])}
+    similarity = score_fn(images, decoded, data_range=data_range, precision="working").numpy()
+    extras = {measure: similarity, "mse": mse(images, decoded).numpy(), "latent_mse": latent_mse(trajectory[t], trajectory[0])}
     return AttackOutput(scores=similarity, unet_evals=evals, extras=extras)
 
 

@@ -16,5 +16,5 @@ from .base import AttackOutput, image_seed
 @torch.no_grad()
 def vae_control(target, images, captions, ids, encode_mode: str = "mode", data_range: float = 2.0, seed: int = 0) -> AttackOutput:
     latents = target.encode_images(images, mode=encode_mode, seeds=[image_seed(i, seed) for i in ids])
-    similarity = ssim(images, target.decode(latents), data_range=data_range).numpy()
+    similarity = ssim(images, target.decode(latents), data_range=data_range, precision="working").numpy()
     return AttackOutput(scores=similarity, unet_evals=0, extras={"ssim": similarity})
