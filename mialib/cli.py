@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--data-range", type=float, default=2.0, help="SSIM data range (2 for images in [-1, 1])")
     score.add_argument("--seed", type=int, default=0, help="seed of per-image noise, posterior samples and the subset assignment")
     score.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the metrics' intervals")
+    score.add_argument("--trajectory-cache-gb", type=float, default=0, help="cap of the trajectory cache in GB (0: no cap); past it the least recently written trajectories are removed")
     score.add_argument("--quiet", action="store_true", help="no progress bars")
 
     report = commands.add_parser("report", help="print the metrics table of a scored folder")
@@ -104,6 +105,8 @@ def score(args) -> None:
     from .target import check_source, load_target
 
     started = time.time()
+    if args.trajectory_cache_gb:
+        os.environ["MIALIB_TRAJECTORY_CACHE_GB"] = str(args.trajectory_cache_gb)
     settings = Settings(args.guidance, args.prompt, args.encode_mode, args.schedule, args.seed, args.data_range, args.dtype)
     requests = runs.as_requests([parse_request(text) for text in args.attack])
     model = check_source(args.model, args.model_config)  # a typo'd path or a bad file form fails here, before anything is read or written

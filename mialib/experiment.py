@@ -211,6 +211,10 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
     ``globals()``) are its parameters. Opens the image set (writing its records and skip table), checks
     the model and the image size before any compute, and loads the target."""
     params = {k: v for k, v in params.items() if k.isupper() and not k.startswith("_")}
+    if "MIALIB_MEMORY_MB" not in os.environ:
+        from . import memo
+
+        memo.configure(memo.STUDY_MB)  # a notebook scores the same images many times
     out = claim_output(resolve(params["OUTPUT_DIR"]))
     for folder in (out / "tables", out / "figures"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -267,11 +271,13 @@ def notebook_runs(params: dict) -> dict[str, tuple[str, dict] | str]:
     """Run name -> (source notebook, parameter overrides), or the reason the run does not apply.
 
     ``03_attack_biased`` repeats the comparison on the biased split (non-members from a shifted source);
-    it exists only for the embedded emoji set.
+    it exists only for the embedded emoji set. It shares the fair run's cache: results are keyed per
+    image, so the members (the same images) are read back and only the shifted non-members are scored.
     """
     output_dir = params["OUTPUT_DIR"]
+    cache_dir = params.get("CACHE_DIR") or f"{output_dir}/cache"
     biased = (
-        ("03_attack", {"NONMEMBER_STYLE": "shifted", "OUTPUT_DIR": f"{output_dir}/biased", "FAIR_RESULTS": f"{output_dir}/metrics.csv"})
+        ("03_attack", {"NONMEMBER_STYLE": "shifted", "OUTPUT_DIR": f"{output_dir}/biased", "CACHE_DIR": cache_dir, "FAIR_RESULTS": f"{output_dir}/metrics.csv"})
         if data_kind(params) == "emoji"
         else f"the biased split exists only for the embedded emoji set (DATA is {params.get('DATA')!r})"
     )

@@ -2,9 +2,12 @@
 
 Notebooks and studies score the same images many times in one process (a grid over t, the structural
 and pixel attacks at one t, a T sweep read with two measures). What the disk caches hold is kept here
-too, up to a byte budget (split evenly between the three memories below), so those repeats skip reading files, decoding images and running the VAE
-decoder again. Set ``MIALIB_MEMORY_MB`` (default 512; 0 turns it off) to change the budget. The entries
-are copies on the CPU; a set larger than the budget streams as before.
+too, up to a byte budget split evenly between the three memories below, so those repeats skip reading
+files, decoding images and running the VAE decoder again. The entries are copies on the CPU.
+
+The budget is 0 (off) by default, so ``mialib score`` keeps memory flat in the set's size; the
+notebooks' :func:`mialib.experiment.setup` turns on :data:`STUDY_MB`. ``MIALIB_MEMORY_MB`` sets it for
+both. A set larger than the budget streams as it does without it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ class Memo:
     """``get(key)`` / ``put(key, value)`` with a byte budget (tensors, and dicts or lists of them)."""
 
     def __init__(self, share: float = 1.0, budget_mb: float | None = None):
-        total = float(os.environ.get("MIALIB_MEMORY_MB", 512)) if budget_mb is None else budget_mb
+        self.share = share
+        total = float(os.environ.get("MIALIB_MEMORY_MB", 0)) if budget_mb is None else budget_mb
         self.budget = int(total * share * 2**20)
         self.entries: OrderedDict = OrderedDict()
         self.bytes = 0
@@ -100,6 +104,17 @@ class Writer:
 
 
 WRITER = Writer()
+
+
+STUDY_MB = 512  # the notebooks' budget (unless MIALIB_MEMORY_MB says otherwise)
+
+
+def configure(total_mb: float) -> None:
+    """Set the budget of the three memories (MB in all; 0 turns them off)."""
+    for memory in (LATENTS, DECODED, PIXELS):
+        memory.budget = int(total_mb * memory.share * 2**20)
+        if memory.budget == 0:
+            memory.clear()
 
 
 def clear() -> None:

@@ -6,12 +6,21 @@ not the total timestep: any attack or study that needs the path at that stride r
 shorter path is its prefix, and a longer one extends it from its last latent instead of starting again
 (the walk is deterministic, so it is the same path). Writes are atomic: a killed run never leaves a
 truncated file behind.
+
+Latents are stored in the model's dtype (float16 models take half the disk: 32 KiB per latent at
+512 px). Files are written by a background thread (:data:`mialib.memo.WRITER`) and remembered in memory
+(:mod:`mialib.memo`), so a grid over t or a second measure of the same path reads no file and decodes
+no latent twice in one process. ``MIALIB_TRAJECTORY_CACHE_GB`` (``mialib score --trajectory-cache-gb``)
+caps the folder: past the cap the least recently written trajectories are removed, reported, and
+recomputed if a later study needs them. The measures a study computes from a path are its own choice
+(``structural:measure=ssim`` or ``ms_ssim``; -MSE and latent MSE come with either at no extra decode).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -22,6 +31,40 @@ from . import ddim, memo
 
 INVERSION_SETTINGS = ("guidance", "prompt", "encode_mode", "schedule", "seed")
 _QUEUED: dict[str, dict] = {}  # trajectories handed to the background writer and not yet on disk
+_FOLDER_BYTES: dict[str, int] = {}  # bytes of trajectory files per folder, counted once per process
+
+
+def cap_bytes() -> int | None:
+    """The trajectory cache's size cap: ``MIALIB_TRAJECTORY_CACHE_GB`` (``mialib score --trajectory-cache-gb``);
+    unset or 0 means no cap."""
+    value = float(os.environ.get("MIALIB_TRAJECTORY_CACHE_GB", 0) or 0)
+    return int(value * 2**30) if value > 0 else None
+
+
+def _account(folder: Path, change: int) -> None:
+    """Count a write and, over the cap, remove the least recently written trajectories (they are
+    recomputed if a later study needs them) down to 90 % of the cap, with one line on stderr."""
+    key = str(folder)
+    if key not in _FOLDER_BYTES:
+        _FOLDER_BYTES[key] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    else:
+        _FOLDER_BYTES[key] += change
+    cap = cap_bytes()
+    if cap is None or _FOLDER_BYTES[key] <= cap:
+        return
+    import sys
+
+    files = sorted(folder.glob("*.safetensors"), key=lambda f: f.stat().st_mtime_ns)
+    removed = 0
+    for file in files:
+        if _FOLDER_BYTES[key] <= 0.9 * cap:
+            break
+        size = file.stat().st_size
+        file.unlink(missing_ok=True)
+        _FOLDER_BYTES[key] -= size
+        removed += 1
+    print(f"trajectory cache {folder} reached its cap of {cap / 2**30:g} GB: removed the {removed} least recently written "
+          "trajectories (recomputed if needed)", file=sys.stderr, flush=True)
 
 
 def digest(*parts) -> str:
@@ -121,8 +164,10 @@ class TrajectoryCache:
         def write():
             partial = path.with_suffix(".partial")
             save_file(latents, str(partial), metadata=metadata)
+            before = path.stat().st_size if path.exists() else 0
             partial.replace(path)  # atomic: an interrupted write never leaves a truncated trajectory
             stat = path.stat()
+            _account(path.parent, stat.st_size - before)
             memo.LATENTS.put((str(path), stat.st_mtime_ns, stat.st_size), remembered)
             if _QUEUED.get(str(path)) is remembered:
                 del _QUEUED[str(path)]

@@ -1,14 +1,25 @@
-"""Print speed and memory figures of every registered attack on a preset's target and image set (CPU or GPU).
+"""Speed and memory figures of every registered attack (CPU or GPU); prints tables, writes one CSV.
 
-    python scripts/benchmark.py --preset configs/default.yaml [--images 64] [--batch-size 32]
+    python scripts/benchmark.py --preset configs/default.yaml          # make benchmark
+    python scripts/benchmark.py --preset configs/gpu.yaml --sd15-images 32   # a preset with DEVICE: cuda
 
-Each attack runs at its registry setting twice: the attack function alone on batches already in memory,
-and the production path (``runs.attack_values``, cold: empty caches). Figures: seconds per image, images
-per second, U-Net evaluations per image (counted, and the registry's formula), the overhead ratio (wall
-time over the time inside the model's own forward passes: U-Net, VAE encoder and decoder, text encoders)
-and peak memory, reset before each run (resident high-water mark on CPU, ``torch.cuda.max_memory_allocated``
-on GPU). Saved to ``<--out>/benchmark.csv`` with the device. Then what the trajectory cache saves: a T sweep cold, the same sweep read back, a shorter path
-read as a prefix, and the disk it takes per image. Timings are printed, never asserted.
+1. **Attacks** (``study=attacks``): each at its registry setting, on the preset's target and images, two
+   ways: the attack function alone on batches already in memory, and the production path
+   (``runs.attack_values``: reading and checking images, the result store, the trajectory cache),
+   cold (empty caches, nothing remembered in memory); the median of ``--repeats`` runs. Figures: seconds
+   per image, images per second, U-Net evaluations per image (counted, and the registry's formula), the
+   overhead ratio (wall time over the time inside the model's own forward passes: U-Net, VAE encoder,
+   decoder and quant convs, text encoders) and peak memory, reset before each run (resident high-water
+   mark on CPU, ``torch.cuda.max_memory_allocated`` on GPU). The same on random weights in SD 1.5's
+   shapes at 256 px (``--sd15-images``, one run each).
+2. **Paper against official** (``study=paper_vs_official``): the structural attack at the paper's 2 U-Net
+   evaluations per image against the official code's 4 (it also runs the unconditional branch at
+   guidance 1), as a ratio of seconds per image from one run each.
+3. **Memory** (``study=memory``): ``mialib score`` on sets of ``--memory-sizes`` images, each in a fresh
+   process: the attack's peak and the process's peak resident memory, and their ratio to the smallest.
+4. What the trajectory cache saves (printed): a T sweep cold, read back, and a prefix.
+
+Everything goes to ``<--out>/benchmark.csv`` with the device; timings are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -76,61 +87,171 @@ def measure(target, device: str, run) -> tuple[float, float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="configs/default.yaml")
-    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--images", type=int, default=384, help="images of the preset's set for the attack table")
     parser.add_argument("--batch-size", type=int, default=0, help="images per batch (0: the preset's BATCH_SIZE)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each path; the median run is reported")
     parser.add_argument("--attacks", nargs="*", default=None, help="only these registry attacks")
+    parser.add_argument("--sd15-images", type=int, default=2, help="images for SD 1.5-shaped random weights at 256 px (0: skip)")
+    parser.add_argument("--memory-sizes", type=int, nargs="*", default=[200, 2000], help="set sizes of the memory study (none: skip)")
     parser.add_argument("--out", default="outputs/benchmark", help="folder of benchmark.csv")
     args = parser.parse_args()
     import pandas as pd
 
     params = experiment.load_preset(args.preset)
-    model = experiment.prepare_target(params)
+    model = experiment.locate_model(experiment.prepare_target(params))
     device = params.get("DEVICE", "cpu")
     settings = Settings.from_parameters(params)
-    target = load_target(experiment.locate_model(model), device=device, dtype=settings.dtype)
+    target = load_target(model, device=device, dtype=settings.dtype)
     imageset = experiment.open_data(params)
     imageset = imageset.select(list(imageset.records["id"][: args.images]))
     size = params["IMAGE_SIZE"]
     args.batch_size = args.batch_size or params["BATCH_SIZE"]
-    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
-    print(f"target {target.name} on {device_name}, {len(imageset)} images of {size} px, batch {args.batch_size}")
-    header = f"{'attack (registry setting)':34s} {'path':10s} {'s/image':>8s} {'img/s':>7s} {'U-Net/img':>9s} {'formula':>7s} {'overhead':>8s} {'peak MB':>8s}"
-    print(header)
+    out = experiment.ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    rows = attack_table(target, imageset, settings, size, args.batch_size, args.repeats, args.attacks, device)
+    rows += paper_against_official(target, imageset, settings, size, args.batch_size, device)
+    if args.memory_sizes:
+        rows += memory_study(model, args.memory_sizes, size, args.batch_size, device, out)
+    if args.sd15_images:
+        rows += sd15_table(args.sd15_images, args.attacks, device, out)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "benchmark.csv", index=False)
+    print(f"saved {out / 'benchmark.csv'}")
+    trajectory_cache(target, imageset, params, settings, args.batch_size)
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+
+
+HEADER = f"{'attack (registry setting)':34s} {'path':10s} {'s/image':>8s} {'img/s':>7s} {'U-Net/img':>9s} {'formula':>7s} {'overhead':>8s} {'peak MB':>8s}"
+
+
+def attack_table(target, imageset, settings: Settings, size: int, batch_size: int, repeats: int, only, device: str) -> list[dict]:
+    """Every model attack at its registry setting: the function on batches in memory, and the production
+    path cold (empty caches, nothing remembered), each the median of ``repeats`` runs."""
+    print(f"\ntarget {target.name} on {device_name(device)}, {len(imageset)} images of {size} px, batch {batch_size}, median of {repeats}")
+    print(HEADER)
     rows = []
-    batches = [(list(r["id"]), list(r["caption"]), pixels) for r, pixels in imageset.batches(size, args.batch_size)]
+    batches = [(list(r["id"]), list(r["caption"]), pixels) for r, pixels in imageset.batches(size, batch_size)]
     for name, spec in REGISTRY.items():
-        if spec.kind == "blind" or (args.attacks and name not in args.attacks):
+        if spec.kind == "blind" or (only and name not in only):
             continue
         point = spec.params()
         keywords = {**point, **settings.for_function(spec.function)}
         measured = {"function": [], "production": []}
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             with tempfile.TemporaryDirectory() as cache:
                 paths = {
                     # the attack function alone, pixels already in memory (trajectory cache off)
                     "function": lambda: [spec.function(target, p.to(target.device), c, i, **keywords) for i, c, p in batches],
                     # the production path, cold: reading and checking images, the caches, SSIM, the result store
-                    "production": lambda: runs.attack_values(target, imageset, spec, point, settings, cache, args.batch_size, size, progress=False),
+                    "production": lambda: runs.attack_values(target, imageset, spec, point, settings, cache, batch_size, size, progress=False),
                 }
                 for path, run in paths.items():
                     memo.clear()  # nothing remembered from an earlier run
                     measured[path].append(measure(target, device, run))
         for path, results in measured.items():
             wall, inside, evals, peak = sorted(results, key=lambda r: r[0] / r[1] if r[1] else 0)[len(results) // 2]  # the median run
-            row = dict(attack=name, setting=spec.describe(point), path=path, device=device_name, images=len(imageset), size=size,
-                       batch_size=args.batch_size, repeats=args.repeats, seconds_per_image=wall / len(imageset), images_per_second=len(imageset) / wall,
-                       unet_evals=evals / len(imageset), formula=spec.cost(point, settings), model_seconds=inside,
-                       overhead_ratio=wall / inside if inside else float("nan"), peak_memory_mb=peak)
+            row = dict(study="attacks", target=target.name, attack=name, setting=spec.describe(point), path=path, device=device_name(device),
+                       images=len(imageset), size=size, batch_size=batch_size, repeats=repeats, seconds_per_image=wall / len(imageset),
+                       images_per_second=len(imageset) / wall, unet_evals=evals / len(imageset), formula=spec.cost(point, settings),
+                       model_seconds=inside, overhead_ratio=wall / inside if inside else float("nan"), peak_memory_mb=peak)
             rows.append(row)
             label = f"{name} {spec.describe(point)}"[:34]
             print(f"{label:34s} {path:10s} {row['seconds_per_image']:8.4f} {row['images_per_second']:7.1f} {row['unet_evals']:9.1f} "
                   f"{row['formula']:7d} {row['overhead_ratio']:8.2f} {peak:8.0f}", flush=True)
-    out = experiment.ROOT / args.out
-    out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(out / "benchmark.csv", index=False)
-    print(f"saved {out / 'benchmark.csv'}")
-    trajectory_cache(target, imageset, params, settings, args.batch_size)
+    return rows
+
+
+def paper_against_official(target, imageset, settings: Settings, size: int, batch_size: int, device: str) -> list[dict]:
+    """The paper's setting (t=100, stride 50, guidance 1: 2 U-Net evaluations per image) against the official
+    code's cost for the same scores: it runs the unconditional branch at guidance 1 too (4 evaluations).
+    Emulated here with the two-branch path at guidance 1 + 1e-9 (the scores differ by about 1e-9); one run each."""
+    spec = REGISTRY["structural"]
+    point = spec.params()
+    rows = []
+    for name, chosen in (("paper (2 evaluations)", settings), ("official code (4 evaluations)", settings.replace(guidance=1.0 + 1e-9))):
+        keywords = {**point, **chosen.for_function(spec.function)}
+        batches = [(list(r["id"]), list(r["caption"]), p) for r, p in imageset.batches(size, batch_size)]
+        wall, inside, evals, peak = measure(target, device, lambda: [spec.function(target, p.to(target.device), c, i, **keywords) for i, c, p in batches])
+        rows.append(dict(study="paper_vs_official", target=target.name, attack="structural", setting=name, path="function", device=device_name(device),
+                         images=len(imageset), size=size, batch_size=batch_size, seconds_per_image=wall / len(imageset),
+                         images_per_second=len(imageset) / wall, unet_evals=evals / len(imageset), model_seconds=inside, peak_memory_mb=peak))
+    rows[1]["ratio_to_paper"] = rows[1]["seconds_per_image"] / rows[0]["seconds_per_image"]
+    rows[0]["ratio_to_paper"] = 1.0
+    print(f"\nstructural, paper setting: {rows[0]['unet_evals']:.0f} U-Net evaluations, {rows[0]['seconds_per_image'] * 1e3:.2f} ms per image; "
+          f"the official code's {rows[1]['unet_evals']:.0f}: {rows[1]['seconds_per_image'] * 1e3:.2f} ms per image ({rows[1]['ratio_to_paper']:.2f} times)")
+    return rows
+
+
+def synthetic_set(folder: Path, n: int, size: int, seed: int = 0) -> Path:
+    """An imagefolder of ``n`` distinct random PNG images (half members, half non-members, both subsets)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = ["file_name,caption,label,subset"]
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+        lines.append(f"{i:05d}.png,random image {i},{i % 2},{'calibration' if (i // 2) % 2 == 0 else 'test'}")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def memory_study(model: str, sizes: list[int], size: int, batch_size: int, device: str, out: Path) -> list[dict]:
+    """Peak memory of `mialib score` (structural, paper setting) on sets of each size, each in a fresh
+    process: the attack's own peak (reset when it starts) and the process's peak resident memory."""
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    rows = []
+    print(f"\nmemory of `mialib score --attack structural` (batch {batch_size}, {size} px), each set in a fresh process")
+    with tempfile.TemporaryDirectory() as folder:
+        for n in sizes:
+            data = synthetic_set(Path(folder) / f"set{n}", n, size)
+            result = Path(folder) / f"out{n}"
+            command = [sys.executable, "-m", "mialib", "score", "--model", model, "--data", f"imagefolder:{data}", "--attack", "structural",
+                       "--out", str(result), "--batch-size", str(batch_size), "--size", str(size), "--device", device, "--bootstrap", "10", "--quiet"]
+            start = time.perf_counter()
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            _, status, usage = os.wait4(process.pid, 0)
+            if status:
+                raise RuntimeError(process.stderr.read())
+            scores = pd.read_parquet(result / "scores.parquet")
+            row = dict(study="memory", target=Path(model).name, attack="structural", setting="t=100, stride=50", path="production",
+                       device=device_name(device), images=n, size=size, batch_size=batch_size, seconds=time.perf_counter() - start,
+                       peak_memory_mb=float(scores["peak_memory_mb"].max()), process_peak_mb=usage.ru_maxrss / 1024)
+            rows.append(row)
+            print(f"{n:6d} images: attack peak {row['peak_memory_mb']:7.0f} MB, process peak {row['process_peak_mb']:7.0f} MB, {row['seconds']:.0f} s")
+    for row in rows:
+        row["peak_vs_smallest"] = row["process_peak_mb"] / rows[0]["process_peak_mb"]
+    return rows
+
+
+def sd15_table(n: int, only, device: str, out: Path) -> list[dict]:
+    """The attack table on random weights in SD 1.5's shapes at 256 px, ``n`` images, one run each
+    (the weights are built once into outputs/benchmark_sd/sd15-random, 4 GB, as `make benchmark-sd` does)."""
+    import sys
+
+    sys.path.insert(0, str(experiment.ROOT / "scripts"))
+    from benchmark_sd import build_sd15
+
+    sys.path.insert(0, str(experiment.ROOT / "tests"))
+    from mialib import imagesets
+    import helpers
+
+    folder = experiment.ROOT / "outputs" / "benchmark_sd" / "sd15-random"
+    if not (folder / "model_index.json").exists():
+        build_sd15(folder)
+    target = load_target(str(folder), device=device, dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as data:
+        imageset = imagesets.open_imageset(f"imagefolder:{helpers.write_imagefolder(Path(data) / 'set', n=n, size=256)}")
+        return attack_table(target, imageset, Settings(), 256, n, 1, only, device)
 
 
 def trajectory_cache(target, imageset, params: dict, settings: Settings, batch_size: int) -> None:

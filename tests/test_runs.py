@@ -124,6 +124,71 @@ def test_secmi_and_the_structural_attack_share_a_path_at_its_stride(target, imag
     assert target.unet_evals == before  # 0 -> 10 -> ... -> 40 was SecMI's path
 
 
+def test_the_cap_removes_the_least_recently_written_trajectories_and_says_so(target, images, tmp_path, monkeypatch, capfd):
+    import os
+    import time
+
+    from mialib import memo
+
+    cache = TrajectoryCache(tmp_path)
+    _attack(target, images[:1], 100, cache, captions=CAPTIONS[:1], ids=IDS[:1])
+    time.sleep(0.01)
+    one = next(tmp_path.glob("*.safetensors"))
+    size = one.stat().st_size
+    monkeypatch.setenv("MIALIB_TRAJECTORY_CACHE_GB", str(2.5 * size / 2**30))  # room for two files
+    _attack(target, images[1:], 100, cache, captions=CAPTIONS[1:], ids=IDS[1:])
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert one not in files and len(files) == 2  # the oldest went, the two newest stay
+    assert sum(f.stat().st_size for f in files) <= 2.5 * size
+    assert "reached its cap" in capfd.readouterr().err
+    memo.clear()  # a new process: the removed path is computed again, and equals the first result
+    before = target.unet_evals
+    again = _attack(target, images[:1], 100, cache, captions=CAPTIONS[:1], ids=IDS[:1])
+    assert target.unet_evals - before == 2
+    np.testing.assert_array_equal(again.scores, _attack(target, images[:1], 100, captions=CAPTIONS[:1], ids=IDS[:1]).scores)
+    assert os.environ["MIALIB_TRAJECTORY_CACHE_GB"]
+
+
+def test_latents_are_stored_in_the_models_dtype(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    folder = tmp_path / "model"
+    helpers.save_tiny_pipeline(folder)
+    half = load_target(folder, dtype=torch.bfloat16)
+    cache = TrajectoryCache(tmp_path / "cache")
+    structural_attack(half, helpers.make_images(2, seed=3), CAPTIONS[:2], IDS[:2], t=100, stride=50, cache=cache)
+    cache.flush()
+    for path in (tmp_path / "cache").glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}
+
+
+def test_an_in_memory_copy_never_hides_a_damaged_or_removed_file(target, images, tmp_path, capfd):
+    """The memory of cached trajectories is keyed by the file's size and modification time: a file
+    truncated after it was read is reported and recomputed as in a new process; the remembered decodes
+    give the scores a fresh computation gives."""
+    from mialib import memo
+
+    memo.configure(64)  # as the notebooks run
+    try:
+        cache = TrajectoryCache(tmp_path)
+        first = _attack(target, images, 100, cache)
+        assert memo.LATENTS.entries and memo.DECODED.entries
+        hits = memo.DECODED.hits
+        assert _attack(target, images, 100, cache).scores.tolist() == first.scores.tolist()
+        assert memo.DECODED.hits == hits + 3  # no decode the second time
+        victim = sorted(tmp_path.glob("*.safetensors"))[0]
+        victim.write_bytes(victim.read_bytes()[:100])
+        before = target.unet_evals
+        again = _attack(target, images, 100, cache)
+        assert target.unet_evals - before == 2  # one image inverted again
+        assert "damaged cache file" in capfd.readouterr().err
+        np.testing.assert_array_equal(again.scores, first.scores)
+    finally:
+        memo.configure(0)
+
+
 # --------------------------------------------------------------------------------------------------
 # The registry and the run layer
 # --------------------------------------------------------------------------------------------------
