@@ -55,9 +55,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, win_size: in
 
 
 def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per image (float64, shape (n,)), on the device of ``y``."""
-    diff = x.detach().to(y.device, torch.float64) - y.detach().to(y.device, torch.float64)
-    return diff.pow(2).flatten(1).mean(dim=1).cpu()
+    """Mean squared error per image (float64 on the CPU, shape (n,); some devices have no float64)."""
+    diff = x.detach().to("cpu", torch.float64) - y.detach().to("cpu", torch.float64)
+    return diff.pow(2).flatten(1).mean(dim=1)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:

@@ -185,21 +185,6 @@ def paper_against_official(target, imageset, settings: Settings, size: int, batc
     return rows
 
 
-def synthetic_set(folder: Path, n: int, size: int, seed: int = 0) -> Path:
-    """An imagefolder of ``n`` distinct random PNG images (half members, half non-members, both subsets)."""
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    lines = ["file_name,caption,label,subset"]
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
-        lines.append(f"{i:05d}.png,random image {i},{i % 2},{'calibration' if (i // 2) % 2 == 0 else 'test'}")
-    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
-    return folder
-
-
 def memory_study(model: str, sizes: list[int], size: int, batch_size: int, device: str, out: Path) -> list[dict]:
     """Peak memory of `mialib score` (structural, paper setting) on sets of each size, each in a fresh
     process: the attack's own peak (reset when it starts) and the process's peak resident memory."""
@@ -209,11 +194,14 @@ def memory_study(model: str, sizes: list[int], size: int, batch_size: int, devic
 
     import pandas as pd
 
+    sys.path.insert(0, str(experiment.ROOT / "tests"))
+    import helpers  # the test suite's structured images, as tests/test_scale.py uses
+
     rows = []
-    print(f"\nmemory of `mialib score --attack structural` (batch {batch_size}, {size} px), each set in a fresh process")
+    print(f"\nmemory of `mialib score --attack structural` (batch {batch_size}, {size} px, structured test images), each set in a fresh process")
     with tempfile.TemporaryDirectory() as folder:
         for n in sizes:
-            data = synthetic_set(Path(folder) / f"set{n}", n, size)
+            data = helpers.write_imagefolder(Path(folder) / f"set{n}", n=n, size=size)
             result = Path(folder) / f"out{n}"
             command = [sys.executable, "-m", "mialib", "score", "--model", model, "--data", f"imagefolder:{data}", "--attack", "structural",
                        "--out", str(result), "--batch-size", str(batch_size), "--size", str(size), "--device", device, "--bootstrap", "10", "--quiet"]

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from .. import ddim
-from ..trajectories import decode_at
 from ..similarity import mse
+from ..trajectories import decode_at
 from .base import AttackOutput
 from .structural import inversion_trajectory, latent_mse
 

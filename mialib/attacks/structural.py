@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from .. import ddim
-from ..trajectories import decode_at
 from ..similarity import ms_ssim, mse, ssim
+from ..trajectories import decode_at
 from .base import AttackOutput, condition
 
 
@@ -63,7 +63,7 @@ def inversion_trajectory(
 
 def latent_mse(z_t: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
     """Mean squared distance per image between an inverted latent and the clean one (float64)."""
-    return (z_t.detach().to(torch.float64) - clean.detach().to(torch.float64)).pow(2).flatten(1).mean(dim=1).cpu().numpy()
+    return (z_t.detach().to("cpu", torch.float64) - clean.detach().to("cpu", torch.float64)).pow(2).flatten(1).mean(dim=1).numpy()
 
 
 @torch.no_grad()
