@@ -31,6 +31,13 @@ def _pair(x: torch.Tensor, y: torch.Tensor, precision: str) -> tuple[torch.Tenso
     raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
 
 
+def _full_float32():
+    """cuDNN may run float32 convolutions in TF32 (10-bit mantissa) on recent GPUs, which would put the
+    blurred moments off by about 1e-3; the similarity convolutions ask for full float32."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False)
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, win_size: int = 7, precision: str = "reference") -> torch.Tensor:
     """SSIM per image for batches (n, c, h, w); returns a float64 CPU tensor of shape (n,).
 
@@ -110,7 +117,8 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, kernel_si
 
     def blur(images):  # separable Gaussian on reflect-padded images: output has the input's size
         images = F.pad(images, (pad, pad, pad, pad), mode="reflect")
-        return F.conv2d(F.conv2d(images, g.view(1, 1, 1, taps)), g.view(1, 1, taps, 1))
+        with _full_float32():
+            return F.conv2d(F.conv2d(images, g.view(1, 1, 1, taps)), g.view(1, 1, taps, 1))
 
     terms = []
     for scale in range(scales):

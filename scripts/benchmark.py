@@ -1,7 +1,7 @@
 """Speed and memory figures of every registered attack (CPU or GPU); prints tables, writes one CSV.
 
     python scripts/benchmark.py --preset configs/default.yaml          # make benchmark
-    python scripts/benchmark.py --preset configs/gpu.yaml --sd15-images 32   # a preset with DEVICE: cuda
+    python scripts/benchmark.py --device cuda --sd15-images 32              # on a GPU (the preset's target)
 
 1. **Attacks** (``study=attacks``): each at its registry setting, on the preset's target and images, two
    ways: the attack function alone on batches already in memory, and the production path
@@ -11,13 +11,17 @@
    overhead ratio (wall time over the time inside the model's own forward passes: U-Net, VAE encoder,
    decoder and quant convs, text encoders) and peak memory, reset before each run (resident high-water
    mark on CPU, ``torch.cuda.max_memory_allocated`` on GPU). The same on random weights in SD 1.5's
-   shapes at 256 px (``--sd15-images``, one run each).
+   shapes (``--sd15-images`` at ``--sd15-size``, 256 px by default, one run each).
 2. **Paper against official** (``study=paper_vs_official``): the structural attack at the paper's 2 U-Net
    evaluations per image against the official code's 4 (it also runs the unconditional branch at
    guidance 1), as a ratio of seconds per image from one run each.
 3. **Memory** (``study=memory``): ``mialib score`` on sets of ``--memory-sizes`` images, each in a fresh
    process: the attack's peak and the process's peak resident memory, and their ratio to the smallest.
-4. What the trajectory cache saves (printed): a T sweep cold, read back, and a prefix.
+4. **Determinism** (``study=determinism``): every model attack's scores at batch size 8 against the
+   table's batch size, each cold, and the structural attack read from a warm trajectory cache (a deeper
+   inversion's prefix) against cold: the largest absolute difference (0 on the CPU, where the tests
+   assert bit-identity; the GPU's figure is the tolerance to expect there).
+5. What the trajectory cache saves (printed): a T sweep cold, read back, and a prefix.
 
 Everything goes to ``<--out>/benchmark.csv`` with the device; timings are printed, never asserted.
 """
@@ -91,15 +95,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=0, help="images per batch (0: the preset's BATCH_SIZE)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each path; the median run is reported")
     parser.add_argument("--attacks", nargs="*", default=None, help="only these registry attacks")
-    parser.add_argument("--sd15-images", type=int, default=2, help="images for SD 1.5-shaped random weights at 256 px (0: skip)")
+    parser.add_argument("--sd15-images", type=int, default=2, help="images for SD 1.5-shaped random weights (0: skip)")
+    parser.add_argument("--sd15-size", type=int, default=256, help="their size in pixels (SD 1.5 trains at 512)")
     parser.add_argument("--memory-sizes", type=int, nargs="*", default=[200, 2000], help="set sizes of the memory study (none: skip)")
+    parser.add_argument("--determinism-images", type=int, default=128, help="images of the determinism study (0: skip)")
+    parser.add_argument("--device", default=None, help="torch device (default: the preset's DEVICE)")
     parser.add_argument("--out", default="outputs/benchmark", help="folder of benchmark.csv")
     args = parser.parse_args()
     import pandas as pd
 
     params = experiment.load_preset(args.preset)
     model = experiment.locate_model(experiment.prepare_target(params))
-    device = params.get("DEVICE", "cpu")
+    device = args.device or params.get("DEVICE", "cpu")
     settings = Settings.from_parameters(params)
     target = load_target(model, device=device, dtype=settings.dtype)
     imageset = experiment.open_data(params)
@@ -108,14 +115,20 @@ def main() -> None:
     args.batch_size = args.batch_size or params["BATCH_SIZE"]
     out = experiment.ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
-    rows = attack_table(target, imageset, settings, size, args.batch_size, args.repeats, args.attacks, device)
-    rows += paper_against_official(target, imageset, settings, size, args.batch_size, device)
+    rows: list[dict] = []
+
+    def save(new_rows: list[dict]) -> None:  # after every study, so that an interrupted run keeps what it measured
+        rows.extend(new_rows)
+        pd.DataFrame(rows).to_csv(out / "benchmark.csv", index=False)
+
+    save(attack_table(target, imageset, settings, size, args.batch_size, args.repeats, args.attacks, device))
+    save(paper_against_official(target, imageset, settings, size, args.batch_size, device))
+    if args.determinism_images:
+        save(determinism(target, imageset.select(list(imageset.records["id"][: args.determinism_images])), settings, size, args.batch_size, args.attacks, device))
     if args.memory_sizes:
-        rows += memory_study(model, args.memory_sizes, size, args.batch_size, device, out)
+        save(memory_study(model, args.memory_sizes, size, args.batch_size, device, out))
     if args.sd15_images:
-        rows += sd15_table(args.sd15_images, args.attacks, device, out)
-    frame = pd.DataFrame(rows)
-    frame.to_csv(out / "benchmark.csv", index=False)
+        save(sd15_table(args.sd15_images, args.sd15_size, args.attacks, device, out))
     print(f"saved {out / 'benchmark.csv'}")
     trajectory_cache(target, imageset, params, settings, args.batch_size)
 
@@ -185,6 +198,39 @@ def paper_against_official(target, imageset, settings: Settings, size: int, batc
     return rows
 
 
+def determinism(target, imageset, settings: Settings, size: int, batch_size: int, only, device: str) -> list[dict]:
+    """Largest absolute score difference: batch size 8 against ``batch_size`` (each cold, in its own
+    cache), for every model attack; and the structural attack at its registry t read as the prefix of a
+    deeper inversion in a warm trajectory cache, against cold."""
+    rows = []
+    print(f"\ndeterminism on {device_name(device)}: largest |score difference| over {len(imageset)} images")
+
+    def scores(spec, point, chosen_batch, cache):
+        memo.clear()
+        frame = runs.attack_values(target, imageset, spec, point, settings, cache, chosen_batch, size, progress=False)
+        return frame.set_index("id")["score"].astype(float)
+
+    def record(name, comparison, a, b):
+        difference = float((a - b.reindex(a.index)).abs().max())
+        rows.append(dict(study="determinism", target=target.name, attack=name, setting=comparison, path="production", device=device_name(device),
+                         images=len(imageset), size=size, batch_size=batch_size, max_abs_difference=difference))
+        print(f"{name:12s} {comparison:48s} {difference:.3g}", flush=True)
+
+    for name, spec in REGISTRY.items():
+        if spec.kind == "blind" or (only and name not in only):
+            continue
+        point = spec.params()
+        with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as other:
+            record(name, f"batch 8 vs {batch_size}, both cold", scores(spec, point, batch_size, one), scores(spec, point, 8, other))
+    spec = REGISTRY["structural"]
+    point = spec.params()
+    deeper = {**point, "t": 2 * point["t"]}
+    with tempfile.TemporaryDirectory() as cold, tempfile.TemporaryDirectory() as warm:
+        scores(spec, deeper, batch_size, warm)  # fills the trajectory cache to 2t
+        record("structural", f"t={point['t']} warm (prefix of t={deeper['t']}) vs cold", scores(spec, point, batch_size, cold), scores(spec, point, batch_size, warm))
+    return rows
+
+
 def memory_study(model: str, sizes: list[int], size: int, batch_size: int, device: str, out: Path) -> list[dict]:
     """Peak memory of `mialib score` (structural, paper setting) on sets of each size, each in a fresh
     process: the attack's own peak (reset when it starts) and the process's peak resident memory."""
@@ -221,8 +267,8 @@ def memory_study(model: str, sizes: list[int], size: int, batch_size: int, devic
     return rows
 
 
-def sd15_table(n: int, only, device: str, out: Path) -> list[dict]:
-    """The attack table on random weights in SD 1.5's shapes at 256 px, ``n`` images, one run each
+def sd15_table(n: int, size: int, only, device: str, out: Path) -> list[dict]:
+    """The attack table on random weights in SD 1.5's shapes at ``size`` px, ``n`` images, one run each
     (the weights are built once into outputs/benchmark_sd/sd15-random, 4 GB, as `make benchmark-sd` does)."""
     import sys
 
@@ -238,8 +284,8 @@ def sd15_table(n: int, only, device: str, out: Path) -> list[dict]:
         build_sd15(folder)
     target = load_target(str(folder), device=device, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as data:
-        imageset = imagesets.open_imageset(f"imagefolder:{helpers.write_imagefolder(Path(data) / 'set', n=n, size=256)}")
-        return attack_table(target, imageset, Settings(), 256, n, 1, only, device)
+        imageset = imagesets.open_imageset(f"imagefolder:{helpers.write_imagefolder(Path(data) / 'set', n=n, size=size)}")
+        return attack_table(target, imageset, Settings(), size, n, 1, only, device)
 
 
 def trajectory_cache(target, imageset, params: dict, settings: Settings, batch_size: int) -> None:

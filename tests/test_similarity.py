@@ -181,11 +181,15 @@ def test_ms_ssim_identity_symmetry_and_order():
     assert torch.all(ms_ssim(x, worse) < ms_ssim(x, y))
 
 
-@pytest.mark.parametrize("size", [32, 64, 256])
-def test_the_working_precision_agrees_with_the_float64_reference_within_1e5(size):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CI has no GPU; a GPU machine runs both
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", [32, 64, 256, 512])
+def test_the_working_precision_agrees_with_the_float64_reference_within_1e5(size, device):
     """The attacks compute SSIM and MS-SSIM in float32 on the decoded image's device; the float64 CPU path
     (equal to skimage / torchmetrics above) is the reference. Near-identical pairs (a decoder's
-    reconstruction) and unrelated ones, flat regions included."""
+    reconstruction) and unrelated ones, flat regions included; on a GPU as well where one is present."""
     rng = np.random.default_rng(size)
     x = rng.uniform(-1, 1, (4, 3, size, size))
     x[:, :, : size // 4] = 0.25  # a flat band: variances near zero, where cancellation would show
@@ -195,7 +199,7 @@ def test_the_working_precision_agrees_with_the_float64_reference_within_1e5(size
         xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
         for function in (ssim, ms_ssim):
             reference = function(xt, yt, precision="reference")
-            working = function(xt, yt, precision="working")
+            working = function(xt.to(device), yt.to(device), precision="working")
             assert working.dtype == torch.float64 and working.device.type == "cpu"
             np.testing.assert_allclose(working.numpy(), reference.numpy(), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="precision"):
