@@ -270,6 +270,30 @@ def structural_text(comparison: Comparison) -> str:
     return "\n".join(lines) or "No structural run in this comparison."
 
 
+def fair_choices(attacks: dict, fair_metrics: str = "") -> dict:
+    """The requests of a biased-split run: every model attack and control at the setting (and direction)
+    that the fair run's calibration chose (``chosen_settings.json`` beside ``fair_metrics``), so that
+    the inflation compares one attack setting on two splits; the blind baselines are refitted on the
+    biased calibration split as requested. Without ``fair_metrics``: ``attacks`` unchanged."""
+    if not fair_metrics:
+        return attacks
+    from .experiment import resolve
+
+    path = resolve(fair_metrics).parent / "chosen_settings.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run 03_attack on the fair split first (FAIR_RESULTS={fair_metrics!r})")
+    replayed = chosen_requests(json.loads(path.read_text()))
+    requests = {}
+    for run, request in attacks.items():
+        if run in replayed:
+            requests[run] = replayed[run]
+        elif (request if isinstance(request, AttackRequest) else registry.parse_request(request, run=run)).spec.kind == "blind":
+            requests[run] = request
+        else:
+            raise ValueError(f"{run} is not in the fair run's choices ({path}); run both splits with the same ATTACKS")
+    return requests
+
+
 def inflation(study, comparison: Comparison, fair_metrics) -> pd.DataFrame:
     """Biased-split AUC and TPR minus the fair split's, per run (both runs of 03 on one target);
     written to ``tables/bias_inflation.csv``."""

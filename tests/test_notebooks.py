@@ -117,8 +117,14 @@ def test_03_biased_split_inflation(smoke_outputs):
     fair_scores = pd.read_parquet(smoke_outputs / "scores.parquet")
     biased_scores = pd.read_parquet(smoke_outputs / "biased" / "scores.parquet")
     key = ["run", "id"]
-    members = fair_scores[(fair_scores["label"] == 1) & (fair_scores["run"] == "vae_control")].set_index(key)["score"]
-    np.testing.assert_allclose(members, biased_scores.set_index(key).loc[members.index, "score"], atol=1e-12)
+    model_runs = [run for run in fair.index if not run.startswith("blind")]
+    members = fair_scores[(fair_scores["label"] == 1) & fair_scores["run"].isin(model_runs)].set_index(key)["score"]
+    np.testing.assert_array_equal(members, biased_scores.set_index(key).loc[members.index, "score"])
+    # the biased run replays the fair calibration's settings and directions for every model attack and control
+    fair_chosen = json.loads((smoke_outputs / "chosen_settings.json").read_text())
+    biased_chosen = json.loads((smoke_outputs / "biased" / "chosen_settings.json").read_text())
+    for run in model_runs:
+        assert {k: biased_chosen[run][k] for k in ("attack", "params", "direction")} == {k: fair_chosen[run][k] for k in ("attack", "params", "direction")}
     # the source shift is visible without the model: the image-only blind classifier catches it
     assert inflation.loc["blind_image", "auc_biased"] > 0.9
 
