@@ -2,6 +2,7 @@
 and run the notebooks.
 
     mialib score --model M --data SPEC --attack NAME[:key=value,...] [--attack ...] --out DIR
+    mialib audit --model M --suspect SPEC --reference SPEC --out DIR [--attack NAME ...]
     mialib report DIR
     mialib download --data laion-mi:FOLDER
     mialib freeze --data SPEC --out manifest.csv
@@ -58,6 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--trajectory-cache-gb", type=float, default=0, help="cap of the trajectory cache in GB (0: no cap); past it the least recently written trajectories are removed")
     score.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    audit = commands.add_parser(
+        "audit", help="set-level audit: was the suspect set (or part of it) used to train the model?",
+        description="CDI-style dataset inference (Dubinski et al., CVPR 2025): per-image features from registry attacks at fixed "
+        "settings, a logistic regression fitted on a random part of both sets, a one-sided Welch t-test and a permutation test "
+        "on the held-out parts. The reference set must hold images known NOT to be training members, from the suspect set's "
+        "distribution; labels are never read.",
+    )
+    audit.add_argument("--model", required=True, help="as for score")
+    audit.add_argument("--variant", default=None, help="as for score")
+    audit.add_argument("--model-config", default=None, help="as for score")
+    audit.add_argument("--suspect", required=True, help="the suspect image set (any form of --data; labels are not needed and never read)")
+    audit.add_argument("--reference", required=True, help="images known not to be members, from the same distribution")
+    audit.add_argument("--attack", action="append", default=None, metavar="NAME[:key=value,...]",
+                       help="a feature (repeatable; fixed settings, no grids); default: structural, pixel, loss, secmi, pia, clid")
+    audit.add_argument("--out", required=True, help="output folder (created; a rerun reads the per-image features back from its cache)")
+    audit.add_argument("--level", type=float, default=0.01, help="significance level of the decision")
+    audit.add_argument("--fit-fraction", type=float, default=0.5, help="share of each set that fits the scorer (the rest is tested)")
+    audit.add_argument("--permutations", type=int, default=9999, help="resamples of the permutation test")
+    for option in ("--device", "--dtype", "--batch-size", "--size", "--guidance", "--prompt", "--encode-mode", "--schedule", "--data-range", "--seed", "--quiet"):
+        action = next(a for a in score._actions if option in a.option_strings)
+        keywords = {"default": action.default, "help": action.help}
+        if isinstance(action, argparse._StoreTrueAction):
+            audit.add_argument(option, action="store_true", help=action.help)
+        else:
+            audit.add_argument(option, type=action.type, choices=action.choices, **keywords)
+
     report = commands.add_parser("report", help="print the metrics table of a scored folder")
     report.add_argument("folder")
 
@@ -87,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"score": score, "report": report, "download": download, "freeze": freeze}.get(args.command, run_preset)(args)
+        {"score": score, "audit": audit, "report": report, "download": download, "freeze": freeze}.get(args.command, run_preset)(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:  # DataError is a ValueError
         print(f"mialib {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -166,6 +193,61 @@ def score(args) -> None:
     metrics.to_csv(out / "metrics.csv", index=False)
     print(format_metrics(metrics))
     print(f"{len(table)} scores of {len(imageset)} images ({len(imageset.skipped)} skipped) in {time.time() - started:.1f} s -> {out}")
+
+
+AUDIT_DEFAULT = ("structural", "pixel", "loss", "secmi", "pia", "clid")
+
+
+def audit(args) -> None:
+    import pandas as pd
+    import torch
+
+    from . import audit as set_audit
+    from . import imagesets, plots
+    from .data import claim_folder
+    from .experiment import check_size
+    from .settings import Settings
+    from .target import check_source, load_target
+
+    started = time.time()
+    settings = Settings(args.guidance, args.prompt, args.encode_mode, args.schedule, args.seed, args.data_range, args.dtype)
+    requests = set_audit.audit_requests(args.attack or list(AUDIT_DEFAULT))  # fixed settings only: checked before any compute
+    model = check_source(args.model, args.model_config)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available")
+    sets = {name: imagesets.open_imageset(spec, require_labels=False) for name, spec in (("suspect", args.suspect), ("reference", args.reference))}
+    for name, imageset in sets.items():
+        print(f"{name}: {imageset.summary()}", flush=True)
+    shared = set(sets["suspect"].records["sha256"]) & set(sets["reference"].records["sha256"])
+    if shared:
+        ids = sets["suspect"].records.loc[sets["suspect"].records["sha256"].isin(shared), "id"]
+        raise ValueError(f"{len(shared)} images are in both the suspect and the reference set (same bytes), e.g. suspect ids {list(ids)[:5]}; the reference must hold other images")
+    out = claim_folder(args.out)
+    target = load_target(model, device=args.device, dtype=args.dtype, variant=args.variant, config=args.model_config)
+    size = args.size or target.resolution
+    check_size(target, size)
+    tables = {}
+    for name, imageset in sets.items():
+        table = set_audit.feature_table(target, imageset, {run: r for run, r in requests.items()}, settings, out / "cache", args.batch_size, size, progress=not args.quiet)
+        tables[name] = table.drop(columns="label", errors="ignore").assign(id=lambda d, n=name: n + "/" + d["id"].astype(str))  # the sets' ids may repeat
+    features = list(requests)
+    pd.concat([t.assign(set=n) for n, t in tables.items()], ignore_index=True).to_parquet(out / "features.parquet")
+    keywords = dict(fit_fraction=args.fit_fraction, seed=args.seed, permutations=args.permutations, level=args.level)
+    rows = []
+    for name, columns in {"combined": features, **{run: [run] for run in features}}.items():
+        result = set_audit.set_audit(tables["suspect"], tables["reference"], columns, **keywords)
+        rows.append({"feature_set": name, **result.as_dict()})
+        if name == "combined":
+            combined = result
+    pd.DataFrame(rows).to_csv(out / "audit.csv", index=False)
+    (out / "verdict.txt").write_text(combined.verdict + "\n")
+    parameters = {"model": model, "suspect": args.suspect, "reference": args.reference, "attacks": {run: r.text() for run, r in requests.items()},
+                  "settings": settings.columns(), "size": size, "device": args.device, "fingerprint": target.fingerprint(), **keywords}
+    (out / "audit.json").write_text(json.dumps({"parameters": parameters, "result": combined.as_dict()}, indent=2, default=str))
+    held_out = set_audit.held_out_scores(tables["suspect"], tables["reference"], features, fit_fraction=args.fit_fraction, seed=args.seed)
+    plots.save(plots.audit_scores(held_out, combined), out, "held_out_scores")
+    print(pd.DataFrame(rows)[["feature_set", "p_value_t", "p_value_permutation", "effect_size", "auc", "detected"]].to_string(index=False))
+    print(f"\n{combined.verdict}\n({time.time() - started:.1f} s) -> {out}")
 
 
 def _processes(cpu: bool):

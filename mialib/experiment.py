@@ -23,7 +23,7 @@ from . import data, imagesets
 from .settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = ("01_data_split", "02_observation", "03_attack", "03_attack_biased", "04_robustness", "05_ablations")
+NOTEBOOKS = ("01_data_split", "02_observation", "03_attack", "03_attack_biased", "04_robustness", "05_ablations", "06_set_audit")
 # Keys read by `prepare` (the embedded target's training), not by any notebook.
 TARGET_KEYS = {"PRESET", "VAE_STEPS", "UNET_STEPS", "TRAIN_SEED", "TRAIN_BATCH_SIZE", "BUILD_TINY_TARGET"}
 
@@ -288,7 +288,45 @@ def notebook_runs(params: dict) -> dict[str, tuple[str, dict] | str]:
         "03_attack_biased": biased,
         "04_robustness": ("04_robustness", {}),
         "05_ablations": ("05_ablations", {}),
+        "06_set_audit": ("06_set_audit", {}),
     }
+
+
+def write_html_report(output_dir: Path, outcomes: dict, params: dict) -> Path:
+    """HTML copies of the executed notebooks (``html/<run>.html``, code and figures inline) and an index page,
+    ``html/index.html``, so that a whole run can be read and shared without Jupyter."""
+    import html
+
+    from nbconvert import HTMLExporter
+
+    folder = output_dir / "html"
+    folder.mkdir(exist_ok=True)
+    exporter = HTMLExporter()
+    rows = []
+    for name, outcome in outcomes.items():
+        executed = output_dir / "notebooks" / f"{name}.ipynb"
+        link = html.escape(name)
+        detail = outcome.get("reason") or outcome.get("error") or f"{outcome.get('seconds', 0)} s"
+        if outcome["status"] != "skipped" and executed.exists():
+            try:
+                body, _ = exporter.from_filename(str(executed))
+                (folder / f"{name}.html").write_text(body, encoding="utf-8")
+                link = f'<a href="{html.escape(name)}.html">{html.escape(name)}</a>'
+            except Exception as error:  # a notebook that cannot be rendered is reported, never stops the report
+                detail = f"{detail}; no HTML copy: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        rows.append(f"<tr><td>{link}</td><td>{html.escape(outcome['status'])}</td><td>{html.escape(str(detail))}</td></tr>")
+    settings = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>" for k, v in params.items())
+    index = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>mialib run: " + html.escape(str(params.get("PRESET", ""))) + "</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td{padding:.2em .8em;vertical-align:top}</style></head><body>"
+        f"<h1>mialib run: preset {html.escape(str(params.get('PRESET', '')))}</h1>"
+        f"<p>Executed notebooks of <code>{html.escape(str(output_dir))}</code>, written {time.strftime('%Y-%m-%d %H:%M')}. "
+        "Figures and tables are also in <code>figures/</code> and <code>tables/</code> beside this folder.</p>"
+        "<table><tr><th>notebook</th><th>status</th><th>time or reason</th></tr>" + "".join(rows) + "</table>"
+        "<h2>Parameters</h2><table>" + settings + "</table></body></html>"
+    )
+    (folder / "index.html").write_text(index, encoding="utf-8")
+    return folder / "index.html"
 
 
 def declared_parameters(path: str | os.PathLike) -> dict:
@@ -362,6 +400,7 @@ def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] = N
             traceback.print_exc()
         print(f"{name}: {outcomes[name]['status']} ({outcomes[name].get('seconds', 0)} s)", flush=True)
     (output_dir / "notebook_runs.json").write_text(json.dumps(outcomes, indent=2))
+    write_html_report(output_dir, outcomes, params)
     if failures:
         details = "; ".join(f"{n}: {outcomes[n]['error']}" for n in failures)
         raise NotebookFailures(f"{len(failures)} of {len(notebooks)} notebooks failed ({details}); executed copies in {output_dir / 'notebooks'}")

@@ -168,3 +168,48 @@ def training_dynamics(dynamics: pd.DataFrame):
     long = dynamics.melt(id_vars=["step", "attack"], value_vars=["auc", "tpr_at_1fpr"], var_name="metric")
     grid = sns.relplot(data=long, x="step", y="value", hue="attack", col="metric", kind="line", marker="o", height=3.2, facet_kws=dict(sharey=False))
     return grid.figure
+
+
+def audit_power(power: pd.DataFrame, level: float):
+    """Detection probability against suspect-set size: each feature and the combination (members only),
+    and the combination for sets that mix members with non-members."""
+    done = power[~power["skipped"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    pure = done[done["member_fraction"] == 1.0]
+    sns.lineplot(pure, x="size", y="power_t", hue="feature_set", style="feature_set", markers=True, dashes=False, ax=axes[0])
+    axes[0].set(xscale="log", xlabel="suspect images (all members)", ylabel=f"P(detect at p < {level:g})", title="each attack and combined")
+    combined = done[done["feature_set"] == "combined"]
+    sns.lineplot(combined, x="size", y="power_t", hue="member_fraction", marker="o", palette="viridis", ax=axes[1])
+    axes[1].set(xscale="log", xlabel="suspect images", title="combined, share of members in the suspect set")
+    for ax in axes:
+        ax.axhline(0.8, color="grey", lw=0.8, ls="--")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def audit_null(null: pd.DataFrame):
+    """False-positive rate on suspect sets without members, with the band of 3 Monte Carlo standard errors
+    around the level."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    sns.pointplot(null, x="size", y="fpr_t", hue="feature_set", dodge=0.4, linestyle="none", ax=ax)
+    level, se = null["level"].iloc[0], null["mc_se"].iloc[0]
+    ax.axhspan(level - 3 * se, level + 3 * se, color="grey", alpha=0.2, label=f"{level:g} ± 3 MC s.e.")
+    ax.set(xlabel="suspect images (non-members only)", ylabel=f"rejection rate at {level:g}", title="audit under the null")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def audit_scores(held_out, result):
+    """The held-out scores the audit's tests compare: suspect against reference images."""
+    frame = pd.concat([
+        pd.DataFrame({"score": held_out.suspect_scores, "set": f"suspect ({len(held_out.suspect_scores)} held out)"}),
+        pd.DataFrame({"score": held_out.reference_scores, "set": f"reference ({len(held_out.reference_scores)} held out)"}),
+    ])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    sns.histplot(frame, x="score", hue="set", stat="density", common_norm=False, element="step", ax=ax)
+    ax.set(xlabel="combined score (logistic regression fitted on the other halves)",
+           title=f"Welch p = {result.p_value_t:.2g}, permutation p = {result.p_value_permutation:.2g}, g = {result.effect_size:.2f}")
+    fig.tight_layout()
+    return fig

@@ -459,3 +459,88 @@ def training_dynamics(study, checkpoints: list[int]) -> pd.DataFrame | None:
     dynamics = pd.DataFrame(rows)
     dynamics.to_csv(study.tables / "training_dynamics.csv", index=False)
     return dynamics
+
+
+# --------------------------------------------------------------------------------------------------
+# 06 · set audit
+# --------------------------------------------------------------------------------------------------
+COMBINED = "combined"
+
+
+def audit_features(study, attacks) -> pd.DataFrame | None:
+    """Per-image audit features (one column per run of ``attacks``, fixed settings) of the study's set,
+    written to ``audit_features.parquet``; None (and a recorded skip) when the set has no labels, since
+    the example audits and the simulations below draw suspect sets of known membership."""
+    from . import audit
+
+    if study.imageset.records["label"].isna().any():
+        study.skip("set audit", "the simulations draw suspect sets of known membership; this set has unlabelled images (use `mialib audit`)")
+        return None
+    table = audit.feature_table(study.target, study.imageset, attacks, study.settings, study.cache, study.batch_size, study.size, progress=False)
+    table.to_parquet(study.out / "audit_features.parquet")
+    return table
+
+
+def _pools(features: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return features[features["label"] == 1].reset_index(drop=True), features[features["label"] == 0].reset_index(drop=True)
+
+
+def audit_examples(study, features: pd.DataFrame, level: float) -> pd.DataFrame:
+    """Two audits with every feature combined: the members as the suspect set against the non-members,
+    and a null case (half the non-members against the other half). ``tables/audit_examples.csv``."""
+    from . import audit
+
+    members, nonmembers = _pools(features)
+    rng = np.random.default_rng(study.settings.seed)
+    half = rng.permutation(len(nonmembers))
+    cases = {
+        f"{len(members)} members vs {len(nonmembers)} non-members": (members, nonmembers),
+        f"null: {len(half) // 2} non-members vs {len(half) - len(half) // 2} others": (nonmembers.iloc[half[: len(half) // 2]], nonmembers.iloc[half[len(half) // 2 :]]),
+    }
+    rows = []
+    for name, (suspect, reference) in cases.items():
+        result = audit.set_audit(suspect.drop(columns="label"), reference.drop(columns="label"), level=level, seed=study.settings.seed)
+        rows.append({"audit": name, **result.as_dict()})
+        print(f"{name}: {result.verdict}\n", flush=True)
+    table = pd.DataFrame(rows)
+    table.to_csv(study.tables / "audit_examples.csv", index=False)
+    return table
+
+
+def _feature_sets(features: pd.DataFrame) -> dict[str, list[str]]:
+    runs_ = [c for c in features.columns if c not in ("id", "label")]
+    return {**{run: [run] for run in runs_}, COMBINED: runs_}
+
+
+def audit_null(study, features: pd.DataFrame, sizes, n_sets: int, level: float = 0.05) -> pd.DataFrame:
+    """False-positive rate of the audit on suspect sets drawn from non-members (each feature alone and
+    combined), at every size whose suspect and reference sets fit in the non-member pool without
+    replacement. ``tables/audit_null.csv``."""
+    from . import audit
+
+    _, nonmembers = _pools(features)
+    fitting = [int(n) for n in sizes if 2 * int(n) <= len(nonmembers)]
+    frames = [audit.null_rate(nonmembers, columns, fitting, n_sets, level, study.settings.seed).assign(feature_set=name) for name, columns in _feature_sets(features).items()]
+    table = pd.concat(frames, ignore_index=True)
+    table.to_csv(study.tables / "audit_null.csv", index=False)
+    return table
+
+
+def audit_power(study, features: pd.DataFrame, sizes, fractions, n_sets: int, level: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Detection probability at ``level`` against suspect-set size: every feature alone and combined for
+    suspect sets of members only, and the combination for sets that mix ``fractions`` of members; then
+    the images needed for 80 % power. ``tables/audit_power.csv``, ``tables/audit_images_needed.csv``."""
+    from . import audit
+
+    members, nonmembers = _pools(features)
+    sets = _feature_sets(features)
+    pure = audit.power(members, nonmembers, sets, sizes, (1.0,), n_sets, level, study.settings.seed)
+    mixed = [f for f in fractions if f != 1.0]
+    frames = [pure]
+    if mixed:
+        frames.append(audit.power(members, nonmembers, {COMBINED: sets[COMBINED]}, sizes, tuple(mixed), n_sets, level, study.settings.seed))
+    table = pd.concat(frames, ignore_index=True)
+    table.to_csv(study.tables / "audit_power.csv", index=False)
+    needed = audit.images_for_power(table, 0.8)
+    needed.to_csv(study.tables / "audit_images_needed.csv", index=False)
+    return table, needed

@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="*", default=None, help="only these registry attacks")
     parser.add_argument("--sd15-images", type=int, default=2, help="images for SD 1.5-shaped random weights (0: skip)")
     parser.add_argument("--sd15-size", type=int, default=256, help="their size in pixels (SD 1.5 trains at 512)")
+    parser.add_argument("--sd15-batch-size", type=int, default=16, help="their batch size (several batches let reading overlap the model)")
     parser.add_argument("--memory-sizes", type=int, nargs="*", default=[200, 2000], help="set sizes of the memory study (none: skip)")
     parser.add_argument("--determinism-images", type=int, default=128, help="images of the determinism study (0: skip)")
     parser.add_argument("--device", default=None, help="torch device (default: the preset's DEVICE)")
@@ -128,7 +129,7 @@ def main() -> None:
     if args.memory_sizes:
         save(memory_study(model, args.memory_sizes, size, args.batch_size, device, out))
     if args.sd15_images:
-        save(sd15_table(args.sd15_images, args.sd15_size, args.attacks, device, out))
+        save(sd15_table(args.sd15_images, args.sd15_size, args.sd15_batch_size, args.attacks, device, out))
     print(f"saved {out / 'benchmark.csv'}")
     trajectory_cache(target, imageset, params, settings, args.batch_size)
 
@@ -143,7 +144,10 @@ HEADER = f"{'attack (registry setting)':34s} {'path':10s} {'s/image':>8s} {'img/
 def attack_table(target, imageset, settings: Settings, size: int, batch_size: int, repeats: int, only, device: str) -> list[dict]:
     """Every model attack at its registry setting: the function on batches in memory, and the production
     path cold (empty caches, nothing remembered), each the median of ``repeats`` runs."""
-    print(f"\ntarget {target.name} on {device_name(device)}, {len(imageset)} images of {size} px, batch {batch_size}, median of {repeats}")
+    began = time.perf_counter()
+    target.fingerprint()  # once per loaded model (hashes the weight files): reported here, not charged to the first attack
+    print(f"\ntarget {target.name} on {device_name(device)}, {len(imageset)} images of {size} px, batch {batch_size}, median of {repeats}; "
+          f"model fingerprint {time.perf_counter() - began:.1f} s (once per model)")
     print(HEADER)
     rows = []
     batches = [(list(r["id"]), list(r["caption"]), pixels) for r, pixels in imageset.batches(size, batch_size)]
@@ -267,7 +271,7 @@ def memory_study(model: str, sizes: list[int], size: int, batch_size: int, devic
     return rows
 
 
-def sd15_table(n: int, size: int, only, device: str, out: Path) -> list[dict]:
+def sd15_table(n: int, size: int, batch_size: int, only, device: str, out: Path) -> list[dict]:
     """The attack table on random weights in SD 1.5's shapes at ``size`` px, ``n`` images, one run each
     (the weights are built once into outputs/benchmark_sd/sd15-random, 4 GB, as `make benchmark-sd` does)."""
     import sys
@@ -285,7 +289,7 @@ def sd15_table(n: int, size: int, only, device: str, out: Path) -> list[dict]:
     target = load_target(str(folder), device=device, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as data:
         imageset = imagesets.open_imageset(f"imagefolder:{helpers.write_imagefolder(Path(data) / 'set', n=n, size=size)}")
-        return attack_table(target, imageset, Settings(), size, n, 1, only, device)
+        return attack_table(target, imageset, Settings(), size, min(batch_size, n), 1, only, device)
 
 
 def trajectory_cache(target, imageset, params: dict, settings: Settings, batch_size: int) -> None:

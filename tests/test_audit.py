@@ -3,6 +3,7 @@ simulations with known answers (Gaussian features: no shift under the null, a me
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -16,6 +17,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from mialib import audit
+from mialib.audit import set_audit
 
 
 def feature_table(n: int, shifts: dict[str, float], rng: np.random.Generator, start: int = 0, label: int | None = None, prefix: str = "img") -> pd.DataFrame:
@@ -348,3 +350,64 @@ def test_images_for_power_on_a_handcrafted_table():
     assert result.loc[("noise", 1.0), "note"] == "not reached up to 50"
     assert np.isnan(result.loc[("tiny pools", 1.0), "images"]) and result.loc[("tiny pools", 1.0), "note"] == "no size evaluated"
     assert audit.images_for_power(frame, target=0.75).set_index(["feature_set", "member_fraction"]).loc[("combined", 0.5), "images"] == 100
+
+
+# --------------------------------------------------------------------------------------------------
+# `mialib audit` on the smoke target
+# --------------------------------------------------------------------------------------------------
+def _unlabelled_folder(folder, records):
+    """An imagefolder of ``records``' images with captions and no label column (what an auditor brings)."""
+    import shutil
+    from pathlib import Path
+
+    folder.mkdir(parents=True)
+    rows = ["file_name,caption"]
+    for record in records.itertuples():
+        name = Path(record.location).name
+        shutil.copy(record.location, folder / name)
+        rows.append(f'{name},"{record.caption}"')
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_mialib_audit_writes_the_verdict_p_values_and_figure_of_the_audit(smoke_params, smoke_target_dir, tmp_path, capsys):
+    from mialib import cli, experiment
+
+    records = experiment.open_data(smoke_params).records
+    suspect = _unlabelled_folder(tmp_path / "suspect", records[records["label"] == 1])
+    reference = _unlabelled_folder(tmp_path / "reference", records[records["label"] == 0])
+    out = tmp_path / "audit"
+    cli.main(["audit", "--model", str(smoke_target_dir), "--suspect", f"imagefolder:{suspect}", "--reference", f"imagefolder:{reference}",
+              "--out", str(out), "--attack", "loss", "--attack", "structural", "--attack", "secmi", "--quiet", "--permutations", "999"])
+    features = pd.read_parquet(out / "features.parquet")
+    assert len(features) == len(records) and set(features["set"]) == {"suspect", "reference"}
+    table = pd.read_csv(out / "audit.csv").set_index("feature_set")
+    assert list(table.index) == ["combined", "loss", "structural", "secmi"]
+    tables = {name: part.drop(columns="set") for name, part in features.groupby("set")}
+    for name, columns in (("combined", ["loss", "structural", "secmi"]), ("loss", ["loss"])):
+        again = set_audit(tables["suspect"], tables["reference"], columns, permutations=999, level=0.01)
+        assert table.loc[name, "p_value_t"] == pytest.approx(again.p_value_t, rel=1e-12)
+        assert table.loc[name, "effect_size"] == pytest.approx(again.effect_size, rel=1e-12)
+    combined = set_audit(tables["suspect"], tables["reference"], ["loss", "structural", "secmi"], permutations=999, level=0.01)
+    assert combined.detected and (out / "verdict.txt").read_text().strip() == combined.verdict
+    assert json.loads((out / "audit.json").read_text())["result"]["p_value_t"] == pytest.approx(combined.p_value_t, rel=1e-12)
+    assert (out / "held_out_scores.png").stat().st_size > 1000
+    assert "evidence that the suspect set" in capsys.readouterr().out
+
+
+def test_mialib_audit_refuses_label_chosen_settings_and_shared_images(smoke_params, smoke_target_dir, tmp_path, capsys):
+    from mialib import cli, experiment
+
+    records = experiment.open_data(smoke_params).records
+    suspect = _unlabelled_folder(tmp_path / "suspect", records.iloc[:6])
+    reference = _unlabelled_folder(tmp_path / "reference", records.iloc[4:12])
+    common = ["audit", "--model", str(smoke_target_dir), "--suspect", f"imagefolder:{suspect}", "--reference", f"imagefolder:{reference}", "--quiet"]
+    for extra, message in (
+        (["--attack", "loss:t=[50,100]", "--out", str(tmp_path / "a")], "fixed settings"),
+        (["--attack", "blind_image", "--out", str(tmp_path / "b")], "labels"),
+        (["--attack", "loss", "--out", str(tmp_path / "c")], "in both the suspect and the reference set"),
+    ):
+        with pytest.raises(SystemExit):
+            cli.main(common + extra)
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before anything was written

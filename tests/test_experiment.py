@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,7 +19,7 @@ from mialib.settings import Settings
 from mialib.target import load_target
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted({"01_data_split", "02_observation", "03_attack", "04_robustness", "05_ablations"})
+SOURCES = sorted({"01_data_split", "02_observation", "03_attack", "04_robustness", "05_ablations", "06_set_audit"})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -155,7 +156,7 @@ def test_the_runner_goes_on_after_a_failure_and_reports_it(tmp_path, monkeypatch
         executed.append((name, parameters))
         if name == "02_observation":
             raise RuntimeError("boom in 02")
-        Path(output).write_text("{}")
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# {name} ran")]), output)
 
     monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
     params = experiment.load_preset(ROOT / "configs" / "smoke.yaml")
@@ -164,10 +165,14 @@ def test_the_runner_goes_on_after_a_failure_and_reports_it(tmp_path, monkeypatch
     preset.write_text(yaml.safe_dump(params))
     with pytest.raises(experiment.NotebookFailures, match="02_observation: boom in 02"):
         experiment.run_notebooks(preset)
-    assert [n for n, _ in executed] == ["01_data_split", "02_observation", "03_attack", "04_robustness", "05_ablations"]
+    assert [n for n, _ in executed] == ["01_data_split", "02_observation", "03_attack", "04_robustness", "05_ablations", "06_set_audit"]
     outcomes = json.loads((tmp_path / "out" / "notebook_runs.json").read_text())
     assert outcomes["02_observation"]["status"] == "failed" and outcomes["05_ablations"]["status"] == "ok"
     assert outcomes["03_attack_biased"]["status"] == "skipped"
+    # the HTML report lists every run: a page for each executed notebook, the failure and the skip with their reasons
+    index = (tmp_path / "out" / "html" / "index.html").read_text()
+    assert 'href="05_ablations.html"' in index and "05_ablations ran" in (tmp_path / "out" / "html" / "05_ablations.html").read_text()
+    assert "boom in 02" in index and 'href="02_observation.html"' not in index and "only for the embedded emoji set" in index
     # each notebook received exactly the keys its parameters cell declares
     for name, parameters in executed:
         assert set(parameters) <= set(experiment.declared_parameters(ROOT / "notebooks" / f"{name}.ipynb"))

@@ -810,3 +810,28 @@ def test_emoji_never_overwrites_a_users_file_named_like_a_render(tmp_path):
         pass
     assert (user / f"{chosen}.png").read_bytes() == mine
 
+
+
+def test_an_unlabelled_set_opens_for_the_audit_with_its_labels_missing_never_guessed(tmp_path):
+    """The set-level audit takes sets without membership labels: a csv without the column, an imagefolder
+    whose metadata lacks it, a plain folder of images with .txt captions. A given label must still be valid."""
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for i, value in enumerate((40, 120, 200)):
+        Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(folder / f"{i}.png")
+    (folder / "metadata.csv").write_text("file_name,caption\n0.png,a\n1.png,b\n2.png,c\n")
+    with pytest.raises(DataError, match="no label column"):
+        open_imageset(f"imagefolder:{folder}")
+    opened = open_imageset(f"imagefolder:{folder}", require_labels=False)
+    assert len(opened) == 3 and opened.records["label"].isna().all() and "3 unlabelled" in opened.summary()
+    assert opened.load(32).shape == (3, 3, 32, 32)
+    (folder / "set.csv").write_text("id,path,caption\na,0.png,x\nb,1.png,y\n")
+    assert open_imageset(f"csv:{folder / 'set.csv'}", require_labels=False).records["label"].isna().all()
+    (folder / "bad.csv").write_text("id,path,caption,label\na,0.png,x,maybe\nb,1.png,y,\n")
+    with pytest.raises(DataError, match="maybe"):
+        open_imageset(f"csv:{folder / 'bad.csv'}", require_labels=False)
+    (folder / "metadata.csv").unlink()
+    for i in range(3):
+        (folder / f"{i}.txt").write_text(f"caption {i}")
+    plain = open_imageset(f"imagefolder:{folder}", require_labels=False)
+    assert sorted(plain.records["id"]) == ["0", "1", "2"] and list(plain.records.sort_values("id")["caption"]) == ["caption 0", "caption 1", "caption 2"]

@@ -20,7 +20,7 @@ from mialib.target import load_target
 
 FIGURES = (
     "examples", "closest_cross_split_pairs", "memorisation_samples", "observation_ssim_vs_t", "trajectory_grid", "roc",
-    "robustness_sweep", "robustness_examples", "ablation_t_and_stride", "training_dynamics",
+    "robustness_sweep", "robustness_examples", "ablation_t_and_stride", "training_dynamics", "audit_null", "audit_power",
 )  # fmt: skip
 # U-Net evaluations per image at the smoke preset's fixed settings (the registry's formulas are checked for every run below)
 FIXED_COSTS = {"structural_paper": 2, "pixel_paper": 2, "backward": 4, "secmi": 12, "pia": 2, "clid": 3, "vae_control": 0, "blind_image": 0, "blind_caption": 0}
@@ -106,6 +106,59 @@ def test_03_metrics_match_sklearn_and_the_registry(smoke_outputs, smoke_params, 
     verdict = pd.read_csv(folder / "tables" / "beats_blind.csv")
     bar = table[table["attack"].str.startswith("blind")]["auc"].max()
     assert (verdict["beats blind baselines"] == (verdict["auc_low"] > bar)).all()
+
+
+def test_html_report_has_every_executed_notebook(smoke_outputs):
+    index = (smoke_outputs / "html" / "index.html").read_text()
+    for name in experiment.NOTEBOOKS:
+        assert f'href="{name}.html"' in index
+        page = (smoke_outputs / "html" / f"{name}.html").read_text()
+        assert "<html" in page and "data:image/png;base64" in page  # figures inline: the page stands alone
+
+
+def test_06_features_are_the_registry_scores_of_03(smoke_outputs, smoke_params):
+    """The audit's features are the attacks' per-image scores at their fixed settings: structural and pixel
+    are 03's paper runs, image for image."""
+    features = pd.read_parquet(smoke_outputs / "audit_features.parquet").set_index("id")
+    assert list(features.columns) == ["label", *smoke_params["AUDIT_ATTACKS"]]
+    scores = pd.read_parquet(smoke_outputs / "scores.parquet")
+    for feature, run in (("structural", "structural_paper"), ("pixel", "pixel_paper"), ("secmi", "secmi"), ("clid", "clid")):
+        paper = scores[scores["run"] == run].set_index("id")
+        np.testing.assert_array_equal(features.loc[paper.index, feature].to_numpy(), paper["score"].to_numpy())
+        np.testing.assert_array_equal(features.loc[paper.index, "label"].to_numpy(), paper["label"].to_numpy())
+
+
+def test_06_null_rate_power_and_images_needed_are_what_the_audit_gives(smoke_outputs, smoke_params):
+    from mialib import audit
+
+    features = pd.read_parquet(smoke_outputs / "audit_features.parquet")
+    members, nonmembers = (features[features["label"] == k].reset_index(drop=True) for k in (1, 0))
+    runs = list(smoke_params["AUDIT_ATTACKS"])
+    seed = smoke_params["SEED"]
+    null = pd.read_csv(smoke_outputs / "tables" / "audit_null.csv")
+    combined = null[null["feature_set"] == "combined"]
+    sizes = [n for n in smoke_params["AUDIT_SIZES"] if 2 * n <= len(nonmembers)]
+    assert list(combined["size"]) == sizes and set(combined["n_sets"]) == {smoke_params["AUDIT_NULL_SETS"]}
+    again = audit.null_rate(nonmembers, runs, sizes, smoke_params["AUDIT_NULL_SETS"], 0.05, seed)
+    np.testing.assert_allclose(combined[["fpr_t", "fpr_permutation"]].to_numpy(), again[["fpr_t", "fpr_permutation"]].to_numpy(), rtol=0, atol=0)
+    # validity: at level 0.05 no feature set rejects more often than 0.05 + 3 Monte Carlo standard errors
+    assert (null["fpr_t"] <= 0.05 + 3 * null["mc_se"]).all() and (null["fpr_permutation"] <= 0.05 + 3 * null["mc_se"]).all()
+    power = pd.read_csv(smoke_outputs / "tables" / "audit_power.csv")
+    level = smoke_params["AUDIT_LEVEL"]
+    pure = audit.power(members, nonmembers, {"combined": runs}, smoke_params["AUDIT_SIZES"], (1.0,), smoke_params["AUDIT_POWER_SETS"], level, seed)
+    written = power[(power["feature_set"] == "combined") & (power["member_fraction"] == 1.0)]
+    np.testing.assert_allclose(written["power_t"].to_numpy(), pure["power_t"].to_numpy(), rtol=0, atol=0, equal_nan=True)
+    assert set(power["member_fraction"]) == set(smoke_params["AUDIT_FRACTIONS"])
+    # the smoke target memorises its 24 members: the combination detects a members-only set of 10 nearly always
+    assert written.set_index("size").loc[10, "power_t"] >= 0.8
+    needed = pd.read_csv(smoke_outputs / "tables" / "audit_images_needed.csv")
+    expected = audit.images_for_power(power, 0.8)
+    pd.testing.assert_frame_equal(needed.drop(columns="note"), expected.drop(columns="note"), check_dtype=False)
+    assert list(needed["note"].fillna("")) == list(expected["note"].fillna(""))  # an empty note reads back as NaN
+    examples = pd.read_csv(smoke_outputs / "tables" / "audit_examples.csv")
+    detected = examples[examples["audit"].str.contains("members vs")].iloc[0]
+    result = audit.set_audit(members.drop(columns="label"), nonmembers.drop(columns="label"), level=level, seed=seed)
+    assert detected["p_value_t"] == pytest.approx(result.p_value_t, rel=1e-12) and bool(detected["detected"]) == result.detected
 
 
 def test_03_biased_split_inflation(smoke_outputs):

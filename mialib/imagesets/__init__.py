@@ -89,9 +89,12 @@ def _resolve(path: str, base: Path | None) -> str:
     return str(expanded if expanded.is_absolute() or base is None else Path(base) / expanded)
 
 
-def open_imageset(spec: str, base: str | os.PathLike | None = None, **defaults) -> ImageSet:
+def open_imageset(spec: str, base: str | os.PathLike | None = None, require_labels: bool = True, **defaults) -> ImageSet:
     """Open an image set named by ``spec``; relative paths are relative to ``base`` (default: the
-    working directory). ``defaults`` fill options the spec does not give (e.g. the emoji set's sizes)."""
+    working directory). ``defaults`` fill options the spec does not give (e.g. the emoji set's sizes).
+    ``require_labels=False`` (the set-level audit) opens a set whose records carry no membership label
+    (a csv without the column, an imagefolder's metadata without it): their ``label`` is missing (<NA>),
+    never guessed; a label that is given must still be valid."""
     kind, arg, options = parse_spec(spec)
     allowed = {**OPTIONS, **ADAPTER_OPTIONS.get(kind, {})}
     options = {**{k: v for k, v in defaults.items() if k in allowed and v is not None}, **options}
@@ -104,10 +107,10 @@ def open_imageset(spec: str, base: str | os.PathLike | None = None, **defaults) 
         manifest = _resolve(manifest, base)
         if not Path(manifest).is_file():
             raise DataError(f"manifest {manifest} does not exist")
-    entries, root, info = ADAPTERS[kind](arg, options)
+    entries, root, info = ADAPTERS[kind](arg, {**options, "require_labels": require_labels})
     return build(
         entries, spec, root=root, seed=options.get("seed", 0), min_side=options.get("min_side", MIN_SIDE),
-        manifest=manifest, info=info,
+        manifest=manifest, info=info, require_labels=require_labels,
     )
 
 

@@ -270,11 +270,12 @@ class ImageSet:
         return self.records[columns].copy()
 
     def summary(self) -> str:
-        members = int((self.records["label"] == 1).sum())
+        members, unlabelled = int((self.records["label"] == 1).sum()), int(self.records["label"].isna().sum())
         reasons = self.skipped["reason"].str.split(":").str[0].value_counts() if len(self.skipped) else pd.Series(dtype=int)
         skipped = "; ".join(f"{n} {r}" for r, n in reasons.items())
         return (
-            f"{self.spec}: {len(self.records)} images ({members} members, {len(self.records) - members} non-members) "
+            f"{self.spec}: {len(self.records)} images ({members} members, {len(self.records) - members - unlabelled} non-members"
+            f"{f', {unlabelled} unlabelled' if unlabelled else ''}) "
             f"of {self.given} given, {len(self.skipped)} skipped{' (' + skipped + ')' if skipped else ''}"
         )
 
@@ -371,11 +372,17 @@ def build(
     min_side: int = MIN_SIDE,
     manifest: str | os.PathLike | None = None,
     info: dict | None = None,
+    require_labels: bool = True,
 ) -> ImageSet:
-    """Validate listed entries into an :class:`ImageSet` (the one place where bad input gets its outcome)."""
+    """Validate listed entries into an :class:`ImageSet` (the one place where bad input gets its outcome).
+    Without ``require_labels``, a record may lack its label (kept as <NA>); a label given must be valid."""
     given = len(entries)
     # 1. refusals: what would silently change results if guessed
-    bad_labels = [f"{e.where} (id {e.id!r}): label {e.label!r} is not 0, 1, member or non-member" for e in entries if e.skip is None and parse_label(e.label) is None]
+    bad_labels = [
+        f"{e.where} (id {e.id!r}): label {e.label!r} is not 0, 1, member or non-member"
+        for e in entries
+        if e.skip is None and parse_label(e.label) is None and (require_labels or not is_blank(e.label))
+    ]
     _refuse(bad_labels, "labels must be 0 / 1 (or member / non-member); refusing to guess")
     raw_subsets = [None if is_blank(e.subset) else str(e.subset).strip().lower() for e in entries]
     _refuse([f"{e.where} (id {e.id!r}): subset {s!r} is not calibration or test" for e, s in zip(entries, raw_subsets) if s is not None and s not in SUBSETS], "unknown subsets")
@@ -470,7 +477,7 @@ def build(
         [(frame.at[i, "id"], frame.at[i, "source"], reason) for i, reason in sorted(skips.items())], columns=SKIP_COLUMNS
     )
     records = frame.drop(index=list(skips)).reset_index(drop=True)
-    records["label"] = records["label"].astype(int)
+    records["label"] = records["label"].astype(int if require_labels else "Int64")
     records = records[[*RECORD_COLUMNS, "subset_rule", "group", "width", "height", "location"]]
     details = dict(info or {}, seed=seed, min_side=min_side)
     if manifest_summary is not None:

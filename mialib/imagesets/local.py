@@ -70,7 +70,7 @@ def csv_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
     if not path.is_file():
         raise DataError(f"CSV image set {path} does not exist")
     table = read_table(path)
-    missing = [c for c in ("id", "path", "caption", "label") if c not in table.columns]
+    missing = [c for c in ("id", "path", "caption", "label") if c not in table.columns and (c != "label" or options.get("require_labels", True))]
     if missing:
         raise DataError(f"{path} lacks columns {missing} (needs id, path, caption, label[, subset][, group])")
     root = path.parent
@@ -79,7 +79,7 @@ def csv_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
         relative = row["path"].strip()
         entries.append(
             Entry(
-                id=row["id"], caption=row["caption"], label=row["label"], source=relative,
+                id=row["id"], caption=row["caption"], label=_value(row, "label"), source=relative,
                 location=str(root / relative) if relative else None, where=f"{path.name} row {number}",
                 subset=_value(row, "subset"), group=_value(row, "group"),
                 skip=None if relative else "no path given",
@@ -122,7 +122,7 @@ def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
             label = _value(row, "label")
             if is_blank(label):
                 label = _folder_label(relative)
-            if label is None and "label" not in table.columns:
+            if label is None and "label" not in table.columns and options.get("require_labels", True):
                 raise DataError(f"{path} has no label column and {relative} is not under members/ or nonmembers/")
             entries.append(
                 Entry(
@@ -134,6 +134,8 @@ def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
             )
         return entries, root, {"kind": "imagefolder", "metadata": path.name}
     folders = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() in MEMBER_FOLDERS]
+    if not folders and not options.get("require_labels", True):
+        folders = [root]  # an unlabelled set: every image under the folder, its caption in a .txt beside it
     if not folders:
         raise DataError(f"{root} has neither metadata.csv / metadata.jsonl nor members/ and nonmembers/ subfolders")
     entries = []
@@ -149,7 +151,7 @@ def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
                 skip = f"no caption: {relative.with_suffix('.txt').as_posix()} does not exist"
             entries.append(
                 Entry(
-                    id=relative.with_suffix("").as_posix(), caption=caption, label=MEMBER_FOLDERS[folder.name.lower()],
+                    id=relative.with_suffix("").as_posix(), caption=caption, label=MEMBER_FOLDERS.get(folder.name.lower()) if folder != root else None,
                     source=relative.as_posix(), location=str(image), where=relative.as_posix(), skip=skip,
                 )
             )
