@@ -220,12 +220,17 @@ def determinism(target, imageset, settings: Settings, size: int, batch_size: int
                          images=len(imageset), size=size, batch_size=batch_size, max_abs_difference=difference))
         print(f"{name:12s} {comparison:48s} {difference:.3g}", flush=True)
 
-    for name, spec in REGISTRY.items():
-        if spec.kind == "blind" or (only and name not in only):
-            continue
-        point = spec.params()
-        with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as other:
-            record(name, f"batch 8 vs {batch_size}, both cold", scores(spec, point, batch_size, one), scores(spec, point, 8, other))
+    # on a GPU, again with cuDNN's TF32 convolutions (PyTorch's default) turned off: full float32
+    for tf32 in (True, False) if device.startswith("cuda") else (True,):
+        torch.backends.cudnn.allow_tf32 = tf32
+        for name, spec in REGISTRY.items():
+            if spec.kind == "blind" or (only and name not in only):
+                continue
+            point = spec.params()
+            with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as other:
+                record(name, f"batch 8 vs {batch_size}, both cold" + ("" if tf32 or not device.startswith("cuda") else ", TF32 off"),
+                       scores(spec, point, batch_size, one), scores(spec, point, 8, other))
+    torch.backends.cudnn.allow_tf32 = True
     spec = REGISTRY["structural"]
     point = spec.params()
     deeper = {**point, "t": 2 * point["t"]}
