@@ -34,32 +34,42 @@ def _attacks_epilog() -> str:
     )
 
 
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model options that `score` and `audit` share."""
+    parser.add_argument("--model", required=True, help="a local pipeline folder (safetensors), a hub id owner/name, or a single .safetensors checkpoint")
+    parser.add_argument("--variant", default=None, help="weight files variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
+    parser.add_argument("--model-config", default=None, help="single-file --model only: its family's pipeline folder or hub id (configs, tokenizer, scheduler)")
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The device, batching and attack settings that `score` and `audit` share."""
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    parser.add_argument("--size", type=int, default=None, help="attack resolution in px (default: the model's native size)")
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: conditional only)")
+    parser.add_argument("--prompt", default="caption", choices=["caption", "empty"])
+    parser.add_argument("--encode-mode", default="mode", choices=["mode", "sample"])
+    parser.add_argument("--schedule", default="model", choices=["model", "official_linear"])
+    parser.add_argument("--data-range", type=float, default=2.0, help="SSIM data range (2 for images in [-1, 1])")
+    parser.add_argument("--seed", type=int, default=0, help="seed of per-image noise, posterior samples and the subset assignment")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-tf32", action="store_true", help="on a GPU, full float32 convolutions (PyTorch lets cuDNN use TF32 by default; "
+                        "then scores depend on the batch size up to about 2e-4, without it about 3e-6; measured on an H200)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mialib", description=__doc__, epilog=_attacks_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     score = commands.add_parser("score", help="score an image set with registered attacks", epilog=_attacks_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    score.add_argument("--model", required=True, help="a local pipeline folder (safetensors), a hub id owner/name, or a single .safetensors checkpoint")
-    score.add_argument("--variant", default=None, help="weight files variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
-    score.add_argument("--model-config", default=None, help="single-file --model only: its family's pipeline folder or hub id (configs, tokenizer, scheduler)")
+    _model_arguments(score)
     score.add_argument("--data", required=True, help=DATA_HELP)
     score.add_argument("--attack", action="append", required=True, metavar="NAME[:key=value,...]", help="an attack to run (repeatable); see the list below")
     score.add_argument("--out", required=True, help="output folder (created; a rerun resumes from its cache)")
-    score.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    score.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    score.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    score.add_argument("--size", type=int, default=None, help="attack resolution in px (default: the model's native size)")
-    score.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: conditional only)")
-    score.add_argument("--prompt", default="caption", choices=["caption", "empty"])
-    score.add_argument("--encode-mode", default="mode", choices=["mode", "sample"])
-    score.add_argument("--schedule", default="model", choices=["model", "official_linear"])
-    score.add_argument("--data-range", type=float, default=2.0, help="SSIM data range (2 for images in [-1, 1])")
-    score.add_argument("--seed", type=int, default=0, help="seed of per-image noise, posterior samples and the subset assignment")
+    _run_arguments(score)
     score.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the metrics' intervals")
     score.add_argument("--trajectory-cache-gb", type=float, default=0, help="cap of the trajectory cache in GB (0: no cap); past it the least recently written trajectories are removed")
-    score.add_argument("--quiet", action="store_true", help="no progress bars")
-    score.add_argument("--no-tf32", action="store_true", help="on a GPU, full float32 convolutions (PyTorch lets cuDNN use TF32 by default; "
-                       "then scores depend on the batch size up to about 2e-4, without it about 3e-6; measured on an H200)")
 
     audit = commands.add_parser(
         "audit", help="set-level audit: was the suspect set (or part of it) used to train the model?",
@@ -68,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on the held-out parts. The reference set must hold images known NOT to be training members, from the suspect set's "
         "distribution; labels are never read.",
     )
-    audit.add_argument("--model", required=True, help="as for score")
-    audit.add_argument("--variant", default=None, help="as for score")
-    audit.add_argument("--model-config", default=None, help="as for score")
+    _model_arguments(audit)
     audit.add_argument("--suspect", required=True, help="the suspect image set (any form of --data; labels are not needed and never read)")
     audit.add_argument("--reference", required=True, help="images known not to be members, from the same distribution")
     audit.add_argument("--attack", action="append", default=None, metavar="NAME[:key=value,...]",
@@ -79,13 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--level", type=float, default=0.01, help="significance level of the decision")
     audit.add_argument("--fit-fraction", type=float, default=0.5, help="share of each set that fits the scorer (the rest is tested)")
     audit.add_argument("--permutations", type=int, default=9999, help="resamples of the permutation test")
-    for option in ("--device", "--dtype", "--batch-size", "--size", "--guidance", "--prompt", "--encode-mode", "--schedule", "--data-range", "--seed", "--quiet", "--no-tf32"):
-        action = next(a for a in score._actions if option in a.option_strings)
-        keywords = {"default": action.default, "help": action.help}
-        if isinstance(action, argparse._StoreTrueAction):
-            audit.add_argument(option, action="store_true", help=action.help)
-        else:
-            audit.add_argument(option, type=action.type, choices=action.choices, **keywords)
+    _run_arguments(audit)
 
     report = commands.add_parser("report", help="print the metrics table of a scored folder")
     report.add_argument("folder")
@@ -232,7 +234,7 @@ def audit(args) -> None:
     check_size(target, size)
     tables = {}
     for name, imageset in sets.items():
-        table = set_audit.feature_table(target, imageset, {run: r for run, r in requests.items()}, settings, out / "cache", args.batch_size, size, progress=not args.quiet)
+        table = set_audit.feature_table(target, imageset, requests, settings, out / "cache", args.batch_size, size, progress=not args.quiet)
         tables[name] = table.drop(columns="label", errors="ignore").assign(id=lambda d, n=name: n + "/" + d["id"].astype(str))  # the sets' ids may repeat
     features = list(requests)
     pd.concat([t.assign(set=n) for n, t in tables.items()], ignore_index=True).to_parquet(out / "features.parquet")
