@@ -221,6 +221,7 @@ def determinism(target, imageset, settings: Settings, size: int, batch_size: int
         print(f"{name:12s} {comparison:48s} {difference:.3g}", flush=True)
 
     # on a GPU, again with cuDNN's TF32 convolutions (PyTorch's default) turned off: full float32
+    default_tf32 = torch.backends.cudnn.allow_tf32
     for tf32 in (True, False) if device.startswith("cuda") else (True,):
         torch.backends.cudnn.allow_tf32 = tf32
         for name, spec in REGISTRY.items():
@@ -230,7 +231,7 @@ def determinism(target, imageset, settings: Settings, size: int, batch_size: int
             with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as other:
                 record(name, f"batch 8 vs {batch_size}, both cold" + ("" if tf32 or not device.startswith("cuda") else ", TF32 off"),
                        scores(spec, point, batch_size, one), scores(spec, point, 8, other))
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = default_tf32
     spec = REGISTRY["structural"]
     point = spec.params()
     deeper = {**point, "t": 2 * point["t"]}
