@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "prepare":
             from .experiment import NOTEBOOKS
 
-            sub.add_argument("--notebooks", nargs="*", default=list(NOTEBOOKS), help="notebook runs to execute")
+            sub.add_argument("--notebooks", nargs="*", default=None, help=f"notebook runs to execute (default: the preset's NOTEBOOKS, else {' '.join(NOTEBOOKS)}; 07_regimes runs in configs/regimes.yaml)")
             sub.add_argument("--kernel", default="python3", help="Jupyter kernel name for papermill")
     return parser
 
@@ -334,12 +334,16 @@ def run_preset(args) -> None:
     from . import experiment
 
     params = experiment.load_preset(args.preset)
+    notebooks = tuple(args.notebooks) if args.notebooks is not None else experiment.preset_notebooks(params)
     if args.command in ("prepare", "all"):
         start = time.time()
         model = experiment.prepare_target(params)
         print(f"target: {model} ready ({time.time() - start:.1f} s)", flush=True)
+        if "07_regimes" in notebooks:
+            targets = experiment.prepare_regimes(params)
+            print(f"{len(targets)} regime targets ready ({time.time() - start:.1f} s)", flush=True)
     if args.command in ("notebooks", "all"):
-        output_dir = experiment.run_notebooks(args.preset, tuple(args.notebooks), args.kernel)
+        output_dir = experiment.run_notebooks(args.preset, notebooks, args.kernel)
         print(f"results in {output_dir}", flush=True)
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-SPLITS = ("public", "member", "nonmember")
+SPLITS = ("public", "member", "nonmember", "filler")  # filler: extra training images of the regimes' U-Nets (data/emoji_filler.csv)
 SUBSETS = ("calibration", "test")
 MANIFEST_COLUMNS = ["id", "caption", "group", "split", "subset", "pixel_sha256"]
 
@@ -190,6 +190,26 @@ def build_emoji_manifest(n_public: int, n_members: int, n_nonmembers: int, seed:
     return manifest
 
 
+def build_filler_manifest(manifest: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """The catalogue's images that the split manifest left out, as rows of split ``filler`` (no subset).
+
+    They continue the seeded permutation that :func:`build_emoji_manifest` cut the split from, so they
+    share its distribution and no variant group or pixel hash with any split. The memorisation regimes
+    (07) train U-Nets on them besides the members: the pretraining data of the fine-tuned regime, and the
+    bulk of the weak regime's training set. They are never attacked.
+    """
+    catalogue = emoji_catalogue()
+    order = np.random.default_rng(seed).permutation(len(catalogue))
+    ordered = catalogue.iloc[order].reset_index(drop=True)
+    if list(ordered["id"].head(len(manifest))) != list(manifest["id"]):
+        raise DataError(f"the split manifest is not the start of the catalogue's seed-{seed} permutation, so its complement cannot be told apart")
+    filler = ordered.iloc[len(manifest) :].reset_index(drop=True)
+    filler = filler[~filler["group"].isin(manifest["group"]) & ~filler["pixel_sha256"].isin(manifest["pixel_sha256"])]
+    filler = filler.assign(split="filler", subset="")[MANIFEST_COLUMNS].reset_index(drop=True)
+    validate_manifest(pd.concat([manifest, filler]))
+    return filler
+
+
 def validate_manifest(manifest: pd.DataFrame) -> None:
     """Raise ``DataError`` on duplicate ids, missing captions, unknown splits or overlapping splits."""
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
@@ -204,7 +224,7 @@ def validate_manifest(manifest: pd.DataFrame) -> None:
     bad = set(manifest["split"]) - set(SPLITS)
     if bad:
         raise DataError(f"unknown split names {sorted(bad)}")
-    labelled = manifest[manifest["split"] != "public"]
+    labelled = manifest[manifest["split"].isin(["member", "nonmember"])]
     bad_subset = labelled["id"][~labelled["subset"].isin(SUBSETS)]
     if len(bad_subset):
         raise DataError(f"members / non-members without a calibration or test subset: {list(bad_subset)[:10]}")

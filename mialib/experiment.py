@@ -23,9 +23,10 @@ from . import data, imagesets
 from .settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+# The runs of `make run` on the default preset; a preset's NOTEBOOKS key chooses others (configs/regimes.yaml: 07_regimes).
 NOTEBOOKS = ("01_data_split", "02_observation", "03_attack", "03_attack_biased", "04_robustness", "05_ablations", "06_set_audit")
-# Keys read by `prepare` (the embedded target's training), not by any notebook.
-TARGET_KEYS = {"PRESET", "VAE_STEPS", "UNET_STEPS", "TRAIN_SEED", "TRAIN_BATCH_SIZE", "BUILD_TINY_TARGET"}
+# Keys read by `prepare` (the embedded target's training) and the runner, not by every notebook.
+TARGET_KEYS = {"PRESET", "VAE_STEPS", "UNET_STEPS", "TRAIN_SEED", "TRAIN_BATCH_SIZE", "BUILD_TINY_TARGET", "NOTEBOOKS"}
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -41,6 +42,11 @@ def load_preset(path: str | os.PathLike) -> dict:
     if bad:
         raise ValueError(f"preset keys must be UPPER_CASE papermill parameters: {bad}")
     return params
+
+
+def preset_notebooks(params: dict) -> tuple[str, ...]:
+    """The notebook runs a preset asks for (``NOTEBOOKS``), else :data:`NOTEBOOKS`."""
+    return tuple(params.get("NOTEBOOKS") or NOTEBOOKS)
 
 
 def data_kind(params: dict) -> str:
@@ -72,25 +78,47 @@ def emoji_training_images(params: dict) -> pd.DataFrame:
     return emoji_images({**EMOJI_DEFAULTS, **options})
 
 
+TINY_KEYS = {
+    "IMAGE_SIZE": "image_size",
+    "VAE_STEPS": "vae_steps",
+    "UNET_STEPS": "unet_steps",
+    "CHECKPOINTS": "checkpoints",
+    "TRAIN_SEED": "seed",
+    "TRAIN_BATCH_SIZE": "batch_size",
+    "UNET_LR": "unet_lr",
+    "UNET_DATA": "unet_data",
+    "PRETRAIN_STEPS": "pretrain_steps",
+    "FILLER_IMAGES": "filler_images",
+    "SHARED_SEED": "shared_seed",
+}
+FILLER = "data/emoji_filler.csv"  # the catalogue's images outside the split: the regimes' extra training images
+
+
 def tiny_config(params: dict):
     from .tiny import TinyConfig
 
-    keys = {
-        "IMAGE_SIZE": "image_size",
-        "VAE_STEPS": "vae_steps",
-        "UNET_STEPS": "unet_steps",
-        "CHECKPOINTS": "checkpoints",
-        "TRAIN_SEED": "seed",
-        "TRAIN_BATCH_SIZE": "batch_size",
-    }
-    return TinyConfig(**{field: params[key] for key, field in keys.items() if key in params})
+    return TinyConfig(**{field: params[key] for key, field in TINY_KEYS.items() if key in params})
+
+
+def emoji_pool(params: dict, filler_images: int) -> pd.DataFrame:
+    """The pool that the regimes' U-Nets train on besides the members: the preset's public split and the
+    first ``filler_images`` rows of ``data/emoji_filler.csv`` (rendered and hash-checked like the split)."""
+    images = emoji_training_images(params)
+    pool = [images[images["split"] == "public"]]
+    if filler_images:
+        filler = data.read_manifest(ROOT / FILLER)
+        if len(filler) < filler_images:
+            raise data.DataError(f"{FILLER} has {len(filler)} images, the regime asks for FILLER_IMAGES={filler_images}")
+        pool.append(data.materialise_images(filler.head(int(filler_images)), resolve(params.get("IMAGE_DIR", "data/images"))))
+    return pd.concat(pool, ignore_index=True)
 
 
 def prepare_target(params: dict, progress: bool = True) -> str:
     """Build the embedded tiny target if the preset asks for it and it is missing; return the model.
 
     The tiny target always trains on the embedded emoji set (VAE on the public split, U-Net on the
-    members), whatever ``DATA`` is attacked with it.
+    members, or on the pool as well in the memorisation regimes), whatever ``DATA`` is attacked with it.
+    VAEs and pretrained U-Nets are shared between targets through ``.tiny-shared/`` beside the target.
     """
     model = params["MODEL"]
     if not params.get("BUILD_TINY_TARGET", False):
@@ -105,7 +133,52 @@ def prepare_target(params: dict, progress: bool = True) -> str:
     public = data.load_tensors(images.loc[images["split"] == "public", "path"], config.image_size)
     members = images[images["split"] == "member"]
     tensors = data.load_tensors(members["path"], config.image_size)
-    return str(build_tiny_target(target_dir, public, tensors, list(members["caption"]), list(images["caption"]), config, progress, emoji_tokenizer(config)))
+    pool = {}
+    if config.uses_pool:
+        rows = emoji_pool(params, config.filler_images)
+        pool = {"pool_images": data.load_tensors(rows["path"], config.image_size), "pool_captions": list(rows["caption"])}
+    return str(build_tiny_target(
+        target_dir, public, tensors, list(members["caption"]), list(images["caption"]), config, progress, emoji_tokenizer(config),
+        shared=target_dir.parent / ".tiny-shared", **pool,
+    ))
+
+
+REGIME_KEYS = {"UNET_STEPS", "CHECKPOINTS", "UNET_LR", "UNET_DATA", "PRETRAIN_STEPS", "FILLER_IMAGES", "VAE_STEPS"}
+
+
+def regime_targets(params: dict) -> dict[tuple[str, int], dict]:
+    """(regime, seed) -> the preset that builds that target: ``REGIMES`` (regime -> target keys it
+    changes) times ``REGIME_SEEDS``. Every target shares the VAE seeded by ``TRAIN_SEED`` (and the
+    fine-tuned seeds share their pretrained base model); the seed changes the U-Net's initialisation and
+    its training batches. A regime that changes nothing, at ``TRAIN_SEED``, is ``MODEL`` itself; the
+    others are built beside it, ``<MODEL>-<regime>-seed<seed>``."""
+    regimes, seeds = params.get("REGIMES") or {}, [int(s) for s in params.get("REGIME_SEEDS") or []]
+    if not regimes or not seeds:
+        raise ValueError("REGIMES and REGIME_SEEDS must both be set to run the regime study (configs/regimes.yaml)")
+    if not params.get("BUILD_TINY_TARGET", False) or data_kind(params) != "emoji":
+        raise ValueError("the regimes are recipes of the embedded tiny target: they need DATA=emoji and BUILD_TINY_TARGET=true")
+    targets = {}
+    base_seed = int(params.get("TRAIN_SEED", 0))
+    for regime, overrides in regimes.items():
+        overrides = dict(overrides or {})
+        unknown = set(overrides) - REGIME_KEYS
+        if unknown:
+            raise ValueError(f"REGIMES[{regime!r}] sets {sorted(unknown)}; a regime may set {sorted(REGIME_KEYS)}")
+        for seed in seeds:
+            model = params["MODEL"] if not overrides and seed == base_seed else f"{str(params['MODEL']).rstrip('/')}-{regime}-seed{seed}"
+            targets[(regime, seed)] = {**params, **overrides, "TRAIN_SEED": seed, "SHARED_SEED": base_seed, "MODEL": model}
+    return targets
+
+
+def prepare_regimes(params: dict, progress: bool = True) -> dict[tuple[str, int], str]:
+    """Build every missing target of the regime study; (regime, seed) -> model folder."""
+    targets = regime_targets(params)
+    built = {}
+    for (regime, seed), target in targets.items():
+        if progress:
+            print(f"regime {regime}, seed {seed}: {target['MODEL']}", flush=True)
+        built[(regime, seed)] = prepare_target(target, progress)
+    return built
 
 
 EMOJI_TOKENIZER = ROOT / "data" / "emoji_tokenizer"
@@ -289,6 +362,7 @@ def notebook_runs(params: dict) -> dict[str, tuple[str, dict] | str]:
         "04_robustness": ("04_robustness", {}),
         "05_ablations": ("05_ablations", {}),
         "06_set_audit": ("06_set_audit", {}),
+        "07_regimes": ("07_regimes", {}) if data_kind(params) == "emoji" else f"the regimes are trainings of the embedded target on the emoji set (DATA is {params.get('DATA')!r})",
     }
 
 
@@ -351,7 +425,7 @@ class NotebookFailures(RuntimeError):
     """One or more notebooks failed; the others ran."""
 
 
-def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] = NOTEBOOKS, kernel: str = "python3") -> Path:
+def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] | None = None, kernel: str = "python3") -> Path:
     """Execute notebooks headlessly with papermill, each receiving the preset keys it declares.
 
     Executed copies go to ``<OUTPUT_DIR>/notebooks/``; the resolved parameters to
@@ -362,13 +436,15 @@ def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] = N
     import papermill
 
     params = load_preset(preset_path)
+    notebooks = preset_notebooks(params) if notebooks is None else tuple(notebooks)
     output_dir = claim_output(resolve(params["OUTPUT_DIR"]))  # before anything is written there
     (output_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     runs = notebook_runs(params)
     unknown = [name for name in notebooks if name not in runs]
     if unknown:
         raise ValueError(f"unknown notebook runs {unknown}; known: {list(runs)}")
-    sources = {run[0] for run in runs.values() if isinstance(run, tuple)}
+    # every notebook's keys count as declared, also those of runs that do not apply to this preset's data
+    sources = {run[0] for run in runs.values() if isinstance(run, tuple)} | {name for name in runs if (ROOT / "notebooks" / f"{name}.ipynb").exists()}
     declared = {name: declared_parameters(ROOT / "notebooks" / f"{name}.ipynb") for name in sources}
     unused = set(params) - set().union(*declared.values()) - TARGET_KEYS
     if unused:

@@ -213,3 +213,41 @@ def audit_scores(held_out, result):
            title=f"Welch p = {result.p_value_t:.2g}, permutation p = {result.p_value_permutation:.2g}, g = {result.effect_size:.2f}")
     fig.tight_layout()
     return fig
+
+
+def regimes(metrics: pd.DataFrame):
+    """Every attack, blind baselines included, in every regime: test AUC and TPR@1%FPR, a bar for the mean
+    over the training seeds (error bar: standard deviation) and a dot per seed."""
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.9 * metrics["display"].nunique() + 2), 7), sharex=True)
+    for ax, (metric, label) in zip(axes, (("auc", "test AUC"), ("tpr_at_1fpr", "test TPR@1%FPR"))):
+        sns.barplot(metrics, x="display", y=metric, hue="regime", errorbar="sd", alpha=0.55, ax=ax)
+        sns.stripplot(metrics, x="display", y=metric, hue="regime", dodge=True, size=3.5, legend=False, ax=ax)
+        ax.set(xlabel="", ylabel=label)
+        if metric == "auc":
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.legend(fontsize=7, title="regime (mean ± sd; dots: seeds)", title_fontsize=7)
+    axes[1].tick_params(axis="x", rotation=60)
+    plt.setp(axes[1].get_xticklabels(), ha="right")
+    fig.tight_layout()
+    return fig
+
+
+def regime_audit(power: pd.DataFrame, null: pd.DataFrame, level: float):
+    """The set audit in every regime: detection probability of suspect sets of members against their size
+    (every attack combined; mean and sd over seeds), and the false-positive rate at 0.05 without members."""
+    from .studies import COMBINED
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    done = power[~power["skipped"].astype(bool) & (power["feature_set"] == COMBINED) & (power["member_fraction"] == 1.0)]
+    sns.lineplot(done, x="size", y="power_t", hue="regime", marker="o", errorbar="sd", ax=axes[0])
+    axes[0].axhline(0.8, color="grey", lw=0.8, ls="--")
+    axes[0].set(xscale="log", xlabel="suspect images (all members)", ylabel=f"P(detect at p < {level:g})", title="power, every attack combined")
+    combined = null[null["feature_set"] == COMBINED]
+    sns.lineplot(combined, x="size", y="fpr_t", hue="regime", marker="o", errorbar="sd", ax=axes[1])
+    rate, se = combined["level"].iloc[0], combined["mc_se"].iloc[0]
+    axes[1].axhspan(rate - 3 * se, rate + 3 * se, color="grey", alpha=0.2, label=f"{rate:g} ± 3 MC s.e.")
+    axes[1].set(xscale="log", xlabel="suspect images (non-members only)", ylabel=f"rejection rate at {rate:g}", title="validity, every attack combined")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -544,3 +544,152 @@ def audit_power(study, features: pd.DataFrame, sizes, fractions, n_sets: int, le
     needed = audit.images_for_power(table, 0.8)
     needed.to_csv(study.tables / "audit_images_needed.csv", index=False)
     return table, needed
+
+
+# --------------------------------------------------------------------------------------------------
+# 07 · memorisation regimes
+# --------------------------------------------------------------------------------------------------
+def regime_study(study, regime: str, seed: int, model: str):
+    """The study of one regime's target: the same set and settings, the target loaded, outputs under
+    ``regimes/<regime>-seed<seed>/`` (its own scores, metrics and chosen settings)."""
+    from dataclasses import replace
+
+    from .experiment import claim_output, locate_model
+    from .target import load_target
+
+    out = claim_output(study.out / "regimes" / f"{regime}-seed{seed}")
+    sub = replace(study, out=out, notes=[], params={**study.params, "MODEL": model})
+    for folder in (sub.tables, sub.figures):
+        folder.mkdir(parents=True, exist_ok=True)
+    sub.target = load_target(locate_model(model), device=study.params.get("DEVICE", "cpu"), dtype=study.settings.dtype)
+    return sub
+
+
+def regime_comparison(study, targets: dict, attacks: dict, n_bootstrap: int = 1000) -> pd.DataFrame:
+    """03's comparison (calibration -> test) on every target of the regime study, ``targets`` being
+    (regime, seed) -> model folder (:func:`mialib.experiment.prepare_regimes`). One row per regime, seed
+    and run with 03's metric columns; ``tables/regime_metrics.csv``. Every target shares the study's
+    cache, whose keys hold the model's fingerprint."""
+    frames = []
+    for (regime, seed), model in targets.items():
+        sub = regime_study(study, regime, seed, model)
+        comparison = compare(sub, attacks, n_bootstrap)
+        frames.append(comparison.table.drop(columns=["threshold"], errors="ignore").assign(regime=regime, seed=seed, model=str(model)))
+        print(f"{regime}, seed {seed}: " + ", ".join(f"{r.display} {r.auc:.3f}" for r in comparison.table.itertuples()), flush=True)
+    table = pd.concat(frames, ignore_index=True)
+    table.to_csv(study.tables / "regime_metrics.csv", index=False)
+    return table
+
+
+def regime_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per regime and run: test AUC and TPR@1%FPR as mean and standard deviation over the seeds, and as
+    "mean ± sd" text. ``tables/regime_summary.csv``."""
+    grouped = table.groupby(["regime", "run"], sort=False)
+    summary = grouped.agg(
+        attack=("display", "first"), kind=("attack", lambda a: registry.get(a.iloc[0]).kind), seeds=("seed", "nunique"),
+        auc_mean=("auc", "mean"), auc_sd=("auc", "std"), tpr_mean=("tpr_at_1fpr", "mean"), tpr_sd=("tpr_at_1fpr", "std"),
+        auc_min=("auc", "min"), auc_max=("auc", "max"),
+    ).reset_index()
+    summary["AUC"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(summary["auc_mean"], summary["auc_sd"].fillna(0))]
+    summary["TPR@1%FPR"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(summary["tpr_mean"], summary["tpr_sd"].fillna(0))]
+    return summary
+
+
+def regime_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The README's layout: one row per attack, AUC and TPR@1%FPR (mean ± sd over seeds) per regime."""
+    regimes = list(dict.fromkeys(summary["regime"]))
+    wide = summary.pivot_table(index=["run", "attack"], columns="regime", values=["AUC", "TPR@1%FPR"], aggfunc="first", sort=False)
+    wide = wide[[(metric, regime) for regime in regimes for metric in ("AUC", "TPR@1%FPR")]]
+    order = list(dict.fromkeys(summary["run"]))
+    wide = wide.reindex(sorted(wide.index, key=lambda key: order.index(key[0])))
+    wide.index = wide.index.get_level_values("attack")
+    return wide
+
+
+def regime_dynamics(study, targets: dict, regimes: dict) -> pd.DataFrame | None:
+    """05's training dynamics (every calibrated attack on the test split at each checkpoint) along the
+    fine-tuning: for every seed of each regime that pretrains (``PRETRAIN_STEPS``), at its ``CHECKPOINTS``.
+    ``tables/regime_dynamics.csv``; None (a recorded skip) when no regime fine-tunes."""
+    frames = []
+    for (regime, seed), model in targets.items():
+        overrides = regimes.get(regime) or {}
+        if not overrides.get("PRETRAIN_STEPS"):
+            continue
+        sub = regime_study(study, regime, seed, model)
+        dynamics = training_dynamics(sub, list(overrides.get("CHECKPOINTS", [])))
+        if dynamics is not None:
+            frames.append(dynamics.assign(regime=regime, seed=seed))
+    if not frames:
+        study.skip("dynamics along the fine-tuning", "no regime pretrains (PRETRAIN_STEPS) and keeps checkpoints")
+        return None
+    table = pd.concat(frames, ignore_index=True)
+    table.to_csv(study.tables / "regime_dynamics.csv", index=False)
+    return table
+
+
+@dataclass
+class RegimeAudit:
+    null: pd.DataFrame  # false-positive rate at 0.05, per regime, seed, feature set and size
+    power: pd.DataFrame  # detection probability at the audit's level, per regime, seed, feature set, share and size
+    needed: pd.DataFrame  # images for 80 % power per regime, feature set and share (power averaged over the seeds)
+
+
+def regime_audit(study, targets: dict, attacks, sizes, fractions, null_sets: int, power_sets: int, level: float) -> RegimeAudit:
+    """06's validity and power studies on every target of the regime study (each seed's own features),
+    then the images needed for 80 % power per regime from the power averaged over the seeds.
+    ``tables/regime_audit_null.csv``, ``regime_audit_power.csv``, ``regime_images_needed.csv``."""
+    from . import audit
+
+    nulls, powers = [], []
+    for (regime, seed), model in targets.items():
+        sub = regime_study(study, regime, seed, model)
+        features = audit_features(sub, attacks)
+        if features is None:
+            return None
+        nulls.append(audit_null(sub, features, sizes, null_sets).assign(regime=regime, seed=seed))
+        powers.append(audit_power(sub, features, sizes, fractions, power_sets, level)[0].assign(regime=regime, seed=seed))
+    null, power = pd.concat(nulls, ignore_index=True), pd.concat(powers, ignore_index=True)
+    keys = ["regime", "feature_set", "member_fraction", "size"]
+    averaged = power[~power["skipped"].astype(bool)].groupby(keys, sort=False)["power_t"].mean().reset_index()
+    needed = pd.concat(
+        [audit.images_for_power(group.drop(columns="regime"), 0.8).assign(regime=regime) for regime, group in averaged.groupby("regime", sort=False)],
+        ignore_index=True,
+    )
+    needed = needed[["regime", *[c for c in needed.columns if c != "regime"]]]
+    null.to_csv(study.tables / "regime_audit_null.csv", index=False)
+    power.to_csv(study.tables / "regime_audit_power.csv", index=False)
+    needed.to_csv(study.tables / "regime_images_needed.csv", index=False)
+    return RegimeAudit(null, power, needed)
+
+
+def regime_verdict(summary: pd.DataFrame, audit_result: RegimeAudit, regime: str = "weak", chance: float = 0.6) -> str:
+    """Plain words on one regime: how far the best per-image attack gets, and whether the set audit
+    (every feature combined, suspect sets of members only) reaches 80 % power within the sizes tried."""
+    rows = summary[(summary["regime"] == regime) & (summary["kind"] == "model")]
+    if rows.empty:
+        return f"The regime {regime!r} is not in this study."
+    best = rows.loc[rows["auc_mean"].idxmax()]
+    blind = summary[(summary["regime"] == regime) & (summary["kind"] == "blind")]
+    per_image = (
+        f"In the {regime} regime the best per-image attack is {best['attack']} with test AUC {best['AUC']} and TPR@1%FPR "
+        f"{best['TPR@1%FPR']} over {int(best['seeds'])} seeds"
+        + (f" (best blind baseline: AUC {blind['auc_mean'].max():.3f})" if len(blind) else "")
+        + (": near chance." if best["auc_mean"] < chance else f": above the {chance:g} this text calls near chance.")
+    )
+    needed = audit_result.needed
+    combined = needed[(needed["regime"] == regime) & (needed["feature_set"] == COMBINED) & (needed["member_fraction"] == 1.0)]
+    power = audit_result.power
+    done = power[(power["regime"] == regime) & (power["feature_set"] == COMBINED) & (power["member_fraction"] == 1.0) & ~power["skipped"].astype(bool)]
+    largest = int(done["size"].max()) if len(done) else 0
+    at_largest = done[done["size"] == largest]["power_t"].mean() if len(done) else float("nan")
+    level = float(power["level"].iloc[0])
+    if len(combined) and pd.notna(combined["images"].iloc[0]):
+        n = int(combined["images"].iloc[0])
+        audit_text = f"The set audit (every attack combined) detects a suspect set of {n} members at p < {level:g} with 80 % power (mean over seeds)"
+        audit_text += ": it detects membership where the per-image attacks are near chance." if best["auc_mean"] < chance else "."
+    else:
+        audit_text = (
+            f"The set audit (every attack combined) does not reach 80 % power at p < {level:g} within {largest} suspect images "
+            f"(power {at_largest:.2f} there, mean over seeds): on this model it does not detect membership either."
+        )
+    return per_image + "\n" + audit_text

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,11 +50,33 @@ class TinyConfig:
     checkpoints: tuple[int, ...] = (250, 500, 1000, 2000, 3000)
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    # Memorisation regimes (07). The pool: the public split and ``filler_images`` extra catalogue images.
+    unet_data: str = "members"  # members: the U-Net trains on the members alone; members+pool: on the members mixed into the pool
+    pretrain_steps: int = 0  # > 0: the U-Net first trains this many steps on the pool, then ``unet_steps`` on its data (fine-tuning)
+    filler_images: int = 0  # extra catalogue images in the pool (data/emoji_filler.csv)
+    shared_seed: int = -1  # seed of the VAE and the pretrained U-Net (-1: ``seed``); targets sharing it share both, as fine-tunes of one base model do
 
     def __post_init__(self):
         self.vae_channels = tuple(self.vae_channels)
         self.unet_channels = tuple(self.unet_channels)
         self.checkpoints = tuple(sorted({int(s) for s in self.checkpoints if 0 < int(s) <= self.unet_steps} | {self.unet_steps}))
+        if self.shared_seed < 0:
+            self.shared_seed = self.seed
+        if self.unet_data not in UNET_DATA:
+            raise ValueError(f"unet_data={self.unet_data!r}: one of {UNET_DATA}")
+
+    @property
+    def uses_pool(self) -> bool:
+        return bool(self.pretrain_steps) or self.unet_data == "members+pool"
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "TinyConfig":
+        """A config read back from ``tiny_config.json``; fields added since it was written take their defaults."""
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+UNET_DATA = ("members", "members+pool")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,6 +248,7 @@ def train_unet(
     config: TinyConfig,
     target_dir: Path,
     progress: bool = True,
+    desc: str = "train U-Net (members)",
 ) -> list[float]:
     """Epsilon-prediction training of the U-Net and text encoder on the member latents, with
     checkpoints and exact resume."""
@@ -249,7 +272,7 @@ def train_unet(
     batches = _batches(len(latents), config.batch_size, generator)
     losses = []
     modules.train().requires_grad_(True)
-    for step in tqdm(range(start + 1, config.unet_steps + 1), initial=start, total=config.unet_steps, desc="train U-Net (members)", disable=not progress):
+    for step in tqdm(range(start + 1, config.unet_steps + 1), initial=start, total=config.unet_steps, desc=desc, disable=not progress):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(config.unet_lr, step - 1, config.unet_steps)
         index = next(batches)
@@ -277,6 +300,67 @@ def train_unet(
     return losses
 
 
+def _digest(config: TinyConfig, fields: tuple[str, ...], *tensors: torch.Tensor, texts: list[str] = ()) -> str:
+    """Key of a shared training product: the fields that determine it, the data, and torch's thread count
+    (builds are bit-identical for one thread count, not across them)."""
+    import hashlib
+
+    values = {name: getattr(config, name) for name in fields}
+    digest = hashlib.sha256(json.dumps({**values, "threads": torch.get_num_threads(), "torch": torch.__version__}, sort_keys=True).encode())
+    for tensor in tensors:
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    for text in texts:
+        digest.update(text.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+VAE_FIELDS = ("image_size", "latent_channels", "vae_channels", "vae_steps", "vae_crop", "vae_lr", "vae_kl_weight", "batch_size", "shared_seed")
+BASE_FIELDS = (*VAE_FIELDS, "unet_channels", "text_dim", "max_tokens", "unet_lr", "caption_dropout", "pretrain_steps")
+
+
+def _copy_done(source: Path, destination: Path) -> None:
+    """Copy a finished folder next to ``destination`` first and rename it there, so a reader never sees half of it."""
+    partial = destination.with_name(destination.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    partial.rename(destination)
+
+
+def _vae(config: TinyConfig, tokenizer: CLIPTokenizer, public_images: torch.Tensor, target_dir: Path, shared: Path | None, progress: bool) -> AutoencoderKL:
+    """The target's VAE: its own training folder, else the shared copy trained with the same settings on the
+    same images, else trained now (seeded by ``shared_seed``) and shared."""
+    vae_dir = target_dir / "training" / "vae"
+    weights = "diffusion_pytorch_model.safetensors"
+    if not (vae_dir / weights).exists():
+        cached = shared / f"vae-{_digest(config, VAE_FIELDS, public_images)}" if shared is not None else None
+        if cached is not None and (cached / weights).exists():
+            _copy_done(cached, vae_dir)
+        else:
+            vae_config = replace(config, seed=config.shared_seed)
+            vae = build_components(vae_config, tokenizer)["vae"]
+            losses = train_vae(vae, public_images, vae_config, progress)
+            vae.save_pretrained(vae_dir, safe_serialization=True)
+            (target_dir / "training" / "vae_loss.json").write_text(json.dumps(losses))
+            if cached is not None:
+                _copy_done(vae_dir, cached)
+    return AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().requires_grad_(False)
+
+
+def _pretrained(config: TinyConfig, tokenizer: CLIPTokenizer, vae_digest: str, pool_latents: torch.Tensor, pool_captions: list[str], folder: Path, progress: bool) -> Path:
+    """The U-Net and text encoder after ``pretrain_steps`` on the pool, seeded by ``shared_seed`` (trained
+    once into ``folder``, which resumes like any training, then read by every target that shares it)."""
+    base_config = replace(config, seed=config.shared_seed, unet_steps=config.pretrain_steps, checkpoints=(config.pretrain_steps // 2, config.pretrain_steps))
+    final = checkpoint_dir(folder, config.pretrain_steps)
+    if not (final / "unet" / "diffusion_pytorch_model.safetensors").exists():
+        components = build_components(base_config, tokenizer)
+        (folder / "training").mkdir(parents=True, exist_ok=True)
+        (folder / "training" / "config.json").write_text(json.dumps({**asdict(base_config), "vae": vae_digest}, indent=2))
+        losses = train_unet(components, pool_latents, pool_captions, base_config, folder, progress, desc="pretrain U-Net (pool)")
+        (folder / "training" / "unet_loss.json").write_text(json.dumps(losses))
+    return final
+
+
 def build_tiny_target(
     target_dir: str | Path,
     public_images: torch.Tensor,
@@ -286,6 +370,9 @@ def build_tiny_target(
     config: TinyConfig,
     progress: bool = True,
     tokenizer: CLIPTokenizer | None = None,
+    pool_images: torch.Tensor | None = None,
+    pool_captions: list[str] | None = None,
+    shared: str | Path | None = None,
 ) -> Path:
     """Train (or finish training) the tiny target and save it as a pipeline folder; returns the folder.
 
@@ -294,38 +381,56 @@ def build_tiny_target(
     on ``vocabulary_captions``. Training a byte-level BPE is not reproducible between processes (the
     ``tokenizers`` trainer breaks ties between equally frequent pairs in hash-map order, so token ids and
     merges differ from run to run), and everything downstream of the token ids with it.
+
+    The memorisation regimes (``config.uses_pool``) also need the pool, ``pool_images`` and
+    ``pool_captions`` (the public split and the filler images): the fine-tuned regime pretrains the U-Net
+    on it, the weak regime mixes the members into it. ``shared``: a folder where the VAE and the
+    pretrained U-Net are kept, keyed by their settings and data, for other targets with the same
+    ``shared_seed`` (the regimes' seeds share one VAE, and the fine-tuned seeds one base model). Training
+    is deterministic, so a shared copy equals what the target would have trained itself.
     """
     target_dir = Path(target_dir)
     config_path = target_dir / "tiny_config.json"
     if (target_dir / "model_index.json").exists():
-        if config_path.exists() and json.loads(config_path.read_text()) == json.loads(json.dumps(asdict(config))):
+        if config_path.exists() and TinyConfig.from_saved(json.loads(config_path.read_text())) == config:
             return target_dir
         raise FileExistsError(f"{target_dir} holds a target built with other settings; remove it to rebuild")
+    if config.uses_pool and pool_images is None:
+        raise ValueError(f"{target_dir}: this regime (unet_data={config.unet_data!r}, pretrain_steps={config.pretrain_steps}) trains on the pool; pass pool_images and pool_captions")
     if config.threads:
         torch.set_num_threads(config.threads)
     (target_dir / "training").mkdir(parents=True, exist_ok=True)
     started = target_dir / "training" / "config.json"
-    if started.exists() and json.loads(started.read_text()) != json.loads(json.dumps(asdict(config))):
+    if started.exists() and TinyConfig.from_saved(json.loads(started.read_text())) != config:
         shutil.rmtree(target_dir)  # an interrupted build with other settings cannot be resumed
         (target_dir / "training").mkdir(parents=True)
     started.write_text(json.dumps(asdict(config), indent=2))
+    shared = Path(shared) if shared is not None else None
+    if shared is not None:
+        shared.mkdir(parents=True, exist_ok=True)
 
     if tokenizer is None:
         tokenizer = build_tokenizer(vocabulary_captions, config.max_tokens)
     components = build_components(config, tokenizer)
-    vae_dir = target_dir / "training" / "vae"
-    if (vae_dir / "diffusion_pytorch_model.safetensors").exists():
-        components["vae"] = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().requires_grad_(False)
-    else:
-        losses = train_vae(components["vae"], public_images, config, progress)
-        components["vae"].save_pretrained(vae_dir, safe_serialization=True)
-        (target_dir / "training" / "vae_loss.json").write_text(json.dumps(losses))
-    vae = components["vae"]
-    with torch.no_grad():
-        latents = torch.cat(
-            [vae.encode(member_images[i : i + 64]).latent_dist.mode() for i in range(0, len(member_images), 64)]
-        ) * vae.config.scaling_factor
-    losses = train_unet(components, latents, member_captions, config, target_dir, progress)
+    vae = components["vae"] = _vae(config, tokenizer, public_images, target_dir, shared, progress)
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([vae.encode(images[i : i + 64]).latent_dist.mode() for i in range(0, len(images), 64)]) * vae.config.scaling_factor
+
+    latents, captions = encode(member_images), list(member_captions)
+    if config.uses_pool:
+        pool_latents = encode(pool_images)
+        if config.pretrain_steps:
+            vae_digest = _digest(config, VAE_FIELDS, public_images)
+            key = _digest(config, BASE_FIELDS, public_images, pool_images, texts=[*pool_captions, *(f"{token}\t{index}" for token, index in sorted(tokenizer.get_vocab().items()))])
+            folder = (shared / f"base-{key}") if shared is not None else target_dir / "training" / "base"
+            base = _pretrained(config, tokenizer, vae_digest, pool_latents, list(pool_captions), folder, progress)
+            components["unet"].load_state_dict(UNet2DConditionModel.from_pretrained(base / "unet", use_safetensors=True).state_dict())
+            components["text_encoder"].load_state_dict(CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True).state_dict())
+        if config.unet_data == "members+pool":
+            latents, captions = torch.cat([latents, pool_latents]), captions + list(pool_captions)
+    losses = train_unet(components, latents, captions, config, target_dir, progress)
     if losses:
         log = target_dir / "training" / "unet_loss.json"
         previous = json.loads(log.read_text()) if log.exists() else []

@@ -19,7 +19,7 @@ from mialib.settings import Settings
 from mialib.target import load_target
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted({"01_data_split", "02_observation", "03_attack", "04_robustness", "05_ablations", "06_set_audit"})
+SOURCES = sorted({"01_data_split", "02_observation", "03_attack", "04_robustness", "05_ablations", "06_set_audit", "07_regimes"})
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,0 +1,174 @@
+"""The memorisation regimes (07): the target recipes and the preset's expansion, and 07 executed at smoke
+size (configs/smoke.yaml's REGIMES, two seeds), checked against the numbers each regime's run wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
+
+from mialib import experiment, studies
+from mialib.tiny import TinyConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes
+# --------------------------------------------------------------------------------------------------
+def test_a_config_written_before_the_regimes_reads_back_as_the_same_target():
+    """tiny_config.json files written before the regime fields existed still match the default recipe."""
+    old = {
+        "image_size": 32, "latent_channels": 4, "vae_channels": [16, 32], "unet_channels": [32, 64], "text_dim": 64, "max_tokens": 32,
+        "vae_steps": 400, "vae_crop": 0, "vae_lr": 0.001, "vae_kl_weight": 1e-06, "unet_steps": 900, "unet_lr": 0.001, "batch_size": 16,
+        "caption_dropout": 0.1, "checkpoints": [300, 600, 900], "seed": 0, "threads": 0,
+    }  # fmt: skip
+    params = experiment.load_preset(ROOT / "configs" / "default.yaml")
+    assert TinyConfig.from_saved(old) == experiment.tiny_config(params)
+    assert experiment.tiny_config(params).shared_seed == params["TRAIN_SEED"]
+    with pytest.raises(ValueError, match="unet_data"):
+        TinyConfig(unet_data="everything")
+
+
+def test_regime_targets_expand_the_preset():
+    params = experiment.load_preset(ROOT / "configs" / "regimes.yaml")
+    targets = experiment.regime_targets(params)
+    assert list(targets) == [(regime, seed) for regime in params["REGIMES"] for seed in params["REGIME_SEEDS"]]
+    assert len(params["REGIME_SEEDS"]) >= 3
+    # the from-scratch regime at the preset's seed is the default target itself, the others are built beside it
+    assert targets[("from-scratch", 0)]["MODEL"] == params["MODEL"]
+    assert targets[("weak", 2)]["MODEL"] == f"{params['MODEL']}-weak-seed2"
+    configs = {key: experiment.tiny_config(target) for key, target in targets.items()}
+    assert configs[("from-scratch", 0)] == experiment.tiny_config(experiment.load_preset(ROOT / "configs" / "default.yaml"))
+    assert {c.shared_seed for c in configs.values()} == {params["TRAIN_SEED"]} and {c.seed for c in configs.values()} == set(params["REGIME_SEEDS"])
+    fine, weak = configs[("fine-tuned", 1)], configs[("weak", 1)]
+    assert fine.pretrain_steps > 0 and fine.unet_data == "members" and fine.uses_pool
+    assert weak.pretrain_steps == 0 and weak.unet_data == "members+pool"
+    # the weak regime's members are a small share of its training set, seen a few times each
+    pool = params["N_PUBLIC"] + weak.filler_images
+    share = params["N_MEMBERS"] / (params["N_MEMBERS"] + pool)
+    epochs = weak.unet_steps * weak.batch_size / (params["N_MEMBERS"] + pool)
+    assert share < 0.1 and 3 <= epochs <= 8, (share, epochs)
+    with pytest.raises(ValueError, match="may set"):
+        experiment.regime_targets({**params, "REGIMES": {"odd": {"IMAGE_SIZE": 64}}})
+    with pytest.raises(ValueError, match="DATA=emoji"):
+        experiment.regime_targets({**params, "DATA": "imagefolder:somewhere"})
+    assert isinstance(experiment.notebook_runs({**params, "DATA": "imagefolder:x"})["07_regimes"], str)
+
+
+def test_the_filler_images_are_outside_every_split():
+    from mialib import data
+
+    split = data.read_manifest(ROOT / "data" / "emoji_split.csv")
+    filler = data.read_manifest(ROOT / experiment.FILLER)
+    assert len(filler) == 696 and set(filler["split"]) == {"filler"}
+    assert not set(filler["group"]) & set(split["group"]) and not set(filler["pixel_sha256"]) & set(split["pixel_sha256"])
+    data.validate_manifest(pd.concat([split, filler]))
+
+
+# --------------------------------------------------------------------------------------------------
+# 07 at smoke size
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def regimes_run(smoke_params, smoke_target_dir, tmp_path_factory):
+    """07 executed with papermill on the smoke preset's REGIMES (each trained with two seeds)."""
+    import yaml
+
+    folder = tmp_path_factory.mktemp("regimes")
+    # a few of 03's runs (a calibrated grid, fixed settings, a control and a blind baseline) keep it short
+    attacks = {run: smoke_params["ATTACKS"][run] for run in ("structural_paper", "loss", "pia", "vae_control", "blind_caption")}
+    params = dict(smoke_params, OUTPUT_DIR=str(folder / "outputs"), NOTEBOOKS=["07_regimes"], ATTACKS=attacks)
+    path = folder / "preset.yaml"
+    path.write_text(yaml.safe_dump(params))
+    targets = experiment.prepare_regimes(params, progress=False)
+    return experiment.run_notebooks(path), params, targets
+
+
+def test_07_ran_every_regime_and_seed(regimes_run):
+    out, params, targets = regimes_run
+    runs = json.loads((out / "notebook_runs.json").read_text())
+    assert {k: v["status"] for k, v in runs.items()} == {"07_regimes": "ok"}
+    assert (out / "html" / "07_regimes.html").exists()
+    metrics = pd.read_csv(out / "tables" / "regime_metrics.csv")
+    expected = {(r, s, run) for r in params["REGIMES"] for s in params["REGIME_SEEDS"] for run in params["ATTACKS"]}
+    assert set(zip(metrics["regime"], metrics["seed"], metrics["run"])) == expected and len(metrics) == len(expected)
+    for figure in ("regimes", "regime_audit", "regime_dynamics"):
+        assert (out / "figures" / f"{figure}.png").stat().st_size > 1000
+    # each row is the regime's own 03 run: its test AUC is sklearn's on the scores that run wrote
+    for (regime, seed), group in metrics.groupby(["regime", "seed"]):
+        scores = pd.read_parquet(out / "regimes" / f"{regime}-seed{seed}" / "scores.parquet")
+        for row in group.itertuples():
+            test = scores[(scores["run"] == row.run) & (scores["subset"] == "test")]
+            assert row.auc == pytest.approx(roc_auc_score(test["label"], test["score"]), abs=1e-12)
+
+
+def test_07_targets_share_the_vae_and_the_fine_tuned_base(regimes_run):
+    _, params, targets = regimes_run
+    vaes = [load_file(str(Path(model) / "vae" / "diffusion_pytorch_model.safetensors")) for model in targets.values()]
+    for other in vaes[1:]:
+        assert all(np.array_equal(vaes[0][k].numpy(), other[k].numpy()) for k in vaes[0])
+    unets = {key: load_file(str(Path(model) / "unet" / "diffusion_pytorch_model.safetensors")) for key, model in targets.items()}
+    first = next(iter(unets.values()))
+    name = next(k for k in first if k.endswith("weight"))
+    assert len({unets[key][name].sum().item() for key in unets}) == len(unets)  # every seed and regime trained its own U-Net
+    shared = Path(next(iter(targets.values()))).parent / ".tiny-shared"
+    bases = sorted(p.name for p in shared.iterdir() if p.name.startswith("base-"))
+    assert len(bases) == 1, bases  # one pretrained base model for every fine-tuned seed
+    for (regime, seed), model in targets.items():
+        config = TinyConfig.from_saved(json.loads((Path(model) / "tiny_config.json").read_text()))
+        assert config.seed == seed and config.shared_seed == params["TRAIN_SEED"]
+        losses = json.loads((Path(model) / "training" / "unet_loss.json").read_text())
+        assert len(losses) == config.unet_steps
+
+
+def test_07_summary_is_the_mean_and_spread_over_seeds(regimes_run):
+    out, params, _ = regimes_run
+    metrics = pd.read_csv(out / "tables" / "regime_metrics.csv")
+    summary = studies.regime_summary(metrics).set_index(["regime", "run"])
+    for (regime, run), group in metrics.groupby(["regime", "run"]):
+        row = summary.loc[(regime, run)]
+        assert row["seeds"] == len(params["REGIME_SEEDS"])
+        assert row["auc_mean"] == pytest.approx(group["auc"].mean(), abs=1e-12)
+        assert row["auc_sd"] == pytest.approx(group["auc"].std(ddof=1), abs=1e-12)
+        assert row["tpr_mean"] == pytest.approx(group["tpr_at_1fpr"].mean(), abs=1e-12)
+    table = pd.read_csv(out / "tables" / "regime_table.csv", header=[0, 1], index_col=0)
+    assert len(table) == len(params["ATTACKS"])
+    # model-free controls do not depend on the regime: the blind baselines score the same in every one
+    blind = metrics[metrics["attack"] == "blind_caption"]
+    assert blind["auc"].nunique() == 1
+
+
+def test_07_audit_null_rate_and_power_per_regime(regimes_run):
+    from mialib import audit
+
+    out, params, _ = regimes_run
+    null = pd.read_csv(out / "tables" / "regime_audit_null.csv")
+    assert set(null["regime"]) == set(params["REGIMES"]) and set(null["n_sets"]) == {params["AUDIT_NULL_SETS"]} and params["AUDIT_NULL_SETS"] >= 1000
+    # validity in every regime and seed: the rate at 0.05 stays within 3 Monte Carlo standard errors
+    assert (null["fpr_t"] <= 0.05 + 3 * null["mc_se"]).all() and (null["fpr_permutation"] <= 0.05 + 3 * null["mc_se"]).all()
+    # the written rates are what the audit gives on that seed's features
+    regime, seed = "weak", params["REGIME_SEEDS"][-1]
+    features = pd.read_parquet(out / "regimes" / f"{regime}-seed{seed}" / "audit_features.parquet")
+    nonmembers = features[features["label"] == 0].reset_index(drop=True)
+    written = null[(null["regime"] == regime) & (null["seed"] == seed) & (null["feature_set"] == "combined")]
+    again = audit.null_rate(nonmembers, list(params["AUDIT_ATTACKS"]), list(written["size"]), params["AUDIT_NULL_SETS"], 0.05, params["SEED"])
+    np.testing.assert_array_equal(written["fpr_t"].to_numpy(), again["fpr_t"].to_numpy())
+    power = pd.read_csv(out / "tables" / "regime_audit_power.csv")
+    needed = pd.read_csv(out / "tables" / "regime_images_needed.csv")
+    done = power[~power["skipped"]]
+    averaged = done.groupby(["regime", "feature_set", "member_fraction", "size"], sort=False)["power_t"].mean().reset_index()
+    for regime, group in averaged.groupby("regime"):
+        expected = audit.images_for_power(group.drop(columns="regime"), 0.8)
+        mine = needed[needed["regime"] == regime].drop(columns="regime").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine.drop(columns="note"), expected.drop(columns="note"), check_dtype=False)
+    assert set(power["member_fraction"]) == set(params["AUDIT_FRACTIONS"])
+    # the executed notebook states the verdict for every regime
+    cells = json.loads((out / "notebooks" / "07_regimes.ipynb").read_text())["cells"]
+    text = "".join("".join(o.get("text", "")) for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []))
+    for regime in params["REGIMES"]:
+        assert f"In the {regime} regime the best per-image attack" in text
