@@ -6,7 +6,9 @@ computes, writes its tables under the study's output folder and returns what the
 - :func:`compare` (03): every requested attack with calibration -> test transfer, bootstrap intervals,
   the blind-baseline verdict, and the biased split's inflation;
 - :func:`robustness` (04): the calibrated attacks on distorted test images;
-- :class:`Ablations` (05): one-factor studies of the structural attack, and training dynamics.
+- :class:`Ablations` (05): one-factor studies of the structural attack, and training dynamics;
+- :func:`audit_features`, :func:`audit_null`, :func:`audit_power` (06): the set audit's validity and power;
+- :func:`regime_comparison`, :func:`regime_audit` (07): 03 and 06 on every memorisation regime and seed.
 
 Studies whose inputs do not exist for a set (a public split, checkpoints) are skipped with a reason.
 """
@@ -634,7 +636,7 @@ class RegimeAudit:
     needed: pd.DataFrame  # images for 80 % power per regime, feature set and share (power averaged over the seeds)
 
 
-def regime_audit(study, targets: dict, attacks, sizes, fractions, null_sets: int, power_sets: int, level: float) -> RegimeAudit:
+def regime_audit(study, targets: dict, attacks, sizes, fractions, null_sets: int, power_sets: int, level: float) -> RegimeAudit | None:
     """06's validity and power studies on every target of the regime study (each seed's own features),
     then the images needed for 80 % power per regime from the power averaged over the seeds.
     ``tables/regime_audit_null.csv``, ``regime_audit_power.csv``, ``regime_images_needed.csv``."""

@@ -10,6 +10,10 @@ checkpoints at chosen steps. Unlike Stable Diffusion's frozen pre-trained CLIP, 
 with the U-Net: there is no pre-trained CLIP offline, and a frozen random one maps all captions to nearly
 the same embedding (mean cosine similarity 0.92 measured), so captions could not select a memorised image. Training resumes after an interruption from its last checkpoint,
 optimizer and random state included, so a resumed run ends with the same weights.
+
+Memorisation regimes (notebook 07) are recipes of the same training: ``pretrain_steps`` pretrains the
+U-Net on a pool of other images from the same catalogue before it trains on the members (fine-tuned);
+``unet_data="members+pool"`` mixes the members into that pool, each image drawn alike (weak).
 """
 
 from __future__ import annotations
@@ -430,7 +434,8 @@ def build_tiny_target(
             components["text_encoder"].load_state_dict(CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True).state_dict())
         if config.unet_data == "members+pool":
             latents, captions = torch.cat([latents, pool_latents]), captions + list(pool_captions)
-    losses = train_unet(components, latents, captions, config, target_dir, progress)
+    desc = "train U-Net (members and pool)" if config.unet_data == "members+pool" else "fine-tune U-Net (members)" if config.pretrain_steps else "train U-Net (members)"
+    losses = train_unet(components, latents, captions, config, target_dir, progress, desc=desc)
     if losses:
         log = target_dir / "training" / "unet_loss.json"
         previous = json.loads(log.read_text()) if log.exists() else []

@@ -82,7 +82,9 @@ def regimes_run(smoke_params, smoke_target_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("regimes")
     # a few of 03's runs (a calibrated grid, fixed settings, a control and a blind baseline) keep it short
     attacks = {run: smoke_params["ATTACKS"][run] for run in ("structural_paper", "loss", "pia", "vae_control", "blind_caption")}
-    params = dict(smoke_params, OUTPUT_DIR=str(folder / "outputs"), NOTEBOOKS=["07_regimes"], ATTACKS=attacks)
+    # and audit features that those runs already scored (structural t=100, loss t=100, PIA t=200)
+    features = {run: smoke_params["AUDIT_ATTACKS"][run] for run in ("structural", "loss", "pia")}
+    params = dict(smoke_params, OUTPUT_DIR=str(folder / "outputs"), NOTEBOOKS=["07_regimes"], ATTACKS=attacks, AUDIT_ATTACKS=features)
     path = folder / "preset.yaml"
     path.write_text(yaml.safe_dump(params))
     targets = experiment.prepare_regimes(params, progress=False)
