@@ -100,10 +100,10 @@ def tiny_config(params: dict):
     return TinyConfig(**{field: params[key] for key, field in TINY_KEYS.items() if key in params})
 
 
-def emoji_pool(params: dict, filler_images: int) -> pd.DataFrame:
-    """The pool that the regimes' U-Nets train on besides the members: the preset's public split and the
-    first ``filler_images`` rows of ``data/emoji_filler.csv`` (rendered and hash-checked like the split)."""
-    images = emoji_training_images(params)
+def emoji_pool(params: dict, images: pd.DataFrame, filler_images: int) -> pd.DataFrame:
+    """The pool that the regimes' U-Nets train on besides the members: the public split of ``images``
+    (:func:`emoji_training_images`) and the first ``filler_images`` rows of ``data/emoji_filler.csv``
+    (rendered and hash-checked like the split)."""
     pool = [images[images["split"] == "public"]]
     if filler_images:
         filler = data.read_manifest(ROOT / FILLER)
@@ -135,7 +135,7 @@ def prepare_target(params: dict, progress: bool = True) -> str:
     tensors = data.load_tensors(members["path"], config.image_size)
     pool = {}
     if config.uses_pool:
-        rows = emoji_pool(params, config.filler_images)
+        rows = emoji_pool(params, images, config.filler_images)
         pool = {"pool_images": data.load_tensors(rows["path"], config.image_size), "pool_captions": list(rows["caption"])}
     return str(build_tiny_target(
         target_dir, public, tensors, list(members["caption"]), list(images["caption"]), config, progress, emoji_tokenizer(config),

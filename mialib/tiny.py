@@ -331,13 +331,13 @@ def _copy_done(source: Path, destination: Path) -> None:
     partial.rename(destination)
 
 
-def _vae(config: TinyConfig, tokenizer: CLIPTokenizer, public_images: torch.Tensor, target_dir: Path, shared: Path | None, progress: bool) -> AutoencoderKL:
+def _vae(config: TinyConfig, tokenizer: CLIPTokenizer, public_images: torch.Tensor, key: str, target_dir: Path, shared: Path | None, progress: bool) -> AutoencoderKL:
     """The target's VAE: its own training folder, else the shared copy trained with the same settings on the
-    same images, else trained now (seeded by ``shared_seed``) and shared."""
+    same images (``key``), else trained now (seeded by ``shared_seed``) and shared."""
     vae_dir = target_dir / "training" / "vae"
     weights = "diffusion_pytorch_model.safetensors"
     if not (vae_dir / weights).exists():
-        cached = shared / f"vae-{_digest(config, VAE_FIELDS, public_images)}" if shared is not None else None
+        cached = shared / f"vae-{key}" if shared is not None else None
         if cached is not None and (cached / weights).exists():
             _copy_done(cached, vae_dir)
         else:
@@ -416,7 +416,8 @@ def build_tiny_target(
     if tokenizer is None:
         tokenizer = build_tokenizer(vocabulary_captions, config.max_tokens)
     components = build_components(config, tokenizer)
-    vae = components["vae"] = _vae(config, tokenizer, public_images, target_dir, shared, progress)
+    vae_key = _digest(config, VAE_FIELDS, public_images)
+    vae = components["vae"] = _vae(config, tokenizer, public_images, vae_key, target_dir, shared, progress)
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -426,10 +427,9 @@ def build_tiny_target(
     if config.uses_pool:
         pool_latents = encode(pool_images)
         if config.pretrain_steps:
-            vae_digest = _digest(config, VAE_FIELDS, public_images)
             key = _digest(config, BASE_FIELDS, public_images, pool_images, texts=[*pool_captions, *(f"{token}\t{index}" for token, index in sorted(tokenizer.get_vocab().items()))])
             folder = (shared / f"base-{key}") if shared is not None else target_dir / "training" / "base"
-            base = _pretrained(config, tokenizer, vae_digest, pool_latents, list(pool_captions), folder, progress)
+            base = _pretrained(config, tokenizer, vae_key, pool_latents, list(pool_captions), folder, progress)
             components["unet"].load_state_dict(UNet2DConditionModel.from_pretrained(base / "unet", use_safetensors=True).state_dict())
             components["text_encoder"].load_state_dict(CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True).state_dict())
         if config.unet_data == "members+pool":
