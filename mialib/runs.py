@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import memo, metrics
 from .attacks.registry import AttackRequest, AttackSpec, parse_request
 from .settings import Settings
-from .trajectories import TrajectoryCache, digest, pixel_digest
+from .trajectories import TrajectoryCache, digest, pixel_digests
 
 PARAMETER_COLUMNS = ["t", "stride", "measure", "metric", "t_sec", "interval", "p", "n_noise"]
 SETTING_COLUMNS = ["guidance", "prompt", "encode_mode", "schedule", "seed", "data_range", "dtype"]
@@ -111,7 +111,7 @@ class ResultStore:
 
 def image_keys(ids: list[str], captions: list[str], pixels: torch.Tensor) -> list[str]:
     """One key per image: its id, caption and exact pixels (so a distorted copy is another image)."""
-    return [digest(i, c, pixel_digest(p)) for i, c, p in zip(ids, captions, pixels)]
+    return [digest(i, c, p) for i, c, p in zip(ids, captions, pixel_digests(pixels))]
 
 
 def attack_values(
@@ -140,7 +140,7 @@ def attack_values(
     reset_peak_memory(str(target.device))
     store = ResultStore(cache_dir / spec.name / digest(fingerprint, spec.name, params, settings.columns(), size))
     known = store.read()
-    found, order = {}, []
+    have, computed, order = set(known.index), [], []
     batches = imageset.batches(size, batch_size)
     total = -(-len(imageset) // batch_size)
     label = f"{spec.name} " + ", ".join(f"{k}={v}" for k, v in params.items())
@@ -148,28 +148,27 @@ def attack_values(
         ids, captions = list(rows["id"]), list(rows["caption"])
         keys = image_keys(ids, captions, pixels)
         order += keys
-        missing = [j for j, key in enumerate(keys) if key not in known.index and key not in found]
-        for j, key in enumerate(keys):
-            if key in known.index:
-                found[key] = known.loc[key].to_dict()
+        missing = [j for j, key in enumerate(keys) if key not in have]
         if not missing:
             continue
         sub_ids, sub_captions = [ids[j] for j in missing], [captions[j] for j in missing]
         before, began = target.unet_evals, time.perf_counter()
         output = spec.function(target, pixels[missing].to(target.device), sub_captions, sub_ids, **keywords)
+        n = len(missing)
         frame = pd.DataFrame({"key": [keys[j] for j in missing], "id": sub_ids, "score": np.asarray(output.scores, dtype=np.float64),
-                              **{k: np.asarray(v) for k, v in output.extras.items()}})
-        frame["unet_evals"] = cost
-        frame["unet_evals_run"] = (target.unet_evals - before) / len(missing)
-        frame["seconds_per_image"] = (time.perf_counter() - began) / len(missing)
-        frame["peak_memory_mb"] = peak_memory_mb(str(target.device))
+                              **{k: np.asarray(v) for k, v in output.extras.items()},
+                              "unet_evals": np.full(n, cost), "unet_evals_run": np.full(n, (target.unet_evals - before) / n),
+                              "seconds_per_image": np.full(n, (time.perf_counter() - began) / n),
+                              "peak_memory_mb": np.full(n, peak_memory_mb(str(target.device)))})
         store.write(frame)
-        for record in frame.to_dict("records"):
-            found[record.pop("key")] = record
+        computed.append(frame)
+        have.update(frame["key"])
     memo.WRITER.flush()  # every result and trajectory of this call is on disk when it returns
     if not order:
         return pd.DataFrame(columns=["id", "score", "unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb"])
-    values = pd.DataFrame([found[key] for key in order])
+    stored = [known.reset_index()] if len(known) else []
+    table = pd.concat(stored + computed, ignore_index=True).drop_duplicates("key", keep="last").set_index("key")
+    values = table.loc[order].reset_index(drop=True)
     columns = ["id", "score"] + [c for c in values.columns if c not in ("id", "score", "unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb")]
     return values[columns + ["unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb"]]
 

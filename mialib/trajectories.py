@@ -76,6 +76,12 @@ def pixel_digest(image: torch.Tensor) -> str:
     return hashlib.sha256(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def pixel_digests(images: torch.Tensor) -> list[str]:
+    """``pixel_digest`` of every image of a batch (one copy to the CPU for the batch, no per-image bytes)."""
+    array = images.detach().cpu().contiguous().numpy()
+    return [hashlib.sha256(row).hexdigest() for row in array]
+
+
 class Trajectory(dict):
     """``{t: z_t}`` of a batch, with ``files``: the cache file of each image (None when not cached), so
     that what is computed from a cached latent (its VAE decode) can be remembered by file and t."""
@@ -151,8 +157,9 @@ class TrajectoryCache:
         return {"latents": {t: everything[t].to(target.device, target.dtype) for t in steps}, "seconds": seconds, "evals": evals}
 
     @staticmethod
-    def _save(path: Path, state: dict, image_id: str, fresh: dict | None = None) -> None:
-        """Write a trajectory (in the background); ``fresh`` holds CPU copies of newly computed latents."""
+    def _save(path: Path, state: dict, image_id: str, fresh: dict | None = None):
+        """Queue a trajectory for writing; ``fresh`` holds CPU copies of newly computed latents. Returns the
+        write, which the caller hands to the background writer (one task per batch: :meth:`_write_all`)."""
         from safetensors.torch import save_file
 
         fresh = fresh or {}
@@ -164,7 +171,10 @@ class TrajectoryCache:
         def write():
             partial = path.with_suffix(".partial")
             save_file(latents, str(partial), metadata=metadata)
-            before = path.stat().st_size if path.exists() else 0
+            try:
+                before = path.stat().st_size
+            except FileNotFoundError:
+                before = 0
             partial.replace(path)  # atomic: an interrupted write never leaves a truncated trajectory
             stat = path.stat()
             _account(path.parent, stat.st_size - before)
@@ -173,7 +183,12 @@ class TrajectoryCache:
                 del _QUEUED[str(path)]
 
         _QUEUED[str(path)] = remembered  # readable at once, before the background write lands
-        memo.WRITER.submit(write)
+        return write
+
+    @staticmethod
+    def _write_all(writes: list) -> None:
+        for write in writes:
+            write()
 
     def trajectory(self, target, images: torch.Tensor, captions: list[str], ids: list[str], total: int, stride: int, settings: dict):
         """The inversion trajectories of a batch along ``path(total, stride)``, from the cache where they are.
@@ -191,8 +206,8 @@ class TrajectoryCache:
         fingerprint = self.fingerprint or target.fingerprint()
         ids, captions = list(ids), list(captions)
         paths = [
-            self.folder / f"{digest(fingerprint, settings, stride, image_id, caption, pixel_digest(image))}.safetensors"
-            for image_id, caption, image in zip(ids, captions, images)
+            self.folder / f"{digest(fingerprint, settings, stride, image_id, caption, pixels)}.safetensors"
+            for image_id, caption, pixels in zip(ids, captions, pixel_digests(images))
         ]
         states = [self._load(path, total, target) for path in paths]
         reached = [max(s["latents"]) if s else None for s in states]
@@ -212,6 +227,7 @@ class TrajectoryCache:
             per_step = (target.unet_evals - before) / len(index) / max(len(steps) - 1, 1)
             # one contiguous CPU copy per step for the whole batch; each image's file holds its rows
             copies = {t: new[t].detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for t in steps}
+            writes = []
             for position, i in enumerate(index):
                 state = states[i] or {"latents": {}, "seconds": {}, "evals": {}}
                 base_seconds, base_evals = state["seconds"].get(steps[0], 0.0), state["evals"].get(steps[0], 0)
@@ -219,8 +235,9 @@ class TrajectoryCache:
                     state["latents"][t] = new[t][position : position + 1]
                     state["seconds"].setdefault(t, base_seconds + elapsed * k / max(len(steps) - 1, 1))
                     state["evals"].setdefault(t, int(round(base_evals + per_step * k)))
-                self._save(paths[i], state, ids[i], {t: copies[t][position : position + 1] for t in steps})
+                writes.append(self._save(paths[i], state, ids[i], {t: copies[t][position : position + 1] for t in steps}))
                 states[i] = state
+            memo.WRITER.submit(self._write_all, writes)  # the batch's files in one background task, in order
         steps = ddim.path(total, stride)
         # contiguous (not channels-last): fresh and cached latents then decode with the same rounding
         trajectory = Trajectory({t: torch.cat([s["latents"][t] for s in states]).contiguous() for t in steps})

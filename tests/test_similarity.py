@@ -9,7 +9,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from scipy.signal import convolve2d
 
-from mialib.similarity import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales, mse, psnr, ssim
+from mialib.similarity import BOX_MATMUL_MAX_SIDE, MS_SSIM_WEIGHTS, box_mean, ms_ssim, ms_ssim_scales, mse, psnr, ssim
 
 
 def _random_pair(shape, seed):
@@ -65,6 +65,28 @@ def test_ssim_of_float32_batch_matches_skimage_on_float64_copy():
     ys = torch.from_numpy(np.stack([y, x[:, ::-1].copy()])).float()
     expected = _skimage_ssim(xs.double().numpy(), ys.double().numpy(), 2.0)
     np.testing.assert_allclose(ssim(xs, ys).numpy(), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 7), (32, 32), (13, 29), (BOX_MATMUL_MAX_SIDE, 40), (BOX_MATMUL_MAX_SIDE + 1, 20)])
+def test_box_mean_equals_the_average_pool_it_replaces(shape, dtype):
+    """The banded products (up to BOX_MATMUL_MAX_SIDE px) and the average pool (beyond) are one filter."""
+    x = torch.from_numpy(np.random.default_rng(sum(shape)).uniform(-1, 1, (5, 3, *shape))).to(dtype)
+    expected = torch.nn.functional.avg_pool2d(x.double(), 7, stride=1)
+    got = box_mean(x, 7)
+    assert got.dtype == dtype and got.shape == expected.shape
+    np.testing.assert_allclose(got.double().numpy(), expected.numpy(), rtol=0, atol=1e-15 if dtype == torch.float64 else 2e-7)
+
+
+@pytest.mark.parametrize("precision", ["reference", "working"])
+def test_ssim_of_an_image_does_not_depend_on_its_batch(precision):
+    """Scores are keyed per image, so an image's SSIM must be the same bits in a batch of 1, 8 or 64."""
+    x = torch.from_numpy(np.random.default_rng(5).uniform(-1, 1, (64, 3, 32, 32))).float()
+    y = torch.clamp(x + 0.1 * torch.from_numpy(np.random.default_rng(6).normal(size=x.shape)).float(), -1, 1)
+    whole = ssim(x, y, precision=precision)
+    for size in (1, 8):
+        parts = torch.cat([ssim(x[i : i + size], y[i : i + size], precision=precision) for i in range(0, 64, size)])
+        assert torch.equal(parts, whole)
 
 
 def test_ssim_rejects_images_smaller_than_the_window():

@@ -218,8 +218,9 @@ class ImageSet:
         """
         rows = self.records if rows is None else rows
         tensors = []
+        remembering = memo.PIXELS.budget > 0  # the key stats the file: not when nothing is remembered
         for row in rows.itertuples(index=False):
-            key = _memo_key(row.location, row.sha256, self.min_side, size)
+            key = _memo_key(row.location, row.sha256, self.min_side, size) if remembering else None
             remembered = memo.PIXELS.get(key) if key is not None else None
             if remembered is not None:
                 tensors.append(remembered)
