@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_arguments(score)
     score.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the metrics' intervals")
     score.add_argument("--trajectory-cache-gb", type=float, default=0, help="cap of the trajectory cache in GB (0: no cap); past it the least recently written trajectories are removed")
+    score.add_argument("--read-threads", type=int, default=0,
+                       help="threads that read and decode images ahead of the model (0: 1 beside a CPU model, up to 8 beside a GPU)")
 
     audit = commands.add_parser(
         "audit", help="set-level audit: was the suspect set (or part of it) used to train the model?",
@@ -139,6 +141,10 @@ def score(args) -> None:
     _precision(args)
     if args.trajectory_cache_gb:
         os.environ["MIALIB_TRAJECTORY_CACHE_GB"] = str(args.trajectory_cache_gb)
+    if args.read_threads < 0:
+        raise SystemExit(f"--read-threads must be 0 (automatic) or more, not {args.read_threads}")
+    if args.read_threads:
+        os.environ["MIALIB_READ_THREADS"] = str(args.read_threads)
     settings = Settings(args.guidance, args.prompt, args.encode_mode, args.schedule, args.seed, args.data_range, args.dtype)
     requests = runs.as_requests([parse_request(text) for text in args.attack])
     model = check_source(args.model, args.model_config)  # a typo'd path or a bad file form fails here, before anything is read or written

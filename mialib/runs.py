@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import memo, metrics
 from .attacks.registry import AttackRequest, AttackSpec, parse_request
+from .imagesets.core import read_threads
 from .settings import Settings
 from .trajectories import TrajectoryCache, digest, pixel_digests
 
@@ -141,7 +142,7 @@ def attack_values(
     store = ResultStore(cache_dir / spec.name / digest(fingerprint, spec.name, params, settings.columns(), size))
     known = store.read()
     have, computed, order = set(known.index), [], []
-    batches = imageset.batches(size, batch_size)
+    batches = imageset.batches(size, batch_size, threads=read_threads(target.device))
     total = -(-len(imageset) // batch_size)
     label = f"{spec.name} " + ", ".join(f"{k}={v}" for k, v in params.items())
     for rows, pixels in tqdm(batches, desc=label, total=total, disable=not progress, leave=False):

@@ -38,6 +38,7 @@ import torch
 from mialib import ddim, experiment, memo, runs
 from mialib.attacks import REGISTRY
 from mialib.attacks.registry import AttackRequest
+from mialib.imagesets.core import read_threads
 from mialib.settings import Settings
 from mialib.target import load_target
 
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--determinism-images", type=int, default=128, help="images of the determinism study (0: skip)")
     parser.add_argument("--device", default=None, help="torch device (default: the preset's DEVICE)")
     parser.add_argument("--out", default="outputs/benchmark", help="folder of benchmark.csv")
+    parser.add_argument("--studies", nargs="*", default=STUDIES, choices=STUDIES, help="which studies to run (default: all)")
     args = parser.parse_args()
     import pandas as pd
 
@@ -122,16 +124,23 @@ def main() -> None:
         rows.extend(new_rows)
         pd.DataFrame(rows).to_csv(out / "benchmark.csv", index=False)
 
-    save(attack_table(target, imageset, settings, size, args.batch_size, args.repeats, args.attacks, device))
-    save(paper_against_official(target, imageset, settings, size, args.batch_size, device))
-    if args.determinism_images:
+    studies = set(args.studies)
+    if "attacks" in studies:
+        save(attack_table(target, imageset, settings, size, args.batch_size, args.repeats, args.attacks, device))
+    if "paper_vs_official" in studies:
+        save(paper_against_official(target, imageset, settings, size, args.batch_size, device))
+    if args.determinism_images and "determinism" in studies:
         save(determinism(target, imageset.select(list(imageset.records["id"][: args.determinism_images])), settings, size, args.batch_size, args.attacks, device))
-    if args.memory_sizes:
+    if args.memory_sizes and "memory" in studies:
         save(memory_study(model, args.memory_sizes, size, args.batch_size, device, out))
-    if args.sd15_images:
+    if args.sd15_images and "sd15" in studies:
         save(sd15_table(args.sd15_images, args.sd15_size, args.sd15_batch_size, args.attacks, device, out))
     print(f"saved {out / 'benchmark.csv'}")
-    trajectory_cache(target, imageset, params, settings, args.batch_size)
+    if "trajectory_cache" in studies:
+        trajectory_cache(target, imageset, params, settings, args.batch_size)
+
+
+STUDIES = ["attacks", "paper_vs_official", "determinism", "memory", "sd15", "trajectory_cache"]
 
 
 def device_name(device: str) -> str:
@@ -146,8 +155,9 @@ def attack_table(target, imageset, settings: Settings, size: int, batch_size: in
     path cold (empty caches, nothing remembered), each the median of ``repeats`` runs."""
     began = time.perf_counter()
     target.fingerprint()  # once per loaded model (hashes the weight files): reported here, not charged to the first attack
-    print(f"\ntarget {target.name} on {device_name(device)}, {len(imageset)} images of {size} px, batch {batch_size}, median of {repeats}; "
-          f"model fingerprint {time.perf_counter() - began:.1f} s (once per model)")
+    threads = read_threads(target.device)
+    print(f"\ntarget {target.name} on {device_name(device)}, {len(imageset)} images of {size} px, batch {batch_size}, median of {repeats}, "
+          f"{threads} reader thread(s); model fingerprint {time.perf_counter() - began:.1f} s (once per model)")
     print(HEADER)
     rows = []
     batches = [(list(r["id"]), list(r["caption"]), pixels) for r, pixels in imageset.batches(size, batch_size)]
@@ -171,7 +181,7 @@ def attack_table(target, imageset, settings: Settings, size: int, batch_size: in
         for path, results in measured.items():
             wall, inside, evals, peak = sorted(results, key=lambda r: r[0] / r[1] if r[1] else 0)[len(results) // 2]  # the median run
             row = dict(study="attacks", target=target.name, attack=name, setting=spec.describe(point), path=path, device=device_name(device),
-                       images=len(imageset), size=size, batch_size=batch_size, repeats=repeats, seconds_per_image=wall / len(imageset),
+                       images=len(imageset), size=size, batch_size=batch_size, repeats=repeats, read_threads=threads, seconds_per_image=wall / len(imageset),
                        images_per_second=len(imageset) / wall, unet_evals=evals / len(imageset), formula=spec.cost(point, settings),
                        model_seconds=inside, overhead_ratio=wall / inside if inside else float("nan"), peak_memory_mb=peak)
             rows.append(row)

@@ -35,6 +35,7 @@ from PIL import Image, ImageOps
 from mialib import data
 from mialib.data import DataError, claim_folder, preprocess
 from mialib.imagesets import MANIFEST_COLUMNS, RECORD_COLUMNS, SKIP_COLUMNS, freeze, open_imageset, parse_spec
+from mialib.imagesets.core import read_threads
 
 LAYOUTS = ("csv", "imagefolder-csv", "imagefolder-jsonl", "folders")
 TABLE_LAYOUTS = LAYOUTS[:3]  # the layouts that can state a label, a path, a subset or a group per row
@@ -835,3 +836,34 @@ def test_an_unlabelled_set_opens_for_the_audit_with_its_labels_missing_never_gue
         (folder / f"{i}.txt").write_text(f"caption {i}")
     plain = open_imageset(f"imagefolder:{folder}", require_labels=False)
     assert sorted(plain.records["id"]) == ["0", "1", "2"] and list(plain.records.sort_values("id")["caption"]) == ["caption 0", "caption 1", "caption 2"]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_several_reader_threads_give_the_same_batches_and_errors(tmp_path, layout, threads):
+    """Beside a GPU several threads split each batch; the batches, their pixels (transform included) and
+    the errors are those of one reader."""
+    rows = good("m0", "m1", "m2", "m3") + [Row("wide", image=png("wide", (80, 36)))] + good("n0", "n1", member=False)
+    root = tmp_path / "set"
+    imageset = opened(root, layout, rows).map(lambda x, ids: torch.flip(x, dims=[-1]) * 0.5)
+    one = [(list(r["id"]), p) for r, p in imageset.batches(24, 3)]
+    many = [(list(r["id"]), p) for r, p in imageset.batches(24, 3, threads=threads)]
+    assert [ids for ids, _ in many] == [ids for ids, _ in one] and [len(ids) for ids, _ in one] == [3, 3, 1]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(one, many))
+    assert torch.equal(torch.cat([p for _, p in many]), imageset.load(24))
+    with pytest.raises(ValueError, match="threads"):
+        next(imageset.batches(24, 3, threads=0))
+    (root / "members/m2.png").write_bytes(png("swapped"))
+    with pytest.raises(DataError, match="'members/m2'.*changed after the set was opened"):
+        list(imageset.batches(24, 3, threads=threads))
+
+
+def test_read_threads_one_beside_a_cpu_model_more_beside_a_gpu(monkeypatch):
+    monkeypatch.delenv("MIALIB_READ_THREADS", raising=False)
+    assert read_threads("cpu") == read_threads(torch.device("cpu")) == read_threads(None) == 1
+    assert 1 <= read_threads("cuda") <= 8 and read_threads("cuda:1") == read_threads("cuda")
+    monkeypatch.setenv("MIALIB_READ_THREADS", "5")
+    assert read_threads("cpu") == read_threads("cuda") == 5
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("MIALIB_READ_THREADS", bad)
+        with pytest.raises(ValueError, match="MIALIB_READ_THREADS"):
+            read_threads("cpu")
