@@ -30,7 +30,7 @@ from . import memo, metrics
 from .attacks.registry import AttackRequest, AttackSpec, parse_request
 from .imagesets.core import read_threads
 from .settings import Settings
-from .trajectories import TrajectoryCache, digest, pixel_digests
+from .trajectories import TrajectoryCache, digest, pixel_digests, vouch_digests
 
 PARAMETER_COLUMNS = ["t", "stride", "measure", "metric", "t_sec", "interval", "p", "n_noise"]
 SETTING_COLUMNS = ["guidance", "prompt", "encode_mode", "schedule", "seed", "data_range", "dtype"]
@@ -110,11 +110,6 @@ class ResultStore:
         memo.WRITER.submit(_atomic_parquet, frame, self.folder / f"{digest(list(frame['key']))}.parquet")
 
 
-def image_keys(ids: list[str], captions: list[str], pixels: torch.Tensor) -> list[str]:
-    """One key per image: its id, caption and exact pixels (so a distorted copy is another image)."""
-    return [digest(i, c, p) for i, c, p in zip(ids, captions, pixel_digests(pixels))]
-
-
 def attack_values(
     target, imageset, spec: AttackSpec, params: dict, settings: Settings, cache_dir, batch_size: int, size: int, progress: bool = True
 ) -> pd.DataFrame:
@@ -147,14 +142,19 @@ def attack_values(
     label = f"{spec.name} " + ", ".join(f"{k}={v}" for k, v in params.items())
     for rows, pixels in tqdm(batches, desc=label, total=total, disable=not progress, leave=False):
         ids, captions = list(rows["id"]), list(rows["caption"])
-        keys = image_keys(ids, captions, pixels)
+        # one key per image: its id, caption and exact pixels (a distorted copy is another image); the
+        # pixels' digests were computed by the reader thread
+        digests = pixel_digests(pixels)
+        keys = [digest(i, c, p) for i, c, p in zip(ids, captions, digests)]
         order += keys
         missing = [j for j, key in enumerate(keys) if key not in have]
         if not missing:
             continue
         sub_ids, sub_captions = [ids[j] for j in missing], [captions[j] for j in missing]
         before, began = target.unet_evals, time.perf_counter()
-        output = spec.function(target, pixels[missing].to(target.device), sub_captions, sub_ids, **keywords)
+        images = pixels[missing].to(target.device)
+        vouch_digests(images, [digests[j] for j in missing])  # the trajectory cache's keys need them too
+        output = spec.function(target, images, sub_captions, sub_ids, **keywords)
         n = len(missing)
         frame = pd.DataFrame({"key": [keys[j] for j in missing], "id": sub_ids, "score": np.asarray(output.scores, dtype=np.float64),
                               **{k: np.asarray(v) for k, v in output.extras.items()},

@@ -10,12 +10,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import helpers
-from mialib import imagesets, runs, studies
+from mialib import imagesets, runs, studies, trajectories
 from mialib.attacks import REGISTRY, parse_request, secmi_attack, structural_attack
 from mialib.attacks.registry import AttackRequest
 from mialib.settings import Settings
 from mialib.target import load_target
-from mialib.trajectories import TrajectoryCache
+from mialib.trajectories import TrajectoryCache, pixel_digest, pixel_digests, vouch_digests
 
 IDS = ["1F34E", "1F600", "1F468-200D-1F33E"]
 CAPTIONS = ["red apple", "grinning face", "man farmer"]
@@ -93,6 +93,30 @@ def test_captions_pixels_and_settings_key_the_cache(target, images, tmp_path):
     guided = _attack(target, images, 100, cache, guidance=3.0)
     assert guided.unet_evals == 4
     assert len(list(tmp_path.glob("*.safetensors"))) == 4 * 3
+
+
+def test_vouched_digests_hold_for_that_tensor_until_it_is_changed():
+    """The reader threads hash each batch once; the store and the cache reuse those digests only for the
+    very tensor they were computed for, and only while it is unchanged."""
+    batch = helpers.make_images(3, seed=4)
+    honest = [pixel_digest(image) for image in batch]
+    assert pixel_digests(batch) == honest
+    vouch_digests(batch, ["a", "b", "c"])  # a deliberately wrong vouch shows which path answered
+    assert pixel_digests(batch) == ["a", "b", "c"]
+    assert pixel_digests(batch.clone()) == honest  # another tensor: hashed
+    batch.mul_(0.5)  # changed in place: the vouch no longer holds
+    assert pixel_digests(batch) == [pixel_digest(image) for image in batch] != honest
+    with pytest.raises(ValueError, match="2 digests for 3 images"):
+        vouch_digests(batch, ["a", "b"])
+
+
+def test_batches_arrive_with_their_digests_and_keys_equal_hashing(imageset, tmp_path):
+    for threads in (1, 3):
+        for rows, pixels in imageset.batches(16, 3, threads=threads):
+            expected = [pixel_digest(p) for p in pixels]
+            assert trajectories._VOUCHED[id(pixels)][2] == expected  # hashed and vouched for by the reader thread
+            vouch_digests(pixels.clone(), ["x"] * len(pixels))  # vouching another tensor changes nothing
+            assert pixel_digests(pixels) == expected
 
 
 def test_an_interrupted_write_is_never_read(target, images, tmp_path):

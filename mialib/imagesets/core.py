@@ -110,6 +110,15 @@ def _memo_key(location: str | None, sha256: str, min_side: int, size: int) -> tu
     return (location, stat.st_mtime_ns, stat.st_size, sha256, min_side, size)
 
 
+def _hashed(pixels: torch.Tensor) -> torch.Tensor:
+    """The batch, its images' pixel digests computed here in the reader thread and vouched for, so the
+    caller's result store and trajectory cache find them instead of hashing the pixels again."""
+    from ..trajectories import pixel_digests, vouch_digests
+
+    vouch_digests(pixels, pixel_digests(pixels))
+    return pixels
+
+
 def read_threads(device=None) -> int:
     """How many threads read and decode images ahead of the model (``ImageSet.batches``).
 
@@ -244,7 +253,7 @@ class ImageSet:
 
     def _joined(self, parts: list, rows: pd.DataFrame) -> torch.Tensor:
         """One batch from the parts that several reader threads decoded, then the set's transform."""
-        return self._transformed(torch.cat([part.result() for part in parts]), rows)
+        return _hashed(self._transformed(torch.cat([part.result() for part in parts]), rows))
 
     def _decoded(self, size: int, rows: pd.DataFrame) -> torch.Tensor:
         """``load`` without the set's transform."""
@@ -294,7 +303,7 @@ class ImageSet:
 
             def submit(rows: pd.DataFrame):
                 if threads == 1 or len(rows) == 1:
-                    return reader.submit(self.load, size, rows)
+                    return reader.submit(lambda: _hashed(self.load(size, rows)))
                 step = -(-len(rows) // threads)
                 parts = [reader.submit(self._decoded, size, rows.iloc[start : start + step]) for start in range(0, len(rows), step)]
                 # queued after its parts, so when a thread runs it every part is running or done
