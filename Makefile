@@ -37,8 +37,12 @@ install: $(STAMP)
 tools: $(I2D_STAMP) ## the img2dataset command that `mialib download` drives (.venv/img2dataset/bin/img2dataset)
 
 # The environment: a virtual environment with the package and its pinned dependencies (pyproject.toml).
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+# The base environment is created first (both installs below need its folder; creating .venv and
+# .venv/img2dataset at once under `make -j2` can race), then the two installs run side by side.
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name mialib --display-name "mialib (.venv)" > /dev/null
@@ -47,7 +51,7 @@ $(STAMP): pyproject.toml
 clean-outputs:
 	rm -rf outputs
 
-$(I2D_STAMP):
+$(I2D_STAMP): | $(PY)
 	test -x $(I2D)/bin/python || $(PYTHON) -m venv $(I2D)
 	$(I2D)/bin/python -m pip install --quiet "img2dataset==1.47.0"
 	touch $(I2D_STAMP)

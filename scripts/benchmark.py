@@ -2,6 +2,10 @@
 
     python scripts/benchmark.py --preset configs/default.yaml          # make benchmark
     python scripts/benchmark.py --device cuda --sd15-images 32              # on a GPU (the preset's target)
+    python scripts/benchmark.py --studies sd15 --attacks loss structural    # some studies, some attacks
+
+The production path reads images with ``read_threads(device)`` threads (``MIALIB_READ_THREADS`` overrides);
+the attack table records how many.
 
 1. **Attacks** (``study=attacks``): each at its registry setting, on the preset's target and images, two
    ways: the attack function alone on batches already in memory, and the production path
