@@ -286,9 +286,10 @@ class ImageSet:
         """``(rows, pixels)`` for consecutive batches of at most ``batch_size`` records; at most two batches
         of pixels are in memory at a time.
 
-        The next batch is read and decoded in the background while the caller works on this one, by
-        ``threads`` threads that split it (Pillow's decoding and resizing and file reads release the GIL;
-        :func:`read_threads` chooses for a device). The pixels are the same bits whatever ``threads`` is.
+        The next batch is read, decoded and hashed (its pixel digests, vouched for: ``trajectories.vouch_digests``)
+        in the background while the caller works on this one, by ``threads`` threads that split it (Pillow's
+        decoding and resizing, file reads and hashing release the GIL; :func:`read_threads` chooses for a
+        device). The pixels are the same bits whatever ``threads`` is.
         """
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, not {batch_size}")
