@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--preset", default="configs/default.yaml")
     parser.add_argument("--images", type=int, default=384, help="images of the preset's set for the attack table")
     parser.add_argument("--batch-size", type=int, default=0, help="images per batch (0: the preset's BATCH_SIZE)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each path; the median run is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each path; the median run is reported")
     parser.add_argument("--attacks", nargs="*", default=None, help="only these registry attacks")
     parser.add_argument("--sd15-images", type=int, default=2, help="images for SD 1.5-shaped random weights (0: skip)")
     parser.add_argument("--sd15-size", type=int, default=256, help="their size in pixels (SD 1.5 trains at 512)")

@@ -300,17 +300,19 @@ class ImageSet:
         chunks = [self.records.iloc[start : start + batch_size].reset_index(drop=True) for start in range(0, len(self.records), batch_size)]
         if not chunks:
             return
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mialib-images") as reader:
+        # The first batch is read before the model has anything to do, so it is split between at least two
+        # threads even beside a CPU model: nothing else runs yet.
+        with ThreadPoolExecutor(max_workers=max(threads, 2), thread_name_prefix="mialib-images") as reader:
 
-            def submit(rows: pd.DataFrame):
-                if threads == 1 or len(rows) == 1:
+            def submit(rows: pd.DataFrame, parts: int = threads):
+                if parts == 1 or len(rows) == 1:
                     return reader.submit(lambda: _hashed(self.load(size, rows)))
-                step = -(-len(rows) // threads)
+                step = -(-len(rows) // parts)
                 parts = [reader.submit(self._decoded, size, rows.iloc[start : start + step]) for start in range(0, len(rows), step)]
                 # queued after its parts, so when a thread runs it every part is running or done
                 return reader.submit(self._joined, parts, rows)
 
-            pending = submit(chunks[0])
+            pending = submit(chunks[0], max(threads, 2))
             for k, rows in enumerate(chunks):
                 pixels = pending.result()
                 if k + 1 < len(chunks):
