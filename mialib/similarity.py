@@ -6,10 +6,11 @@ the image size allows (see ``ms_ssim``).
 skimage's defaults: a 7x7 uniform window, K1 = 0.01, K2 = 0.03, sample covariance (N / (N - 1)),
 the SSIM map averaged over the region that the window covers fully (a border of 3 pixels is
 dropped), and for colour images the mean over channels. A 7x7 box mean without padding computes
-exactly that region, so this runs on whole batches. Up to ``BOX_MATMUL_MAX_SIDE`` px it is two products
-with a banded matrix of ones (rows, then columns), about 7 times faster on a CPU than the average pool
-it replaces there (and 3 times in float64), with the same sums: each output adds the same 7 x 7 values,
-the band's zeros add nothing. Larger images use ``avg_pool2d``.
+exactly that region, so this runs on whole batches. On a CPU, up to ``BOX_MATMUL_MAX_SIDE`` px, it is
+two products with a banded matrix of ones (rows, then columns), about 7 times faster than the average
+pool it replaces there (and 3 times in float64), with the same sums: each output adds the same 7 x 7
+values, the band's zeros add nothing. Larger images, and GPUs (where a user's TF32 setting for matrix
+products would round them), use ``avg_pool2d``.
 
 Precision: ``precision="reference"`` (the default) computes in float64 on the CPU, the form the tests
 compare with skimage and torchmetrics; ``precision="working"`` computes in float32 on the device of the
@@ -38,7 +39,7 @@ def box_mean(images: torch.Tensor, window: int) -> torch.Tensor:
     """Mean over every ``window`` x ``window`` square that fits inside the image (no padding), per channel:
     what ``F.avg_pool2d(images, window, stride=1)`` computes."""
     h, w = images.shape[-2:]
-    if max(h, w) > BOX_MATMUL_MAX_SIDE:
+    if images.device.type != "cpu" or max(h, w) > BOX_MATMUL_MAX_SIDE:
         return F.avg_pool2d(images, window, stride=1)
     sums = _band(h, window, images).T @ (images @ _band(w, window, images))
     return sums / (window * window)
