@@ -19,9 +19,10 @@ prepare: $(STAMP) ## only build the embedded data and the tiny target
 notebooks: $(STAMP) ## only execute the notebooks (data and target must exist)
 	$(PY) -m mialib notebooks --preset configs/$(PRESET).yaml
 
-test: ## the test suite (trains a smoke-size target once, executes every notebook at smoke size)
+test: ## the test suite (trains a smoke-size target once, executes every notebook at smoke size), then its numerics on the default CPU kernels
 	$(MAKE) -j2 $(STAMP) $(I2D_STAMP)  # the two environments install side by side
 	$(PY) -m pytest
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -m numerics -q -p no:cacheprovider  # the tolerances hold on other instruction sets
 
 lab: $(STAMP) ## JupyterLab with the project's kernel
 	$(VENV)/bin/jupyter lab notebooks

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
 
 from .ddim import SCHEDULES
 
@@ -20,6 +23,26 @@ PARAMETERS = {
     "SSIM_DATA_RANGE": "data_range",
     "DTYPE": "dtype",
 }
+
+
+def _shown(value) -> str:
+    """A value as a message shows it: YAML's spelling for booleans and null, quotes for text."""
+    if isinstance(value, np.generic):
+        value = value.item()  # np.int64(0) -> 0
+    if isinstance(value, (bool, np.bool_)):
+        return f"{str(bool(value)).lower()} (a boolean)"
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, str):
+        return f"{value!r} (text)"
+    return repr(value)
+
+
+def _number(name: str, value, allowed: str, ok) -> float:
+    """``value`` as a float, or a ValueError naming the setting: booleans, text and non-finite numbers are refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {allowed}, got {_shown(value)}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -44,19 +67,21 @@ class Settings:
     dtype: str = "float32"
 
     def __post_init__(self):
-        object.__setattr__(self, "guidance", float(self.guidance))
-        object.__setattr__(self, "data_range", float(self.data_range))
-        if isinstance(self.seed, bool) or int(self.seed) != self.seed:
-            raise ValueError(f"seed must be an integer, not {self.seed!r}")
-        object.__setattr__(self, "seed", int(self.seed))
+        """Each setting checked once; a bad one is a ValueError naming the setting, the value and what is
+        allowed. guidance: a finite number >= 0; seed: an integer >= 0; data_range: a finite number > 0
+        (integral floats such as ``3.0`` are accepted for the seed and normalised to ``3``; booleans are
+        refused everywhere); prompt, encode_mode, schedule, dtype: one of their choices."""
+        object.__setattr__(self, "guidance", _number("guidance", self.guidance, "a finite number >= 0", lambda v: v >= 0))
+        object.__setattr__(self, "data_range", _number("data_range", self.data_range, "a finite number > 0", lambda v: v > 0))
+        seed = self.seed
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, float, np.integer, np.floating)) or not math.isfinite(seed) or int(seed) != seed or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {_shown(seed)}")
+        object.__setattr__(self, "seed", int(seed))
         checks = {"prompt": PROMPTS, "encode_mode": ENCODE_MODES, "schedule": SCHEDULES, "dtype": DTYPES}
         for name, allowed in checks.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
-        if self.guidance < 0:
-            raise ValueError(f"guidance must be non-negative, not {self.guidance}")
-        if self.data_range <= 0:
-            raise ValueError(f"data_range must be positive, not {self.data_range}")
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {_shown(value)}")
 
     @classmethod
     def from_parameters(cls, params: dict) -> "Settings":

@@ -19,6 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGEFOLDER_NOTEBOOKS = ("01_data_split", "03_attack", "03_attack_biased", "04_robustness", "05_ablations")
 
 
+def pytest_configure(config):
+    # `make test` runs these once more with ATEN_CPU_CAPABILITY=default (other float32 kernels): every
+    # comparison across batch sizes, batch composition, the cache, and against skimage / hand-computed DDIM
+    config.addinivalue_line("markers", "numerics: numerically sensitive comparisons, rerun under ATEN_CPU_CAPABILITY=default")
+
+
 @pytest.fixture(scope="session")
 def smoke_preset(tmp_path_factory) -> Path:
     """configs/smoke.yaml with the target and outputs redirected to a fresh temporary folder."""

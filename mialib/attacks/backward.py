@@ -19,7 +19,7 @@ import torch
 from .. import ddim
 from ..similarity import ssim
 from .base import AttackOutput, condition
-from .structural import inversion_trajectory
+from .structural import inversion_trajectory, ssim_rounding
 
 
 @torch.no_grad()
@@ -38,7 +38,8 @@ def backward_attack(
     seed: int = 0,
     cache=None,
 ) -> AttackOutput:
-    """Score = SSIM(x, D(z_0 reconstructed from the inverted z_t)); extras {"ssim", "latent_mse"}."""
+    """Score = SSIM(x, D(z_0 reconstructed from the inverted z_t)); extras {"ssim", "latent_mse", "ssim_rounding"}
+    (``ssim_rounding``: :func:`~.structural.ssim_rounding`, for the registry's tolerance)."""
     steps = ddim.path(int(t), int(stride))
     before = target.unet_evals
     # 1. encode and invert deterministically 0 -> stride -> ... -> t (the structural attack's path)
@@ -48,9 +49,11 @@ def backward_attack(
     cond, uncond = condition(target, captions, prompt, guidance)
     reconstruction = ddim.denoise(target, inverted, steps[::-1], cond, uncond, guidance, schedule)[steps[0]]
     # 3. decode and compare with the input
-    similarity = ssim(images, target.decode(reconstruction), data_range=data_range, precision="working").numpy()
+    decoded = target.decode(reconstruction)
+    similarity = ssim(images, decoded, data_range=data_range, precision="working").numpy()
     latent_mse = (reconstruction - latents).double().pow(2).flatten(1).mean(dim=1).cpu().numpy()
     evals = (target.unet_evals - before) // len(images)
     return AttackOutput(
-        scores=similarity, unet_evals=evals, extras={"ssim": similarity, "latent_mse": latent_mse}
+        scores=similarity, unet_evals=evals,
+        extras={"ssim": similarity, "latent_mse": latent_mse, "ssim_rounding": ssim_rounding(images, decoded, data_range)},
     )

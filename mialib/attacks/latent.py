@@ -16,7 +16,7 @@ import torch
 
 from .. import ddim
 from .base import AttackOutput
-from .structural import inversion_trajectory, latent_mse
+from .structural import inversion_trajectory, latent_mse, rms
 
 
 @torch.no_grad()
@@ -34,9 +34,11 @@ def latent_attack(
     seed: int = 0,
     cache=None,
 ) -> AttackOutput:
-    """Score = -||z_t - z_0||^2 / d after deterministic DDIM inversion to t; extras {"latent_mse"}."""
+    """Score = -||z_t - z_0||^2 / d after deterministic DDIM inversion to t; extras {"latent_mse", "latent_rms"}
+    (``latent_rms``: the clean latent's root mean square, for the registry's tolerance)."""
     t, stride = int(t), int(stride)
     before = target.unet_evals
     trajectory = inversion_trajectory(target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, seed, cache=cache)
     distance = latent_mse(trajectory[t], trajectory[0])
-    return AttackOutput(scores=-distance, unet_evals=(target.unet_evals - before) // len(images), extras={"latent_mse": distance})
+    extras = {"latent_mse": distance, "latent_rms": rms(trajectory[0])}
+    return AttackOutput(scores=-distance, unet_evals=(target.unet_evals - before) // len(images), extras=extras)

@@ -20,7 +20,7 @@ from .. import ddim
 from ..similarity import mse
 from ..trajectories import decode_at
 from .base import AttackOutput
-from .structural import inversion_trajectory, latent_mse
+from .structural import inversion_trajectory, latent_mse, rms
 
 METRICS = ("mse", "psnr")
 
@@ -42,7 +42,8 @@ def pixel_attack(
     seed: int = 0,
     cache=None,
 ) -> AttackOutput:
-    """Score = -MSE or PSNR between x and D(DDIM-inverted latent at t); extras {"mse", "psnr", "latent_mse"}."""
+    """Score = -MSE or PSNR between x and D(DDIM-inverted latent at t); extras {"mse", "psnr", "latent_mse",
+    "pixel_rms"} (``pixel_rms``: the input's root mean square, for the registry's tolerance)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
     t, stride = int(t), int(stride)
@@ -52,4 +53,5 @@ def pixel_attack(
     error = mse(images, decode_at(target, trajectory, t)).numpy()
     peak = 10 * np.log10(data_range**2 / error)
     value = -error if metric == "mse" else peak
-    return AttackOutput(scores=value, unet_evals=evals, extras={"mse": error, "psnr": peak, "latent_mse": latent_mse(trajectory[t], trajectory[0])})
+    extras = {"mse": error, "psnr": peak, "latent_mse": latent_mse(trajectory[t], trajectory[0]), "pixel_rms": rms(images)}
+    return AttackOutput(scores=value, unet_evals=evals, extras=extras)

@@ -6,10 +6,33 @@ t_sec + k -> t_sec (eps at the source timestep t_sec + k) and compare:
 
     error = mean over latent elements of (z_{t_sec} - z'_{t_sec})^2,  score = -error
 
-A member's posterior estimate is more consistent, so its step-wise error is smaller. The paper's and
-the peers' setting is t_sec = 100, k = 10. Unlike the official code (betas rebuilt linearly, 0.18215
-hard-coded) the schedule and the VAE scaling come from the model. The official distance sums squares
-over the latent; the mean here ranks images identically.
+A member's posterior estimate is more consistent, so its step-wise error is smaller. Here t_sec is the
+timestep where the two latents are compared; the schedule and the VAE scaling come from the model.
+
+What the peers' official code computes (each sums the squares instead of averaging them, which ranks
+images identically):
+
+- SecMI on DDPM (github.com/jinhaoduan/SecMI, ``mia_evals/secmia.py``, ``--t_sec 100 --k 10``): inverts
+  along ``range(0, t_sec, k)[1:]`` = 10, ..., 90, steps 90 -> 100 and back 100 -> 90, and compares at
+  t_sec - k = 90. Its ``t_sec`` is the deepest timestep, this module's is the compared one: the official
+  ``--t_sec T`` is ``secmi:t_sec=T-k`` here (``t_sec=90`` for the paper's 100). The betas are that DDPM's
+  own linear training schedule, on pixels. The difference matters: on a small target SecMI's AUC was
+  0.26 at this module's t_sec = 90 and 0.92 at t_sec = 100.
+- SecMI-LDM (github.com/jinhaoduan/SecMI-LDM, ``src/mia/secmi.py`` and its modified
+  ``StableDiffusionPipeline``): the model's own schedule (``DDIMScheduler.from_config`` of the
+  checkpoint, not a linear rebuild), timesteps 0, 10, ..., 190, and the score
+  ``((denoising_results[-15] - reverse_results[14]) ** 2).sum()``: the inverted z_140 against one
+  denoising step 150 -> 140 from the inverted z_150, i.e. ``secmi:t_sec=140,interval=10`` here, at
+  guidance 1 with the caption, on a posterior *sample* times a hard-coded 0.18215 (``encode_mode=sample``
+  here, with its own seeded draw).
+- PIA's re-implementation for Stable Diffusion (github.com/kong13661/PIA, ``stable_diffusion/``) rebuilds
+  linear betas (``schedule=official_linear`` here), applies guidance 7.5 and the ``2 z - 1`` rescaling
+  of the latent that :mod:`.pia` describes; it is not the reference for this attack.
+
+The paper's and the peers' setting is k = 10; the registry's default is t_sec = 100.
+Numerics: the error is the square of a difference ~4000 times smaller than the latents it subtracts, so
+float32 rounding moves it by a part in a few thousand; the registry's tolerance scales with the latents
+(extra ``latent_rms``: the root mean square of z_{t_sec}).
 Cost: t_sec / k + 2 U-Net evaluations per image at guidance 0 or 1 (12 for 100 / 10), twice that otherwise.
 """
 
@@ -19,7 +42,7 @@ import torch
 
 from .. import ddim
 from .base import AttackOutput, condition
-from .structural import inversion_trajectory
+from .structural import inversion_trajectory, rms
 
 
 @torch.no_grad()
@@ -37,7 +60,7 @@ def secmi_attack(
     seed: int = 0,
     cache=None,
 ) -> AttackOutput:
-    """Score = -||z_{t_sec} - denoise(invert(z_{t_sec}, k), k)||^2 / d; extras {"error": (n,)}."""
+    """Score = -||z_{t_sec} - denoise(invert(z_{t_sec}, k), k)||^2 / d; extras {"error", "latent_rms"}."""
     t_sec, interval = int(t_sec), int(interval)
     if interval <= 0 or t_sec < 0 or t_sec % interval:
         raise ValueError(f"t_sec ({t_sec}) must be a non-negative multiple of the interval ({interval})")
@@ -55,4 +78,4 @@ def secmi_attack(
     # 4. step-wise error at t_sec (mean over latent elements)
     error = (trajectory[t_sec] - reconstruction).double().pow(2).flatten(1).mean(dim=1).cpu().numpy()
     evals = (target.unet_evals - before) // len(images)
-    return AttackOutput(scores=-error, unet_evals=evals, extras={"error": error})
+    return AttackOutput(scores=-error, unet_evals=evals, extras={"error": error, "latent_rms": rms(trajectory[t_sec])})

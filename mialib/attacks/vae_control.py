@@ -11,10 +11,12 @@ import torch
 
 from ..similarity import ssim
 from .base import AttackOutput, image_seed
+from .structural import ssim_rounding
 
 
 @torch.no_grad()
 def vae_control(target, images, captions, ids, encode_mode: str = "mode", data_range: float = 2.0, seed: int = 0) -> AttackOutput:
     latents = target.encode_images(images, mode=encode_mode, seeds=[image_seed(i, seed) for i in ids])
-    similarity = ssim(images, target.decode(latents), data_range=data_range, precision="working").numpy()
-    return AttackOutput(scores=similarity, unet_evals=0, extras={"ssim": similarity})
+    decoded = target.decode(latents)
+    similarity = ssim(images, decoded, data_range=data_range, precision="working").numpy()
+    return AttackOutput(scores=similarity, unet_evals=0, extras={"ssim": similarity, "ssim_rounding": ssim_rounding(images, decoded, data_range)})
