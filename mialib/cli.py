@@ -24,6 +24,40 @@ DATA_HELP = (
 )
 
 
+# --------------------------------------------------------------------------------------------------
+# Option values, checked by argparse (``mialib score: error: argument --batch-size: ...``, exit 2)
+# before anything is read, computed or written
+# --------------------------------------------------------------------------------------------------
+def _number(kind, low=None, high=None, low_open=False, high_open=False, rule=""):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or (low is not None and (value <= low if low_open else value < low)) or (
+            high is not None and (value >= high if high_open else value > high)
+        ):
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {text}")
+        return value
+
+    parse.__name__ = "integer" if kind is int else "number"
+    return parse
+
+
+POSITIVE = _number(int, 1, rule="1 or more")
+NONNEGATIVE = _number(int, 0, rule="0 or more")
+NONNEGATIVE_NUMBER = _number(float, 0.0, rule="0 or more")
+FRACTION = _number(float, 0.0, 1.0, low_open=True, high_open=True, rule="between 0 and 1 (both excluded)")
+
+
+def _check_out(out: str) -> None:
+    """``--out`` names a folder: refuse a file (or a path through a file) before anything is read."""
+    path = Path(out)
+    for above in (path, *path.parents):
+        if above.exists() and not above.is_dir():
+            raise ValueError(f"--out {out}: {above} is a file, not a folder; --out names a folder (new, empty or an earlier run's)")
+
+
 def _attacks_epilog() -> str:
     from .attacks.registry import help_text
 
@@ -45,8 +79,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     """The device, batching and attack settings that `score` and `audit` share."""
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    parser.add_argument("--size", type=int, default=None, help="attack resolution in px (default: the model's native size)")
+    parser.add_argument("--batch-size", type=POSITIVE, default=16, help="images per batch")
+    parser.add_argument("--size", type=POSITIVE, default=None, help="attack resolution in px (default: the model's native size)")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: conditional only)")
     parser.add_argument("--prompt", default="caption", choices=["caption", "empty"])
     parser.add_argument("--encode-mode", default="mode", choices=["mode", "sample"])
@@ -68,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--attack", action="append", required=True, metavar="NAME[:key=value,...]", help="an attack to run (repeatable); see the list below")
     score.add_argument("--out", required=True, help="output folder (created; a rerun resumes from its cache)")
     _run_arguments(score)
-    score.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the metrics' intervals")
-    score.add_argument("--trajectory-cache-gb", type=float, default=0, help="cap of the trajectory cache in GB (0: no cap); past it the least recently written trajectories are removed")
-    score.add_argument("--read-threads", type=int, default=0,
+    score.add_argument("--bootstrap", type=POSITIVE, default=1000, help="bootstrap resamples for the metrics' intervals")
+    score.add_argument("--trajectory-cache-gb", type=NONNEGATIVE_NUMBER, default=0, help="cap of the trajectory cache in GB (0: no cap); past it the least recently written trajectories are removed")
+    score.add_argument("--read-threads", type=NONNEGATIVE, default=0,
                        help="threads that read and decode images ahead of the model (0: 1 beside a CPU model, up to 8 beside a GPU)")
 
     audit = commands.add_parser(
@@ -86,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--attack", action="append", default=None, metavar="NAME[:key=value,...]",
                        help="a feature (repeatable; fixed settings, no grids); default: structural, pixel, loss, secmi, pia, clid")
     audit.add_argument("--out", required=True, help="output folder (created; a rerun reads the per-image features back from its cache)")
-    audit.add_argument("--level", type=float, default=0.01, help="significance level of the decision")
-    audit.add_argument("--fit-fraction", type=float, default=0.5, help="share of each set that fits the scorer (the rest is tested)")
-    audit.add_argument("--permutations", type=int, default=9999, help="resamples of the permutation test")
+    audit.add_argument("--level", type=FRACTION, default=0.01, help="significance level of the decision")
+    audit.add_argument("--fit-fraction", type=FRACTION, default=0.5, help="share of each set that fits the scorer (the rest is tested)")
+    audit.add_argument("--permutations", type=POSITIVE, default=9999, help="resamples of the permutation test")
     _run_arguments(audit)
 
     report = commands.add_parser("report", help="print the metrics table of a scored folder")
@@ -96,11 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     download = commands.add_parser("download", help="fetch the images of a LAION-mi folder with img2dataset and write the manifest of what arrived")
     download.add_argument("--data", required=True, help="laion-mi:FOLDER (holding the members / non-members parquet files)")
-    download.add_argument("--processes", type=int, default=1)
-    download.add_argument("--threads", type=int, default=16)
-    download.add_argument("--timeout", type=int, default=10, help="seconds per request")
-    download.add_argument("--retries", type=int, default=0)
-    download.add_argument("--limit", type=int, default=None, help="attempt at most N rows in all, split evenly between members and non-members (a trial run)")
+    download.add_argument("--processes", type=POSITIVE, default=1)
+    download.add_argument("--threads", type=POSITIVE, default=16)
+    download.add_argument("--timeout", type=POSITIVE, default=10, help="seconds per request")
+    download.add_argument("--retries", type=NONNEGATIVE, default=0)
+    download.add_argument("--limit", type=POSITIVE, default=None, help="attempt at most N rows in all, split evenly between members and non-members (a trial run)")
 
     freeze = commands.add_parser("freeze", help="write the manifest (id, caption, label, subset, sha256, source) that defines a set")
     freeze.add_argument("--data", required=True, help=DATA_HELP)
@@ -118,19 +152,191 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .memo import DISK_FULL, DiskFullError, disk_full
+
     args = build_parser().parse_args(argv)
     try:
         {"score": score, "audit": audit, "report": report, "download": download, "freeze": freeze}.get(args.command, run_preset)(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:  # DataError is a ValueError
         print(f"mialib {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:  # a full disk (or quota): one sentence, no traceback
+        if error.errno not in DISK_FULL:
+            raise
+        if not isinstance(error, DiskFullError):
+            error = disk_full(error, error.filename or getattr(args, "out", None) or ".")
+        print(f"mialib {args.command}: error: {error.strerror}", file=sys.stderr)
+        sys.exit(2)
+
+
+# --------------------------------------------------------------------------------------------------
+# One run per --out: a lock while it writes, its identity, and a manifest written last
+# --------------------------------------------------------------------------------------------------
+LOCK_NAME = ".mialib-lock"
+MANIFEST = "run.json"
+# what `score` writes beside its cache: removed once a run is accepted, rewritten, then listed in run.json
+SCORE_TABLES = ("parameters.json", "image_set.csv", "skipped.csv", "captions_truncated.csv", "scores.parquet", "chosen_settings.json", "metrics.csv")
+
+
+class FolderLock:
+    """An exclusive, non-blocking ``flock`` on ``<out>/.mialib-lock`` for as long as a run writes there: a
+    second run on the same folder is refused at once, naming the first one's pid. Released on exit (and by
+    the system when the process dies)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.handle = None
+
+    def __enter__(self):
+        import fcntl
+
+        handle = open(self.folder / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().strip() or "unknown"
+            handle.close()
+            raise ValueError(f"another mialib run (pid {pid}) is writing to {self.folder}; wait for it to finish or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+def locked_by(folder: Path) -> str | None:
+    """The pid of a run that holds ``folder``'s lock now, else None."""
+    import fcntl
+
+    path = Path(folder) / LOCK_NAME
+    if not path.exists():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "unknown"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
+def run_identity(target, imageset, settings, size: int) -> dict:
+    """What makes two runs the same run (so that one folder's tables belong together): the images (id,
+    caption, label, subset, bytes), the model's fingerprint, the settings and the size. The attacks are not
+    part of it: a rerun may add attacks to the same run."""
+    from .trajectories import digest
+
+    columns = [c for c in ("id", "caption", "label", "subset", "sha256") if c in imageset.records]
+    rows = sorted(imageset.records[columns].astype(str).values.tolist())
+    return {"images": digest(rows), "image_ids": digest(sorted(imageset.records["id"].astype(str))), "n_images": len(rows),
+            "fingerprint": target.fingerprint(), "settings": settings.columns(), "size": size}
+
+
+def _previous_identity(out: Path) -> dict | None:
+    """The identity of the run whose tables ``out`` holds: from run.json, else parameters.json (a run that was
+    interrupted), else what a run written before identities were recorded left (its parameters and ids)."""
+    import pandas as pd
+
+    for name in (MANIFEST, "parameters.json"):
+        try:
+            identity = json.loads((out / name).read_text()).get("identity")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if identity:
+            return identity
+    try:
+        parameters = json.loads((out / "parameters.json").read_text())
+    except (OSError, ValueError):
+        parameters = {}
+    legacy = {k: parameters[k] for k in ("fingerprint", "settings", "size") if k in parameters}
+    if (out / "image_set.csv").exists():
+        from .trajectories import digest
+
+        ids = pd.read_csv(out / "image_set.csv", dtype=str, usecols=["id"])["id"]
+        legacy["image_ids"] = digest(sorted(ids.astype(str)))
+    return legacy or None
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """What differs between two run identities, in words (only what both record)."""
+    found = []
+    if "images" in old and "images" in new and old["images"] != new["images"]:
+        found.append(f"the images ({old.get('n_images', '?')} before, {new['n_images']} now, or their ids, captions, labels, splits or bytes)")
+    elif "images" not in old and old.get("image_ids") not in (None, new.get("image_ids")):
+        found.append("the images (their ids)")
+    if "fingerprint" in old and old["fingerprint"] != new["fingerprint"]:
+        found.append(f"the model fingerprint ({str(old['fingerprint'])[:12]} before, {new['fingerprint'][:12]} now)")
+    if "settings" in old and old["settings"] != new["settings"]:
+        changed = [f"{k} {old['settings'].get(k)!r} -> {v!r}" for k, v in new["settings"].items() if old["settings"].get(k) != v]
+        found.append("the settings (" + ", ".join(changed or ["their keys"]) + ")")
+    if "size" in old and old["size"] != new["size"]:
+        found.append(f"the size ({old['size']} px before, {new['size']} px now)")
+    return found
+
+
+def check_same_run(out: Path, identity: dict) -> None:
+    """Refuse a run into a folder that holds another run's tables (resuming the same run is fine)."""
+    previous = _previous_identity(out)
+    if not previous:
+        return
+    differences = _differences(previous, identity)
+    if differences:
+        raise ValueError(f"{out} holds another run: {'; '.join(differences)} differ; choose a new --out for this run "
+                         "(the same images, model, settings and size resume there, and may add attacks)")
+
+
+def _write_table(path: Path, frame, kind: str = "csv") -> Path:
+    from .memo import atomic_write
+
+    needed = int(frame.memory_usage(deep=True).sum())
+    if kind == "parquet":
+        return atomic_write(path, lambda partial: frame.to_parquet(partial), needed)
+    return atomic_write(path, lambda partial: frame.to_csv(partial, index=False), needed)
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(out: Path, identity: dict, names) -> None:
+    """``run.json``, written last: the run's identity and the sha256 of every table it wrote. Its presence
+    says the run finished; ``mialib report`` checks the tables against it."""
+    from .memo import write_text
+
+    files = {name: _file_sha256(out / name) for name in names if (out / name).exists()}
+    write_text(out / MANIFEST, json.dumps({"identity": identity, "files": files, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2, default=str))
+
+
+def _cache_entry(path: Path) -> bool:
+    """What the run layer keeps in a run's ``cache/`` (for runs written before it held its own marker)."""
+    from .attacks import REGISTRY
+
+    return path.is_dir() and (path.name == "trajectory" or path.name in REGISTRY)
 
 
 # --------------------------------------------------------------------------------------------------
 def score(args) -> None:
+    import contextlib
+
     import torch
 
-    from . import imagesets, runs, studies
+    from . import imagesets, runs
     from .attacks.registry import parse_request
     from .data import claim_folder
     from .experiment import check_size
@@ -138,11 +344,10 @@ def score(args) -> None:
     from .target import check_source, load_target
 
     started = time.time()
+    _check_out(args.out)
     _precision(args)
     if args.trajectory_cache_gb:
         os.environ["MIALIB_TRAJECTORY_CACHE_GB"] = str(args.trajectory_cache_gb)
-    if args.read_threads < 0:
-        raise SystemExit(f"--read-threads must be 0 (automatic) or more, not {args.read_threads}")
     if args.read_threads:
         os.environ["MIALIB_READ_THREADS"] = str(args.read_threads)
     settings = Settings(args.guidance, args.prompt, args.encode_mode, args.schedule, args.seed, args.data_range, args.dtype)
@@ -159,34 +364,49 @@ def score(args) -> None:
     if main_process:
         print(imageset.summary(), flush=True)
     runs.check_requirements(imageset, requests.values())  # before any compute
-    if main_process:
-        out = claim_folder(args.out)
-    if processes is not None:
-        processes.wait_for_everyone()
-        out = Path(args.out)
     target = load_target(model, device=device, dtype=args.dtype, variant=args.variant, config=args.model_config)
     size = args.size or target.resolution
-    if processes is not None:
-        # each process scores its share of the images into the shared per-image cache; the main process then
-        # builds the tables from it (computing nothing more)
-        ids = list(imageset.records["id"])
-        share = imageset.select(ids[processes.process_index :: processes.num_processes])
-        for request in requests.values():
-            if request.spec.kind != "blind":
-                runs.grid_values(target, share, request, settings, out / "cache", args.batch_size, size, progress=not args.quiet and main_process)
-        processes.wait_for_everyone()
-        if not main_process:
-            return
-    print(f"{target.name}: {target.family}, predicts {target.prediction_type}, {args.dtype} (VAE {str(target.vae.dtype).split('.')[-1]}), native {target.resolution} px", flush=True)
     check_size(target, size)
-    imageset.records.drop(columns=["location"]).to_csv(out / "image_set.csv", index=False)
-    imageset.skipped.to_csv(out / "skipped.csv", index=False)
+    runs.check_schedule(target, requests.values())  # every t within the model's schedule: before anything is written
+    out, identity = Path(args.out), None
+    with contextlib.ExitStack() as held:
+        if main_process:
+            out = claim_folder(args.out)
+            held.enter_context(FolderLock(out))  # a second run on this --out is refused at once
+            identity = run_identity(target, imageset, settings, size)
+            check_same_run(out, identity)  # another run's tables are never mixed with this one's
+            claim_folder(out / "cache", _cache_entry)
+            # from here on the folder's tables are this run's: none is trusted until run.json is written last
+            for name in (MANIFEST, *SCORE_TABLES):
+                (out / name).unlink(missing_ok=True)
+        if processes is not None:
+            processes.wait_for_everyone()
+            # each process scores its share of the images into the shared per-image cache; the main process then
+            # builds the tables from it (computing nothing more)
+            ids = list(imageset.records["id"])
+            share = imageset.select(ids[processes.process_index :: processes.num_processes])
+            for request in requests.values():
+                if request.spec.kind != "blind":
+                    runs.grid_values(target, share, request, settings, out / "cache", args.batch_size, size, progress=not args.quiet and main_process)
+            processes.wait_for_everyone()
+            if not main_process:
+                return
+        _score_tables(args, out, model, target, imageset, requests, settings, size, identity, processes, started)
+
+
+def _score_tables(args, out, model, target, imageset, requests, settings, size, identity, processes, started) -> None:
+    from . import runs, studies
+    from .memo import write_text
+
+    print(f"{target.name}: {target.family}, predicts {target.prediction_type}, {args.dtype} (VAE {str(target.vae.dtype).split('.')[-1]}), native {target.resolution} px", flush=True)
+    _write_table(out / "image_set.csv", imageset.records.drop(columns=["location"]))
+    _write_table(out / "skipped.csv", imageset.skipped)
     truncated = target.truncated_captions(list(imageset.records["caption"]))
     if truncated:
         import pandas as pd
 
         ids = imageset.records["id"].to_numpy()
-        pd.DataFrame({"id": [ids[i] for i, _ in truncated], "tokens": [n for _, n in truncated], "limit": target.tokenizer.model_max_length}).to_csv(out / "captions_truncated.csv", index=False)
+        _write_table(out / "captions_truncated.csv", pd.DataFrame({"id": [ids[i] for i, _ in truncated], "tokens": [n for _, n in truncated], "limit": target.tokenizer.model_max_length}))
         print(f"{len(truncated)} captions exceed the text encoder's {target.tokenizer.model_max_length} tokens and are cut there (captions_truncated.csv)")
     parameters = {
         "model": model, "variant": args.variant, "model_config": args.model_config, "family": target.family,
@@ -194,14 +414,15 @@ def score(args) -> None:
         "processes": 1 if processes is None else processes.num_processes,
         "batch_size": args.batch_size, "size": size, "settings": settings.columns(), "bootstrap": args.bootstrap,
         "images": len(imageset), "given": imageset.given, "skipped": len(imageset.skipped), "fingerprint": target.fingerprint(),
-        "image_set": imageset.info,
+        "image_set": imageset.info, "identity": identity,
     }
-    (out / "parameters.json").write_text(json.dumps(parameters, indent=2, default=str))
+    write_text(out / "parameters.json", json.dumps(parameters, indent=2, default=str))
     table, results = runs.score(target, imageset, requests, settings, out / "cache", args.batch_size, size, progress=not args.quiet)
-    table.to_parquet(out / "scores.parquet")
-    (out / "chosen_settings.json").write_text(json.dumps({run: r.chosen_record() for run, r in results.items()}, indent=2, default=int))
+    _write_table(out / "scores.parquet", table, "parquet")
+    write_text(out / "chosen_settings.json", json.dumps({run: r.chosen_record() for run, r in results.items()}, indent=2, default=int))
     metrics = studies.metric_table(table, args.bootstrap, args.seed)
-    metrics.to_csv(out / "metrics.csv", index=False)
+    _write_table(out / "metrics.csv", metrics)
+    write_manifest(out, identity, SCORE_TABLES)  # last: the tables above belong together
     print(format_metrics(metrics))
     print(f"{len(table)} scores of {len(imageset)} images ({len(imageset.skipped)} skipped) in {time.time() - started:.1f} s -> {out}")
 
@@ -214,13 +435,15 @@ def audit(args) -> None:
     import torch
 
     from . import audit as set_audit
-    from . import imagesets, plots
+    from . import imagesets, plots, runs
     from .data import claim_folder
     from .experiment import check_size
+    from .memo import write_text
     from .settings import Settings
     from .target import check_source, load_target
 
     started = time.time()
+    _check_out(args.out)
     _precision(args)
     settings = Settings(args.guidance, args.prompt, args.encode_mode, args.schedule, args.seed, args.data_range, args.dtype)
     requests = set_audit.audit_requests(args.attack or list(AUDIT_DEFAULT))  # fixed settings only: checked before any compute
@@ -234,30 +457,33 @@ def audit(args) -> None:
     if shared:
         ids = sets["suspect"].records.loc[sets["suspect"].records["sha256"].isin(shared), "id"]
         raise ValueError(f"{len(shared)} images are in both the suspect and the reference set (same bytes), e.g. suspect ids {list(ids)[:5]}; the reference must hold other images")
-    out = claim_folder(args.out)
     target = load_target(model, device=args.device, dtype=args.dtype, variant=args.variant, config=args.model_config)
     size = args.size or target.resolution
     check_size(target, size)
-    tables = {}
-    for name, imageset in sets.items():
-        table = set_audit.feature_table(target, imageset, requests, settings, out / "cache", args.batch_size, size, progress=not args.quiet)
-        tables[name] = table.drop(columns="label", errors="ignore").assign(id=lambda d, n=name: n + "/" + d["id"].astype(str))  # the sets' ids may repeat
-    features = list(requests)
-    pd.concat([t.assign(set=n) for n, t in tables.items()], ignore_index=True).to_parquet(out / "features.parquet")
-    keywords = dict(fit_fraction=args.fit_fraction, seed=args.seed, permutations=args.permutations, level=args.level)
-    rows = []
-    for name, columns in {"combined": features, **{run: [run] for run in features}}.items():
-        result = set_audit.set_audit(tables["suspect"], tables["reference"], columns, **keywords)
-        rows.append({"feature_set": name, **result.as_dict()})
-        if name == "combined":
-            combined = result
-    pd.DataFrame(rows).to_csv(out / "audit.csv", index=False)
-    (out / "verdict.txt").write_text(combined.verdict + "\n")
-    parameters = {"model": model, "suspect": args.suspect, "reference": args.reference, "attacks": {run: r.text() for run, r in requests.items()},
-                  "settings": settings.columns(), "size": size, "device": args.device, "no_tf32": args.no_tf32, "fingerprint": target.fingerprint(), **keywords}
-    (out / "audit.json").write_text(json.dumps({"parameters": parameters, "result": combined.as_dict()}, indent=2, default=str))
-    held_out = set_audit.held_out_scores(tables["suspect"], tables["reference"], features, fit_fraction=args.fit_fraction, seed=args.seed)
-    plots.save(plots.audit_scores(held_out, combined), out, "held_out_scores")
+    runs.check_schedule(target, requests.values())  # before anything is written
+    out = claim_folder(args.out)
+    with FolderLock(out):
+        claim_folder(out / "cache", _cache_entry)
+        tables = {}
+        for name, imageset in sets.items():
+            table = set_audit.feature_table(target, imageset, requests, settings, out / "cache", args.batch_size, size, progress=not args.quiet)
+            tables[name] = table.drop(columns="label", errors="ignore").assign(id=lambda d, n=name: n + "/" + d["id"].astype(str))  # the sets' ids may repeat
+        features = list(requests)
+        _write_table(out / "features.parquet", pd.concat([t.assign(set=n) for n, t in tables.items()], ignore_index=True), "parquet")
+        keywords = dict(fit_fraction=args.fit_fraction, seed=args.seed, permutations=args.permutations, level=args.level)
+        rows = []
+        for name, columns in {"combined": features, **{run: [run] for run in features}}.items():
+            result = set_audit.set_audit(tables["suspect"], tables["reference"], columns, **keywords)
+            rows.append({"feature_set": name, **result.as_dict()})
+            if name == "combined":
+                combined = result
+        _write_table(out / "audit.csv", pd.DataFrame(rows))
+        write_text(out / "verdict.txt", combined.verdict + "\n")
+        parameters = {"model": model, "suspect": args.suspect, "reference": args.reference, "attacks": {run: r.text() for run, r in requests.items()},
+                      "settings": settings.columns(), "size": size, "device": args.device, "no_tf32": args.no_tf32, "fingerprint": target.fingerprint(), **keywords}
+        write_text(out / "audit.json", json.dumps({"parameters": parameters, "result": combined.as_dict()}, indent=2, default=str))
+        held_out = set_audit.held_out_scores(tables["suspect"], tables["reference"], features, fit_fraction=args.fit_fraction, seed=args.seed)
+        plots.save(plots.audit_scores(held_out, combined), out, "held_out_scores")
     print(pd.DataFrame(rows)[["feature_set", "p_value_t", "p_value_permutation", "effect_size", "auc", "detected"]].to_string(index=False))
     print(f"\n{combined.verdict}\n({time.time() - started:.1f} s) -> {out}")
 
@@ -303,12 +529,43 @@ def format_metrics(metrics) -> str:
 
 
 def report(args) -> None:
+    """Print the metrics table of a finished run, after checking that the folder's tables belong together
+    (run.json present, every listed file's sha256 as written, one run identity); otherwise say why."""
     import pandas as pd
 
-    path = Path(args.folder) / "metrics.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: score the set first (mialib score ... --out {args.folder})")
-    print(format_metrics(pd.read_csv(path)))
+    folder = Path(args.folder)
+    rerun = f"rerun the same mialib score ... --out {folder} to finish it (it resumes from its cache)"
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        if not any((folder / name).exists() for name in SCORE_TABLES):
+            raise FileNotFoundError(f"{folder / 'metrics.csv'} does not exist: score the set first (mialib score ... --out {args.folder})")
+        pid = locked_by(folder) if folder.is_dir() else None
+        if pid is not None:
+            raise ValueError(f"a mialib run (pid {pid}) is still writing to {folder}; its tables are incomplete until it finishes")
+        raise ValueError(f"the run in {folder} is incomplete (it has no {MANIFEST}: it was interrupted, or written by a mialib "
+                         f"before run manifests), so its tables are not reported; {rerun}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files, identity = dict(manifest["files"]), manifest["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{manifest_path} cannot be read ({type(error).__name__}); {rerun}") from None
+    for name in ("metrics.csv", "parameters.json"):
+        if name not in files:
+            raise ValueError(f"{manifest_path} does not list {name}, so the tables in {folder} cannot be checked; {rerun}")
+    for name, expected in files.items():
+        path = folder / name
+        if not path.exists():
+            raise ValueError(f"the tables in {folder} do not belong together: {name} is missing since the run wrote {MANIFEST}; {rerun}")
+        if _file_sha256(path) != expected:
+            raise ValueError(f"the tables in {folder} do not belong together: {name} changed after the run wrote {MANIFEST} "
+                             f"(another run or an edit); {rerun}")
+    for name in SCORE_TABLES:
+        if name not in files and (folder / name).exists():
+            raise ValueError(f"the tables in {folder} do not belong together: {name} is not part of the run {MANIFEST} records; {rerun}")
+    written = json.loads((folder / "parameters.json").read_text()).get("identity")
+    if written != identity:
+        raise ValueError(f"the tables in {folder} do not belong together: parameters.json describes another run than {MANIFEST}; {rerun}")
+    print(format_metrics(pd.read_csv(folder / "metrics.csv")))
 
 
 def download(args) -> None:

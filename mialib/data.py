@@ -313,18 +313,22 @@ OWNED_MARKER = ".mialib-owned"
 
 
 def claim_folder(folder: str | os.PathLike, is_own: Callable[[Path], bool] | None = None) -> Path:
-    """Create ``folder`` for files the project writes and regenerates, or reuse one it made before (it,
-    or a folder above it, holds the project's marker).
+    """Create ``folder`` for files the project writes and regenerates, or reuse one it made before (the
+    folder itself holds the project's marker, written when the project created or first claimed it).
 
-    A folder that already holds files without the project's marker belongs to somebody else, unless
-    ``is_own(path)`` vouches for every one of them (renders an earlier version wrote, checked by
-    content, not by name): refuse, since writing there could overwrite a user's files.
+    A folder that already holds files without its own marker belongs to somebody else, unless
+    ``is_own(path)`` vouches for every entry (renders an earlier version wrote, checked by content, not by
+    name): refuse, since writing there could overwrite a user's files. A marker in a folder above does not
+    vouch: a user may keep files in a subfolder of a run's output (the project's own subfolders, such as a
+    run's ``cache/``, hold their own marker). A folder holding no file at all (at any depth) is empty.
     """
     folder = Path(folder)
+    for above in (folder, *folder.parents):
+        if above.exists() and not above.is_dir():
+            raise DataError(f"{folder} cannot be a folder: {above} is a file")
     marker = folder / OWNED_MARKER
-    inside_own = any((parent / OWNED_MARKER).exists() for parent in folder.absolute().parents)  # e.g. a run's cache/
-    if folder.exists() and not marker.exists() and not inside_own:
-        foreign = sorted(p.name for p in folder.iterdir() if is_own is None or not is_own(p))
+    if folder.exists() and not marker.exists():
+        foreign = sorted(p.name for p in folder.iterdir() if (is_own is None or not is_own(p)) and not _holds_no_file(p))
         if foreign:
             raise DataError(
                 f"{folder} holds files that mialib did not write (e.g. {foreign[:3]}); refusing to write into it "
@@ -333,6 +337,11 @@ def claim_folder(folder: str | os.PathLike, is_own: Callable[[Path], bool] | Non
     folder.mkdir(parents=True, exist_ok=True)
     marker.touch()
     return folder
+
+
+def _holds_no_file(path: Path) -> bool:
+    """A folder with nothing but (empty) folders in it, at any depth."""
+    return path.is_dir() and not path.is_symlink() and all(_holds_no_file(p) for p in path.iterdir())
 
 
 # --------------------------------------------------------------------------------------------------

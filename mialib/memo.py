@@ -12,9 +12,12 @@ both. A set larger than the budget streams as it does without it.
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
@@ -80,9 +83,10 @@ PIXELS = Memo(1 / 3)  # preprocessed images by (file location, sha256, size)
 class Writer:
     """Cache files written in one background thread while the caller computes the next batch.
 
-    Writes stay atomic (each writer renames a finished ``.partial`` file into place), so a killed run
-    loses at most the writes still queued, which a rerun computes again. :meth:`flush` waits for the
-    queue and raises the first error a write met.
+    Writes stay atomic (each writer renames a finished, uniquely named partial file into place:
+    :func:`atomic_write`), so a killed run loses at most the writes still queued, which a rerun computes
+    again. A write that failed (a full disk) stops the caller at its next :meth:`submit`; :meth:`flush`
+    waits for the queue and raises the first error a write met.
     """
 
     def __init__(self):
@@ -94,16 +98,93 @@ class Writer:
 
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mialib-writer")
-        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
+        if any(f.done() and f.exception() is not None for f in self._pending):
+            self.flush()  # stop computing what cannot be stored: wait for the queue, raise the first error
+        self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(self._executor.submit(function, *args))
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
+        error = None
         for future in pending:
-            future.result()
+            try:
+                future.result()
+            except BaseException as caught:  # wait for every write, then raise the first error
+                error = error or caught
+        if error is not None:
+            raise error
 
 
 WRITER = Writer()
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes, and a full disk said in one sentence
+# --------------------------------------------------------------------------------------------------
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+class DiskFullError(OSError):
+    """A write that met a full disk (or quota): its message is one sentence naming the folder, the space
+    the write needed and the space free there. Nothing half-written is left behind."""
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(size) < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
+def disk_full(error: OSError, path, needed: int | None = None) -> DiskFullError:
+    """The :class:`DiskFullError` for ``error`` (ENOSPC / EDQUOT) met while writing ``path``."""
+    import shutil
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    try:
+        free = _human(shutil.disk_usage(folder).free)
+    except OSError:
+        free = "an unknown amount"
+    what = "no space left on the disk" if error.errno == errno.ENOSPC else "the disk quota is exhausted"
+    size = f"about {_human(needed)}" if needed else "more space"
+    return DiskFullError(error.errno, f"{what} of {folder} while writing {path.name}: it needs {size} and {free} is free there; "
+                         "free some space or write to another folder")
+
+
+def partial_path(path) -> Path:
+    """A unique name beside ``path`` for writing it (pid and a random part: concurrent writers never
+    rename each other's file); it never matches the final file's suffix, so no reader takes it."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+
+
+def atomic_write(path, write, needed: int | None = None) -> Path:
+    """``write(partial)`` into a uniquely named partial file, then rename it onto ``path`` (atomic: a
+    reader sees the old file or the whole new one). Any failure removes the partial file; a full disk
+    raises :class:`DiskFullError` (``needed``: the size of what was being written, when known)."""
+    path = Path(path)
+    partial = partial_path(path)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException as error:
+        try:
+            written = partial.stat().st_size
+        except OSError:
+            written = 0
+        partial.unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, DiskFullError) and error.errno in DISK_FULL:
+            raise disk_full(error, path, max(needed or 0, written) or None) from None
+        raise
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    """A text file written atomically (:func:`atomic_write`)."""
+    data = text.encode()
+    return atomic_write(path, lambda partial: Path(partial).write_bytes(data), len(data))
 
 
 STUDY_MB = 512  # the notebooks' budget (unless MIALIB_MEMORY_MB says otherwise)

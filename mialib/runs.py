@@ -68,15 +68,62 @@ def reset_peak_memory(device: str = "cpu") -> None:
         pass
 
 
+CHECKSUM_KEY = b"mialib.sha256"  # a result shard's digest of its values, in the parquet's key-value metadata
+
+
+def table_digest(table) -> str:
+    """sha256 of an Arrow table's column names, types and values (what a reader gets back, not the file's
+    bytes): stored with a result shard and checked when it is read."""
+    import hashlib
+
+    import pyarrow as pa
+
+    digest = hashlib.sha256()
+    for name, column in zip(table.column_names, table.columns):
+        digest.update(json.dumps([name, str(column.type), len(column)]).encode())
+        kind = column.type
+        if column.null_count == 0 and (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+            digest.update(np.ascontiguousarray(column.to_numpy()).tobytes())
+        else:
+            digest.update(json.dumps(column.to_pylist(), default=str).encode())
+    return digest.hexdigest()
+
+
 def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
-    partial = path.with_suffix(".partial")
-    frame.to_parquet(partial)
-    partial.replace(path)  # a killed run never leaves a half-written file behind
+    """A result shard with the digest of its values in its metadata, written atomically (a killed run never
+    leaves a half-written file behind; a full disk is said in one sentence, :class:`mialib.memo.DiskFullError`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), CHECKSUM_KEY: table_digest(table).encode()})
+    memo.atomic_write(path, lambda partial: pq.write_table(table, partial), int(frame.memory_usage(deep=True).sum()))
+
+
+class ChecksumError(ValueError):
+    """A cache file whose values do not match the digest stored with them."""
+
+
+def read_checked_parquet(path: Path) -> pd.DataFrame:
+    """A result shard, its values checked against the stored digest (shards written before digests were
+    stored are read as they are). Raises for a damaged file: truncated, undecodable or changed."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = Path(path).read_bytes()
+    table = pq.read_table(pa.BufferReader(data))
+    stored = (table.schema.metadata or {}).get(CHECKSUM_KEY)
+    if stored is not None and stored.decode() != table_digest(table):
+        raise ChecksumError("its values do not match the checksum stored with them")
+    return pd.read_parquet(io.BytesIO(data))
 
 
 def set_aside(path: Path, error: Exception) -> None:
-    """A cache file that cannot be read (truncated by a copy or a full disk): renamed ``*.damaged`` (kept
-    for inspection, never read again), reported on stderr; its results are then recomputed."""
+    """A cache file that cannot be read (truncated by a copy or a full disk) or whose values do not match
+    its checksum: renamed ``*.damaged`` (kept for inspection, never read again), reported on stderr; its
+    results are then recomputed."""
     import sys
 
     damaged = path.with_name(path.name + ".damaged")
@@ -86,8 +133,9 @@ def set_aside(path: Path, error: Exception) -> None:
 
 class ResultStore:
     """Per-image results of one attack at one parameter point (for one model, settings and size): parquet
-    shards in one folder, each row keyed by the image (id, caption, pixels). Any batch size, any order and
-    any interruption reuse every row already written; a damaged shard is set aside and its rows recomputed."""
+    shards in one folder, each row keyed by the image (id, caption, pixels), each shard holding the digest
+    of its values. Any batch size, any order and any interruption reuse every row already written; a
+    damaged shard (truncated, or values that do not match the digest) is set aside and its rows recomputed."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -97,8 +145,8 @@ class ResultStore:
         frames = []
         for path in sorted(self.folder.glob("*.parquet")):
             try:
-                frames.append(pd.read_parquet(path))
-            except Exception as error:  # pyarrow raises ArrowInvalid / OSError for truncated files
+                frames.append(read_checked_parquet(path))
+            except Exception as error:  # ArrowInvalid / OSError for truncated files, ChecksumError for changed values
                 set_aside(path, error)
         if not frames:
             return pd.DataFrame(columns=["key"]).set_index("key")
@@ -277,6 +325,7 @@ def score(
     """
     requests = as_requests(requests)
     check_requirements(imageset, requests.values(), metrics=False)
+    check_schedule(target, requests.values())
     results = {}
     for run, request in requests.items():
         results[run] = run_request(target, imageset, request, settings, cache_dir, batch_size, size, progress)
@@ -319,6 +368,21 @@ def check_requirements(imageset, requests, metrics: bool = True) -> None:
                 problems.append(f"{request.run} ({request.spec.label}) {reason}")
     if problems:
         raise ValueError("cannot score this set:\n  " + "\n  ".join(problems))
+
+
+def num_train_timesteps(target) -> int:
+    """The length of the model's training schedule (its scheduler's ``num_train_timesteps``)."""
+    config = target.scheduler.config
+    steps = config.get("num_train_timesteps") if hasattr(config, "get") else getattr(config, "num_train_timesteps", None)
+    return int(steps) if steps is not None else len(target.scheduler.alphas_cumprod)
+
+
+def check_schedule(target, requests) -> None:
+    """Raise before any compute (and before anything is written) when a request's timesteps fall outside
+    the model's schedule; the message names the attack and the parameter."""
+    steps = num_train_timesteps(target)
+    for request in requests:
+        request.check_schedule(steps)
 
 
 def runnable(imageset, requests: dict) -> tuple[dict, dict]:

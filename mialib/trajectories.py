@@ -5,7 +5,8 @@ hashes the model fingerprint, the inversion settings, the stride and the image (
 not the total timestep: any attack or study that needs the path at that stride reads the one file, a
 shorter path is its prefix, and a longer one extends it from its last latent instead of starting again
 (the walk is deterministic, so it is the same path). Writes are atomic: a killed run never leaves a
-truncated file behind.
+truncated file behind. Each file's metadata holds the sha256 of its latents and costs, checked when it is
+read: a damaged file is set aside, reported and recomputed.
 
 Latents are stored in the model's dtype (float16 models take half the disk: 32 KiB per latent at
 512 px). Files are written by a background thread (:data:`mialib.memo.WRITER`) and remembered in memory
@@ -107,6 +108,19 @@ def pixel_digests(images: torch.Tensor) -> list[str]:
     return [hashlib.sha256(row).hexdigest() for row in array]
 
 
+def latents_digest(latents: dict, seconds: str, evals: str) -> str:
+    """sha256 of a trajectory file's tensors (names, dtypes, shapes, bytes) and its cost metadata: stored in
+    the file's metadata and checked when it is read."""
+    hashed = hashlib.sha256()
+    for name in sorted(latents):
+        tensor = latents[name].detach().cpu().contiguous()
+        hashed.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        hashed.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    hashed.update(seconds.encode())
+    hashed.update(evals.encode())
+    return hashed.hexdigest()
+
+
 class Trajectory(dict):
     """``{t: z_t}`` of a batch, with ``files``: the cache file of each image (None when not cached), so
     that what is computed from a cached latent (its VAE decode) can be remembered by file and t."""
@@ -172,7 +186,12 @@ class TrajectoryCache:
                 seconds = {int(k): v for k, v in json.loads(meta["seconds"]).items()}
                 evals = {int(k): v for k, v in json.loads(meta["evals"]).items()}
                 everything = {t: handle.get_tensor(f"t={t}") for t in sorted(seconds)}
-        except Exception as error:  # a truncated or corrupted file (SafetensorError, JSON, missing keys)
+                names = set(handle.keys())
+            if "sha256" in meta:  # files written before digests were stored are read as they are
+                stored = {f"t={t}": z for t, z in everything.items()}
+                if set(stored) != names or latents_digest(stored, meta["seconds"], meta["evals"]) != meta["sha256"]:
+                    raise ValueError("its latents do not match the checksum stored with them")
+        except Exception as error:  # a truncated or corrupted file (SafetensorError, JSON, missing keys, checksum)
             from .runs import set_aside
 
             set_aside(path, error)
@@ -194,13 +213,18 @@ class TrajectoryCache:
         remembered = {"latents": {int(k[2:]): v for k, v in latents.items()}, "seconds": dict(state["seconds"]), "evals": dict(state["evals"])}
 
         def write():
-            partial = path.with_suffix(".partial")
-            save_file(latents, str(partial), metadata=metadata)
             try:
                 before = path.stat().st_size
             except FileNotFoundError:
                 before = 0
-            partial.replace(path)  # atomic: an interrupted write never leaves a truncated trajectory
+            stamped = {**metadata, "sha256": latents_digest(latents, metadata["seconds"], metadata["evals"])}
+            needed = sum(z.nelement() * z.element_size() for z in latents.values())
+            try:  # atomic: an interrupted write never leaves a truncated trajectory; a full disk says so in one sentence
+                memo.atomic_write(path, lambda partial: save_file(latents, str(partial), metadata=stamped), needed)
+            except BaseException:
+                if _QUEUED.get(str(path)) is remembered:
+                    del _QUEUED[str(path)]  # never read what was not stored
+                raise
             stat = path.stat()
             _account(path.parent, stat.st_size - before)
             memo.LATENTS.put((str(path), stat.st_mtime_ns, stat.st_size), remembered)
