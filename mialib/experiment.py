@@ -9,8 +9,12 @@ target; every notebook runs unchanged on any of them.
 
 from __future__ import annotations
 
+import contextlib
+import html
 import json
+import logging
 import os
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -51,6 +55,53 @@ def preset_notebooks(params: dict) -> tuple[str, ...]:
 
 def data_kind(params: dict) -> str:
     return imagesets.parse_spec(params.get("DATA", "emoji"))[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Library notices that say nothing about a run
+# --------------------------------------------------------------------------------------------------
+class DropMessages(logging.Filter):
+    """A logging filter that drops the records whose message contains one of ``fragments``."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+# transformers >= 5 names each image processor's torchvision backend; without torchvision it falls back to the
+# PIL one and says so once per process, when diffusers imports a pipeline class. No attack uses an image
+# processor (the pipelines' safety-checker feature extractor is never called): the notice is noise on the
+# terminal and in the executed notebooks. Only this notice is dropped; the logger's other records pass.
+TORCHVISION_FALLBACK = DropMessages("requires torchvision (not installed); falling back to")
+
+
+def quiet_library_notices() -> None:
+    """Drop :data:`TORCHVISION_FALLBACK` (idempotent; transformers need not be imported yet)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if TORCHVISION_FALLBACK not in logger.filters:
+        logger.addFilter(TORCHVISION_FALLBACK)
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool):
+    """Without progress, transformers' own bars (``Writing model shards`` when the target is saved) are off
+    too, as mialib's are; the previous state is restored after."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before:
+            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,6 +174,12 @@ def prepare_target(params: dict, progress: bool = True) -> str:
     model = params["MODEL"]
     if not params.get("BUILD_TINY_TARGET", False):
         return model
+    quiet_library_notices()
+    with library_progress_bars(progress):
+        return _prepare_tiny_target(params, model, progress)
+
+
+def _prepare_tiny_target(params: dict, model: str, progress: bool) -> str:
     from .tiny import build_tiny_target
 
     config = tiny_config(params)
@@ -284,6 +341,7 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
     ``globals()``) are its parameters. Opens the image set (writing its records and skip table), checks
     the model and the image size before any compute, and loads the target."""
     params = {k: v for k, v in params.items() if k.isupper() and not k.startswith("_")}
+    quiet_library_notices()
     if "MIALIB_MEMORY_MB" not in os.environ:
         from . import memo
 
@@ -366,40 +424,307 @@ def notebook_runs(params: dict) -> dict[str, tuple[str, dict] | str]:
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# What the notebooks are given, and how their kernels run
+# --------------------------------------------------------------------------------------------------
+OUTPUT_KEYS = ("OUTPUT_DIR", "CACHE_DIR", "FAIR_RESULTS")  # where a run writes: read back through resolve() only
+INPUT_PATH_KEYS = ("MODEL", "MODEL_CONFIG", "MANIFEST", "IMAGE_DIR")
+
+
+def relative_to_root(path: str | os.PathLike, always: bool = False) -> str | None:
+    """An absolute ``path`` relative to the repository root, as :func:`resolve` reads it back: when it lies
+    inside the repository, or anywhere (``../..``) with ``always``; else None (also across drives)."""
+    path = Path(path).expanduser()
+    if not path.is_absolute():
+        return None
+    inside = os.path.normpath(path) == str(ROOT) or os.path.normpath(path).startswith(str(ROOT) + os.sep)
+    if not (inside or always):
+        return None
+    try:
+        return Path(os.path.relpath(path, ROOT)).as_posix()
+    except ValueError:  # another drive
+        return None
+
+
+def shown_parameters(values: dict) -> dict:
+    """The parameters a notebook receives, with paths relative to the repository root, so that the executed
+    notebooks and their HTML copies never hold the absolute location of the output folder or of the
+    repository (papermill writes every parameter into the notebook). The output keys are always relative
+    (:func:`resolve` reads them back); the inputs (model, manifest, images, an image set's folder) only when
+    they lie inside the repository, since a model is also looked up from the notebooks' working directory."""
+    shown = dict(values)
+    for key in OUTPUT_KEYS + INPUT_PATH_KEYS:
+        if isinstance(shown.get(key), str) and shown[key]:
+            shown[key] = relative_to_root(shown[key], always=key in OUTPUT_KEYS) or shown[key]
+    spec = shown.get("DATA")
+    if isinstance(spec, str) and ":" in spec:
+        kind, _, rest = spec.partition(":")
+        path, sep, query = rest.partition("?")
+        relative = relative_to_root(path) if "=" not in path else None  # img2dataset's name=path pairs stay
+        if relative:
+            shown["DATA"] = f"{kind}:{relative}{sep}{query}"
+    return shown
+
+
+# tqdm (>= 4.66) takes its defaults from TQDM_<ARGUMENT> variables. In the kernels of a headless run: bars whose
+# caller leaves `disable` alone (diffusers' and transformers' loading bars) are off; mialib's own bars pass
+# `disable=not progress`, which overrides that default, so they get an endless `delay` instead: never drawn,
+# nothing to clear, no widget displayed. In Jupyter (ipywidgets installed) the same bars render as widgets.
+HEADLESS_ENV = {"TQDM_DISABLE": "1", "TQDM_DELAY": "inf"}
+# papermill's own parameter inspector reads a parameters cell one line at a time: it cannot parse a value over
+# several lines (ATTACKS = {...}) or some comments, warns, then calls the parameter unknown. The runner has
+# already checked every key with ast (declared_parameters), so these two warnings are false alarms.
+PAPERMILL_INSPECTOR = DropMessages("Unable to parse line ", "Passed unknown parameter: ")
+
+
+@contextlib.contextmanager
+def headless_kernels():
+    """While notebooks run headless: :data:`HEADLESS_ENV` in the environment the kernels inherit, and
+    papermill's inspector warnings dropped; both undone after."""
+    saved = {key: os.environ.get(key) for key in HEADLESS_ENV}
+    loggers = [logging.getLogger(name) for name in ("papermill", "papermill.translators")]
+    os.environ.update(HEADLESS_ENV)
+    for logger in loggers:
+        logger.addFilter(PAPERMILL_INSPECTOR)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(PAPERMILL_INSPECTOR)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def kernel_options() -> dict:
+    """papermill options for the notebook client: the kernel manager provisions CurveZMQ keys when the
+    kernelspec declares support (ipykernel's do), so the kernel does not warn that it runs over TCP
+    without encryption; widget state is not stored (no progress widget is ever displayed headless, and a
+    stored state would make every HTML copy load the widget manager's scripts)."""
+    import zmq
+    from jupyter_client import KernelManager
+    from traitlets.config import Config
+
+    options = {"store_widget_state": False}
+    if zmq.has("curve") and "transport_encryption" in KernelManager.class_trait_names():
+        options["config"] = Config({"KernelManager": {"transport_encryption": "auto"}})
+    return options
+
+
+# --------------------------------------------------------------------------------------------------
+# The HTML report
+# --------------------------------------------------------------------------------------------------
+REPORT_CSS = (
+    "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:76em;margin:2em auto;padding:0 1em;line-height:1.45;color:#222}"
+    "h1{margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}"
+    ".run{color:#555;margin-top:0}.note{color:#555;font-size:.92em}"
+    "table{border-collapse:collapse;margin:.6em 0}th,td{padding:.3em .7em;border-bottom:1px solid #e3e3e3;text-align:left;vertical-align:top}"
+    "th{background:#f5f5f5}table.headline td{font-variant-numeric:tabular-nums;white-space:nowrap}"
+    "table.headline td:nth-child(n+3){text-align:right}tr.failed td{color:#a00}tr.skipped td{color:#777}"
+    "ul.verdicts li{margin:.4em 0}code{background:#f5f5f5;padding:0 .2em}details{margin-top:2em}"
+)
+HEADLINE_COLUMNS = ("attack", "setting", "AUC [95% CI]", "TPR@1%FPR [95% CI]", "test FPR at the calibration's 1% threshold", "U-Net evals / image", "beats blind baselines")
+
+
+def _interval(row, metric: str) -> str:
+    return f"{row[metric]:.3f} [{row[metric + '_low']:.3f}, {row[metric + '_high']:.3f}]"
+
+
+def _number(value) -> str:
+    return "" if pd.isna(value) else f"{round(float(value), 1):g}"
+
+
+def headline_table(output_dir: Path) -> pd.DataFrame | None:
+    """03's test metrics (``metrics.csv``), one row per run in its order: AUC and TPR@1%FPR with their 95 %
+    bootstrap intervals, the FPR reached on test at the threshold that gave 1 % on calibration, U-Net
+    evaluations per image, and whether the AUC interval lies above the best blind baseline
+    (``tables/beats_blind.csv``; empty for the controls). None when 03 wrote no metrics."""
+    path = output_dir / "metrics.csv"
+    if not path.exists():
+        return None
+    metrics = pd.read_csv(path)
+    beats = {}
+    verdict_path = output_dir / "tables" / "beats_blind.csv"
+    if verdict_path.exists():
+        verdict = pd.read_csv(verdict_path)
+        beats = {run: ("" if pd.isna(value) else "yes" if str(value) == "True" else "no") for run, value in zip(verdict["run"], verdict["beats blind baselines"])}
+    rows = [
+        (row["display"], row["setting"], _interval(row, "auc"), _interval(row, "tpr_at_1fpr"), f"{row['transfer_fpr_at_1fpr']:.3f}",
+         _number(row["unet_evals"]), beats.get(row["run"], ""))
+        for _, row in metrics.iterrows()
+    ]
+    return pd.DataFrame(rows, columns=list(HEADLINE_COLUMNS), index=metrics["run"])
+
+
+def _names(frame: pd.DataFrame) -> str:
+    return ", ".join(frame["display"]) or "none"
+
+
+def verdict_sentences(output_dir: Path) -> list[str]:
+    """Plain sentences from the files the notebooks wrote: which attacks beat the blind baselines (03), the
+    structural attack's direction, the controls, the biased split's inflation (03 biased) and the set
+    audit's verdicts (06). Each is left out when its file is missing."""
+    sentences = []
+    metrics_path = output_dir / "metrics.csv"
+    metrics = pd.read_csv(metrics_path) if metrics_path.exists() else None
+    verdict_path = output_dir / "tables" / "beats_blind.csv"
+    if verdict_path.exists():
+        verdict = pd.read_csv(verdict_path)
+        if verdict["blind_auc"].isna().all():
+            sentences.append("No blind baseline ran on this set, so no attack can be said to beat one.")
+        else:
+            beats = verdict["beats blind baselines"].astype(str)
+            sentences.append(
+                f"Best blind baseline (model-free) test AUC: {verdict['blind_auc'].iloc[0]:.3f}. Attacks whose AUC 95% interval lies above it: "
+                f"{_names(verdict[beats == 'True'])}. Attacks that do not clearly beat it (they may measure the split, not membership): "
+                f"{_names(verdict[beats == 'False'])}."
+            )
+    if metrics is not None:
+        for row in metrics[metrics["attack"] == "structural"].itertuples():
+            direction = "the paper's direction (+SSIM)" if row.direction > 0 else "the REVERSED direction (-SSIM)"
+            sentences.append(f"{row.display} ({row.setting}): test AUC {row.auc:.3f} [{row.auc_low:.3f}, {row.auc_high:.3f}], scored with {direction}.")
+        controls = metrics[metrics["unet_evals"] == 0]
+        if len(controls):
+            listed = "; ".join(f"{row.display} {row.auc:.3f}" for row in controls.itertuples())
+            sentences.append(f"Controls that never run the U-Net reach test AUC {listed}: an attack says something about membership only above them.")
+    inflation_path = output_dir / "biased" / "tables" / "bias_inflation.csv"
+    if inflation_path.exists():
+        inflation = pd.read_csv(inflation_path)
+        model_runs = set(metrics.loc[metrics["unet_evals"] > 0, "run"]) if metrics is not None else set(inflation["run"])
+        attacks = inflation[inflation["run"].isin(model_runs)]
+        blind = inflation[inflation["run"] == "blind_image"]
+        text = "On the biased split (non-members from a shifted source, as when members and non-members come from different datasets)"
+        if len(blind):
+            text += f" the image-only blind classifier reaches test AUC {blind['auc_biased'].iloc[0]:.3f} ({blind['auc_fair'].iloc[0]:.3f} on the fair split) without looking at the model"
+        if len(attacks):
+            largest = attacks.loc[attacks["auc_inflation"].idxmax()]
+            text += (
+                f"{';' if len(blind) else ''} the attacks' AUCs change by {attacks['auc_inflation'].min():+.3f} to {attacks['auc_inflation'].max():+.3f}"
+                f" (largest: {largest['display']}, {largest['auc_fair']:.3f} fair, {largest['auc_biased']:.3f} biased)"
+            )
+        sentences.append(text + ".")
+    audit_path = output_dir / "tables" / "audit_examples.csv"
+    if audit_path.exists():
+        for row in pd.read_csv(audit_path).itertuples():
+            sentences.append(f"Set audit, {row.audit}: {row.verdict}")
+    needed_path = output_dir / "tables" / "audit_images_needed.csv"
+    if needed_path.exists():
+        needed = pd.read_csv(needed_path)
+        combined = needed[(needed["feature_set"] == "combined") & (needed["member_fraction"] == 1.0)]
+        if len(combined):
+            row = combined.iloc[0]
+            sentences.append(
+                f"Every attack combined, the set audit detects a suspect set of {int(row['images'])} members with {row['power']:.0%} power."
+                if pd.notna(row["images"]) else f"Every attack combined, the set audit does not reach 80 % power on members-only suspect sets: {row['note']}."
+            )
+    return sentences
+
+
+def run_description(output_dir: Path, params: dict, outcomes: dict) -> str:
+    """One line: preset, target, image set and its counts, attack size, notebooks' statuses."""
+    shown = shown_parameters(params)
+    parts = [f"Preset <b>{html.escape(str(params.get('PRESET', '')))}</b>", f"target <code>{html.escape(str(shown.get('MODEL', '')))}</code>"]
+    images = f"images <code>{html.escape(str(shown.get('DATA', 'emoji')))}</code>"
+    records = output_dir / "tables" / "image_set.csv"
+    if records.exists():
+        frame = pd.read_csv(records, usecols=lambda c: c in ("label", "subset"))
+        test = frame[frame["subset"] == "test"] if "subset" in frame else frame.iloc[:0]
+        images += (
+            f": {int((frame['label'] == 1).sum())} members and {int((frame['label'] == 0).sum())} non-members"
+            f" ({int((test['label'] == 1).sum())} and {int((test['label'] == 0).sum())} on the test split)"
+        )
+    parts.append(images)
+    if params.get("IMAGE_SIZE"):
+        parts.append(f"attacked at {int(params['IMAGE_SIZE'])} px")
+    statuses = pd.Series([o["status"] for o in outcomes.values()]).value_counts()
+    parts.append(f"{len(outcomes)} notebooks: " + ", ".join(f"{n} {status}" for status, n in statuses.items()))
+    return " · ".join(parts) + "."
+
+
+def _duration(seconds) -> str:
+    seconds = float(seconds or 0)
+    return f"{seconds:.0f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+
+
+def _notebook_rows(outcomes: dict, pages: set) -> str:
+    rows = []
+    for name, outcome in outcomes.items():
+        link = f'<a href="{html.escape(name)}.html">{html.escape(name)}</a>' if name in pages else html.escape(name)
+        time_taken = _duration(outcome["seconds"]) if "seconds" in outcome else ""
+        detail = outcome.get("reason") or outcome.get("error") or ""
+        if outcome.get("no_page"):
+            detail = f"{detail}; no HTML copy: {outcome['no_page']}" if detail else f"no HTML copy: {outcome['no_page']}"
+        rows.append(
+            f'<tr class="{html.escape(outcome["status"])}"><td>{link}</td><td>{html.escape(outcome["status"])}</td>'
+            f"<td>{time_taken}</td><td>{html.escape(str(detail))}</td></tr>"
+        )
+    return "<table><tr><th>notebook</th><th>status</th><th>time</th><th>reason or error</th></tr>" + "".join(rows) + "</table>"
+
+
+def _hide_locations(text: str, output_dir: Path) -> str:
+    """The HTML copy of an executed notebook without the absolute location of the output folder or the
+    repository (a traceback or a message may print one): each is written relative to the repository root."""
+    for folder in sorted({str(output_dir), str(output_dir.resolve()), str(ROOT)}, key=len, reverse=True):
+        relative = relative_to_root(folder, always=True) or folder
+        inside = "" if relative == "." else relative + "/"
+        start = r"(?<![\w.~-])" + re.escape(folder)  # where an absolute path starts, not inside a relative one
+        text = re.sub(start + re.escape(os.sep), lambda _: inside, text)
+        text = re.sub(start + r"(?![\w.-])", lambda _: relative, text)  # the folder itself, not a longer name
+    return text
+
+
 def write_html_report(output_dir: Path, outcomes: dict, params: dict) -> Path:
     """HTML copies of the executed notebooks (``html/<run>.html``, code and figures inline) and an index page,
-    ``html/index.html``, so that a whole run can be read and shared without Jupyter."""
-    import html
-
+    ``html/index.html``, so that a whole run can be read and shared without Jupyter. The index opens with the
+    run's headline (03's test metrics and the verdicts of 03 and 06, read from the files they wrote), then
+    links every notebook with its status and time; no script, no absolute path."""
     from nbconvert import HTMLExporter
 
     folder = output_dir / "html"
     folder.mkdir(exist_ok=True)
     exporter = HTMLExporter()
-    rows = []
+    pages, outcomes = set(), {name: dict(outcome) for name, outcome in outcomes.items()}
     for name, outcome in outcomes.items():
         executed = output_dir / "notebooks" / f"{name}.ipynb"
-        link = html.escape(name)
-        detail = outcome.get("reason") or outcome.get("error") or f"{outcome.get('seconds', 0)} s"
         if outcome["status"] != "skipped" and executed.exists():
             try:
                 body, _ = exporter.from_filename(str(executed))
-                (folder / f"{name}.html").write_text(body, encoding="utf-8")
-                link = f'<a href="{html.escape(name)}.html">{html.escape(name)}</a>'
+                (folder / f"{name}.html").write_text(_hide_locations(body, output_dir), encoding="utf-8")
+                pages.add(name)
             except Exception as error:  # a notebook that cannot be rendered is reported, never stops the report
-                detail = f"{detail}; no HTML copy: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-        rows.append(f"<tr><td>{link}</td><td>{html.escape(outcome['status'])}</td><td>{html.escape(str(detail))}</td></tr>")
-    settings = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>" for k, v in params.items())
+                outcome["no_page"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    preset = html.escape(str(params.get("PRESET", "")))
+    try:
+        description, headline, sentences = run_description(output_dir, params, outcomes), headline_table(output_dir), verdict_sentences(output_dir)
+    except Exception as error:  # a file the notebooks wrote in another layout: said, never stops the report
+        description, headline = f"Preset <b>{preset}</b>.", None
+        sentences = [f"The headline could not be read from the notebooks' files: {type(error).__name__}: {error}"]
+    if headline is not None:
+        top = (
+            "<h2>Membership inference on the test split</h2>"
+            + headline.to_html(index=False, border=0, classes="headline", na_rep="")
+            + '<p class="note">Settings, score directions and thresholds are chosen on the calibration split and applied once to the test split; '
+            "intervals are 95 % bootstrap intervals over the test images (03_attack, <code>metrics.csv</code>).</p>"
+        )
+    else:
+        top = '<p class="note">No headline: 03_attack wrote no <code>metrics.csv</code> in this run.</p>'
+    verdicts = ("<h2>Verdicts</h2><ul class=\"verdicts\">" + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>") if sentences else ""
+    shown = shown_parameters(params)
+    settings = pd.DataFrame({"parameter": list(shown), "value": [json.dumps(v) for v in shown.values()]}).to_html(index=False, border=0)
+    location = relative_to_root(output_dir, always=True) or output_dir.name
     index = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>mialib run: " + html.escape(str(params.get("PRESET", ""))) + "</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td{padding:.2em .8em;vertical-align:top}</style></head><body>"
-        f"<h1>mialib run: preset {html.escape(str(params.get('PRESET', '')))}</h1>"
-        f"<p>Executed notebooks of <code>{html.escape(str(output_dir))}</code>, written {time.strftime('%Y-%m-%d %H:%M')}. "
-        "Figures and tables are also in <code>figures/</code> and <code>tables/</code> beside this folder.</p>"
-        "<table><tr><th>notebook</th><th>status</th><th>time or reason</th></tr>" + "".join(rows) + "</table>"
-        "<h2>Parameters</h2><table>" + settings + "</table></body></html>"
+        f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>mialib run: {preset}</title>"
+        f"<style>{REPORT_CSS}</style></head><body>"
+        f"<h1>mialib run: {preset}</h1><p class=\"run\">{description}</p>"
+        + top + verdicts
+        + "<h2>Notebooks</h2>" + _notebook_rows(outcomes, pages)
+        + f'<p class="note">Output folder <code>{html.escape(location)}</code> (relative to the repository root), written {time.strftime("%Y-%m-%d %H:%M")}; '
+        "figures and tables are also in <code>figures/</code> and <code>tables/</code> beside this page's folder.</p>"
+        + f"<details><summary>Parameters</summary>{settings}</details></body></html>"
     )
-    (folder / "index.html").write_text(index, encoding="utf-8")
+    (folder / "index.html").write_text(_hide_locations(index, output_dir), encoding="utf-8")  # a failure's message may name them
     return folder / "index.html"
 
 
@@ -431,7 +756,10 @@ def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] | N
     Executed copies go to ``<OUTPUT_DIR>/notebooks/``; the resolved parameters to
     ``<OUTPUT_DIR>/parameters.json``; times and outcomes to ``notebook_runs.json``. A preset key that no
     notebook declares is an error (a typo would otherwise be ignored silently). A failing notebook does
-    not stop the others; :class:`NotebookFailures` lists every failure at the end.
+    not stop the others; :class:`NotebookFailures` lists every failure at the end. The notebooks receive
+    their paths relative to the repository root (:func:`shown_parameters`) and run in quiet kernels
+    (:func:`headless_kernels`, :func:`kernel_options`): no progress bar, widget or transport warning in the
+    executed copies; the terminal shows each notebook's status.
     """
     import papermill
 
@@ -451,24 +779,27 @@ def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] | N
         raise ValueError(f"preset keys that no notebook declares: {sorted(unused)}")
     (output_dir / "parameters.json").write_text(json.dumps(params, indent=2))
     outcomes, failures = {}, []
+    options = kernel_options()
     for name in notebooks:
         if isinstance(runs[name], str):
             outcomes[name] = {"status": "skipped", "reason": runs[name]}
             print(f"{name}: skipped ({runs[name]})", flush=True)
             continue
         source, overrides = runs[name]
-        values = {**params, **overrides}
+        values = shown_parameters({**params, **overrides})
         start = time.time()
         try:
-            papermill.execute_notebook(
-                str(ROOT / "notebooks" / f"{source}.ipynb"),
-                str(output_dir / "notebooks" / f"{name}.ipynb"),
-                parameters={k: v for k, v in values.items() if k in declared[source]},
-                kernel_name=kernel,
-                cwd=str(ROOT / "notebooks"),
-                progress_bar=False,
-                log_output=True,
-            )
+            with headless_kernels():
+                papermill.execute_notebook(
+                    str(ROOT / "notebooks" / f"{source}.ipynb"),
+                    str(output_dir / "notebooks" / f"{name}.ipynb"),
+                    parameters={k: v for k, v in values.items() if k in declared[source]},
+                    kernel_name=kernel,
+                    cwd=str(ROOT / "notebooks"),
+                    progress_bar=False,
+                    log_output=True,
+                    **options,
+                )
             outcomes[name] = {"status": "ok", "seconds": round(time.time() - start, 1)}
         except Exception as error:  # papermill raises PapermillExecutionError with the cell's traceback
             outcomes[name] = {"status": "failed", "seconds": round(time.time() - start, 1), "error": str(error).strip().splitlines()[-1][:500]}

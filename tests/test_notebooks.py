@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -115,6 +116,62 @@ def test_html_report_has_every_executed_notebook(smoke_outputs):
         assert f'href="{name}.html"' in index
         page = (smoke_outputs / "html" / f"{name}.html").read_text()
         assert "<html" in page and "data:image/png;base64" in page  # figures inline: the page stands alone
+
+
+def test_executed_notebooks_and_pages_hold_only_what_the_notebooks_say(smoke_outputs):
+    """No stderr block (progress bars, library notices), no progress widget or its state, no script of the
+    widget manager, and neither the output folder's absolute location nor the repository's: papermill writes
+    the parameters into each notebook, and they are given relative to the repository root (a path such as
+    ``../../tmp/.../outputs`` is relative)."""
+    import html
+
+    absolute = re.compile(r"(?<!\.\.)" + re.escape(str(smoke_outputs)))
+    relative = experiment.relative_to_root(smoke_outputs, always=True)
+    for name in experiment.NOTEBOOKS:
+        notebook = json.loads((smoke_outputs / "notebooks" / f"{name}.ipynb").read_text())
+        outputs = [o for c in notebook["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+        assert not [o for o in outputs if o.get("name") == "stderr"], name
+        assert not [o for o in outputs if any("widget" in kind for kind in o.get("data", {}))], name
+        assert "widgets" not in notebook["metadata"], name
+        sources = "".join("".join(c["source"]) for c in notebook["cells"])
+        assert not absolute.search(sources + json.dumps(outputs)) and str(experiment.ROOT) not in sources + json.dumps(outputs), name
+        page = (smoke_outputs / "html" / f"{name}.html").read_text()
+        assert 'data-mime-type="application/vnd.jupyter.stderr"' not in page and "vnd.jupyter.widget" not in page, name
+        assert not absolute.search(page) and str(experiment.ROOT) not in page, name
+        shown = f'OUTPUT_DIR = "{relative}{"/biased" if name == "03_attack_biased" else ""}"'
+        assert shown in html.unescape(re.sub(r"<[^>]+>", "", page)), name  # read back by experiment.resolve
+
+
+def test_index_opens_with_the_headline_that_03_and_06_wrote(smoke_outputs, smoke_params):
+    """index.html: a title, the run's line, then 03's test metrics as its first table (the numbers of
+    metrics.csv and beats_blind.csv), the verdicts (06's as written), then the notebooks; no script."""
+    from bs4 import BeautifulSoup
+
+    index = (smoke_outputs / "html" / "index.html").read_text()
+    soup = BeautifulSoup(index, "html.parser")
+    assert not soup.find_all("script") and soup.title.get_text() == "mialib run: smoke"
+    assert [t.name for t in soup.body.find_all(["h1", "p", "h2", "table"])][:4] == ["h1", "p", "h2", "table"]
+    assert f"{smoke_params['N_MEMBERS']} members and {smoke_params['N_NONMEMBERS']} non-members" in soup.find("p", class_="run").get_text()
+    table = soup.find("table")
+    assert "headline" in table["class"] and index.index("<table") < index.index('href="01_data_split.html"')
+    header = [th.get_text() for th in table.find("thead").find_all("th")]
+    assert header == ["attack", "setting", "AUC [95% CI]", "TPR@1%FPR [95% CI]", "test FPR at the calibration's 1% threshold", "U-Net evals / image", "beats blind baselines"]
+    rows = [[td.get_text() for td in tr.find_all("td")] for tr in table.find("tbody").find_all("tr")]
+    metrics = pd.read_csv(smoke_outputs / "metrics.csv")
+    beats = pd.read_csv(smoke_outputs / "tables" / "beats_blind.csv").set_index("run")["beats blind baselines"]
+    assert [r[0] for r in rows] == list(metrics["display"])
+    numbers = re.compile(r"-?\d+(?:\.\d+)?")
+    for row, metric in zip(rows, metrics.itertuples()):
+        assert row[1] == metric.setting
+        assert [float(x) for x in numbers.findall(row[2])] == pytest.approx([metric.auc, metric.auc_low, metric.auc_high], abs=5e-4)
+        assert [float(x) for x in numbers.findall(row[3])] == pytest.approx([metric.tpr_at_1fpr, metric.tpr_at_1fpr_low, metric.tpr_at_1fpr_high], abs=5e-4)
+        assert float(row[4]) == pytest.approx(metric.transfer_fpr_at_1fpr, abs=5e-4) and float(row[5]) == pytest.approx(metric.unet_evals, abs=0.05)
+        assert row[6] == ({True: "yes", False: "no"}[bool(beats[metric.run])] if metric.run in beats.index else "")
+    verdicts = soup.find("ul", class_="verdicts").get_text(" ")
+    assert "Best blind baseline (model-free) test AUC: " in verdicts
+    for verdict in pd.read_csv(smoke_outputs / "tables" / "audit_examples.csv")["verdict"]:
+        assert verdict in verdicts
+    assert index.index('class="verdicts"') < index.index('href="01_data_split.html"')
 
 
 def test_06_features_are_the_registry_scores_of_03(smoke_outputs, smoke_params):
