@@ -261,9 +261,9 @@ def emoji_tokenizer(config, folder: Path = EMOJI_TOKENIZER):
 def locate_model(model: str | os.PathLike) -> str:
     """A local model folder (relative to the repository root or the working directory), or a hub id.
 
-    A string that is not an existing folder is taken as a hub id only if it has the hub's form
-    ``owner/name`` and its first part is not a local folder; anything else is a typo'd local path, and
-    the error says so instead of failing on the network.
+    A string that is not an existing folder is taken as a hub id only by :func:`mialib.target.locate_model`'s
+    rule (the hub's form ``owner/name`` and nothing that looks local; offline, only a cached one); anything
+    else is a typo'd local path, and the error says so at once instead of failing on the network.
     """
     from .target import locate_model as _locate
 

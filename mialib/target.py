@@ -341,19 +341,105 @@ def stable_config(config) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+# A first part that names a usual local folder is a path (``models/sd15``, ``outputs/target``), never an owner.
+LOCAL_FOLDERS = {
+    "models", "model", "data", "datasets", "outputs", "output", "out", "checkpoints", "checkpoint", "ckpt", "ckpts",
+    "weights", "runs", "results", "experiments", "targets", "pipelines", "saved", "saved_models", "exports", "artifacts",
+    "tmp", "temp", "cache", "downloads", "workspace", "scratch", "home", "mnt", "content",
+}
+# A last part that names a pipeline's component folder is a path into a pipeline (``my-model/unet``).
+COMPONENT_FOLDERS = {
+    "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler", "transformer",
+    "safety_checker", "feature_extractor", "image_encoder",
+}
+MODEL_FILE_SUFFIXES = (*PICKLE_SUFFIXES, ".safetensors", ".sft", ".json", ".yaml", ".yml", ".onnx", ".gguf")
+TRUE_WORDS = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's spelling of a true environment variable
+
+
+def local_reason(text: str) -> str | None:
+    """Why ``text`` is a local path rather than a hub id (None: it has the hub's form ``owner/name``).
+
+    A hub id is exactly one ``/`` between an owner and a name of letters, digits, ``-``, ``_`` and ``.``
+    (no ``--`` or ``..``). Anything else is local: more than one ``/``, a leading ``.``, ``/`` or ``~``, a
+    Windows drive or a backslash, a file suffix (``.safetensors``, ``.ckpt``, ``.bin`` ...), a first part that
+    is a usual local folder name (``models``, ``data``, ``outputs``, ``checkpoints`` ...) or an existing
+    folder, a last part that is a pipeline component folder (``unet``, ``vae`` ...)."""
+    if "\\" in text or re.match(r"^[A-Za-z]:", text):
+        return "it holds a backslash or a drive letter"
+    if text.startswith((".", "/", "~")):
+        return f"it starts with {text[0]!r}"
+    if text.count("/") != 1:
+        return "it has no '/'" if "/" not in text else "it has more than one '/'"
+    if not HUB_ID.match(text):
+        return "it holds characters a hub id never has (only letters, digits, '-', '_' and '.')"
+    owner, name = text.split("/")
+    if "--" in text or ".." in text:
+        return "hub ids never hold '--' or '..'"
+    if name.lower().endswith(MODEL_FILE_SUFFIXES):
+        return f"it names a file ({Path(name).suffix})"
+    if owner.lower() in LOCAL_FOLDERS:
+        return f"its first part {owner}/ is a usual local folder name"
+    if name.lower() in COMPONENT_FOLDERS:
+        return f"its last part {name}/ is a pipeline component folder"
+    if Path(owner).expanduser().exists():
+        return f"its first part {owner}/ exists here"
+    return None
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache as the environment names it now (HF_HUB_CACHE, HF_HOME/hub, the default)."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return Path(os.environ[variable]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def in_hub_cache(model_id: str) -> bool:
+    """Whether the pipeline ``owner/name`` is in the local hub cache (its ``model_index.json`` is); reads files only."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = hub_cache()
+    try:
+        if isinstance(try_to_load_from_cache(model_id, "model_index.json", cache_dir=cache), str):
+            return True
+    except Exception:  # an id the hub's validation refuses (too long, say) is in no cache
+        return False
+    snapshots = cache / f"models--{model_id.replace('/', '--')}" / "snapshots"
+    return any(snapshots.glob("*/model_index.json"))
 
 
 def locate_model(model: str | os.PathLike) -> str:
-    """An existing local folder or file, or a string of the hub's form ``owner/name`` whose first part is
-    not a local folder. Anything else is a local path that does not exist: say so, rather than ask the hub."""
+    """An existing local folder or file, or a hub id; anything else fails at once, naming the path, the
+    nearest existing folder and what to check (never after minutes of retries against the hub).
+
+    A string that does not exist here is taken as a hub id only when it has the hub's form ``owner/name``
+    and does not look local (:func:`local_reason`): ``models/sd15``, ``outputs/target``, ``my-model/unet``,
+    ``ckpts/model.safetensors`` are typo'd local paths. With ``HF_HUB_OFFLINE`` set, a hub id must be in the
+    local hub cache (:func:`in_hub_cache`), else it is refused too."""
     text = str(model)
     path = Path(text).expanduser()
     if path.exists():
         return str(path)
-    if HUB_ID.match(text) and not Path(text.split("/")[0]).exists():
-        return text
     parent = next((p for p in path.absolute().parents if p.exists()), None)
-    raise FileNotFoundError(f"model path {text!r} does not exist (the nearest existing folder is {parent}); check the MODEL / --model path")
+    reason = local_reason(text)
+    if reason is not None:
+        raise FileNotFoundError(
+            f"model path {text!r} does not exist (the nearest existing folder is {parent}); check the MODEL / --model path"
+            f"{'' if path.is_absolute() else f' (a relative path starts from {Path.cwd()})'}. It is not sent to the Hugging Face "
+            f"hub: {reason}, and a hub id is owner/name, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in TRUE_WORDS and not in_hub_cache(text):
+        cache = hub_cache() / f"models--{text.replace('/', '--')}"
+        raise FileNotFoundError(
+            f"model {text!r} is neither a local path (the nearest existing folder is {parent}) nor a hub model in the local "
+            f"cache (HF_HUB_OFFLINE is set and {cache} holds no model_index.json); check the MODEL / --model path, or "
+            f"download the model once with network (hf download {text}), or unset HF_HUB_OFFLINE"
+        )
+    return text
 
 
 def as_dtype(dtype: str | torch.dtype) -> torch.dtype:

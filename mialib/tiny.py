@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from . import memo
+
 
 @dataclass
 class TinyConfig:
@@ -325,10 +327,12 @@ BASE_FIELDS = (*VAE_FIELDS, "unet_channels", "text_dim", "max_tokens", "unet_lr"
 
 def _copy_done(source: Path, destination: Path) -> None:
     """Copy a finished folder next to ``destination`` first and rename it there, so a reader never sees half of it."""
-    partial = destination.with_name(destination.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(source, partial)
-    partial.rename(destination)
+    partial = memo.partial_path(destination)  # unique: two builds never rename each other's copy
+    try:
+        shutil.copytree(source, partial)
+        partial.rename(destination)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _vae(config: TinyConfig, tokenizer: CLIPTokenizer, public_images: torch.Tensor, key: str, target_dir: Path, shared: Path | None, progress: bool) -> AutoencoderKL:

@@ -425,6 +425,8 @@ def test_unreadable_files_are_skipped_with_reasons(tmp_path, layout):
     for image_id, start in EXPECTED_PROBLEMS.items():
         assert skipped[image_id].startswith(start), (image_id, skipped[image_id])
     assert "truncated" in skipped["members/truncated"]
+    for image_id in ("members/empty", "members/truncated", "members/garbage"):  # the file, and what to do
+        assert f"{image_id}.png" in skipped[image_id] and ("re-download" in skipped[image_id] or "move it out" in skipped[image_id])
     assert imageset.given == len(problem_rows())
 
 
@@ -867,3 +869,200 @@ def test_read_threads_one_beside_a_cpu_model_more_beside_a_gpu(monkeypatch):
         monkeypatch.setenv("MIALIB_READ_THREADS", bad)
         with pytest.raises(ValueError, match="MIALIB_READ_THREADS"):
             read_threads("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# 12. every file of a folder form is used or listed as skipped (images told by content, not suffix)
+# --------------------------------------------------------------------------------------------------
+def jpeg(seed) -> bytes:
+    return encode(Image.fromarray(pixels(seed)), "JPEG", quality=90)
+
+
+HEIC = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(range(256)) * 2  # an ISO-media header of brand heic, no pixels
+PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n"
+
+# what the odd files of a set are, and what their skip reasons must say (besides naming the file)
+ODD_FILES = {  # name -> (bytes, used?, words of the reason)
+    "photo.jfif": (jpeg("jfif"), True, ()),  # a JPEG with an unusual suffix
+    "renamed.img": (png("renamed"), True, ()),  # a PNG renamed
+    "iphone.heic": (HEIC, False, ("not a readable image", "HEIC", "convert it to PNG or JPEG")),
+    "scan.pdf": (PDF, False, ("not a readable image", "PDF", "move it out")),
+    "cut.jpg": (jpeg("cut")[:300], False, ("not a readable image", "truncated", "re-download or re-export")),
+}
+
+
+def hidden_and_system_files(folder: Path) -> None:
+    """Files no form lists: they must be neither used nor skipped."""
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1" + bytes(32))
+    (folder / "._photo.jfif").write_bytes(b"\0\5\26\7 AppleDouble")
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / ".ipynb_checkpoints" / "x.png").write_bytes(png("checkpoint"))
+
+
+def check_accounted(imageset, expected_used: set[str], expected_skipped: dict[str, tuple], unnamed=()) -> dict[str, str]:
+    """Counts reconcile, exactly the expected sources are used / skipped, and each reason names its file
+    (or, for a missing caption, the caption file; not for ``unnamed``) and holds the expected words.
+    Returns source -> reason."""
+    reconciles(imageset)
+    by_source = dict(zip(imageset.skipped["source"], imageset.skipped["reason"]))
+    assert set(imageset.records["source"]) == expected_used
+    assert set(by_source) == set(expected_skipped), by_source
+    for source, words in expected_skipped.items():
+        named = Path(source).with_suffix(".txt").as_posix() if by_source[source].startswith("no caption") else source
+        assert source in unnamed or named in by_source[source], (source, by_source[source])
+        for word in words:
+            assert word in by_source[source], (source, word, by_source[source])
+    assert imageset.given == len(expected_used) + len(expected_skipped)
+    assert f"of {imageset.given} given, {len(expected_skipped)} skipped" in imageset.summary()
+    return by_source
+
+
+def test_every_file_of_a_members_nonmembers_folder_is_used_or_skipped(tmp_path):
+    root = tmp_path / "set"
+    write_set(root, "folders", good("m1", "m2") + good("n1", "n2", member=False))
+    for name, (payload, _, _) in ODD_FILES.items():
+        (root / "members" / name).write_bytes(payload)
+        (root / "members" / name).with_suffix(".txt").write_text(f"a caption of {name}")
+    (root / "nonmembers" / "report.pdf").write_bytes(PDF)  # no caption either: what it is comes first
+    (root / "nonmembers" / "notes.txt").write_text("a note, beside no image")
+    (root / "README.md").write_text("my set")  # outside the class folders
+    (root / "extra").mkdir()
+    (root / "extra" / "loose.png").write_bytes(png("loose"))
+    hidden_and_system_files(root / "members")
+    hidden_and_system_files(root)
+    imageset = open_imageset(f"imagefolder:{root}")
+    used = {r.rel for r in good("m1", "m2") + good("n1", "n2", member=False)} | {f"members/{n}" for n, (_, ok, _) in ODD_FILES.items() if ok}
+    skipped = {f"members/{n}": words for n, (_, ok, words) in ODD_FILES.items() if not ok}
+    skipped["nonmembers/report.pdf"] = ("not a readable image", "PDF")
+    skipped["nonmembers/notes.txt"] = ("caption file without an image",)
+    skipped["README.md"] = ("not under members/ or nonmembers/", "move it")
+    skipped["extra/loose.png"] = ("not under members/ or nonmembers/",)
+    check_accounted(imageset, used, skipped)
+    ids = dict(zip(imageset.records["source"], imageset.records["id"]))
+    assert ids["members/photo.jfif"] == "members/photo" and ids["nonmembers/n1.png"] == "nonmembers/n1"
+    photo = imageset.records.set_index("id").loc["members/photo"]
+    assert photo["caption"] == "a caption of photo.jfif" and photo["label"] == 1
+    assert photo["sha256"] == hashlib.sha256(ODD_FILES["photo.jfif"][0]).hexdigest()
+    assert imageset.select(["members/photo"]).load(32).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("layout", ["imagefolder-csv", "imagefolder-jsonl"])
+def test_every_file_of_a_metadata_imagefolder_is_used_or_skipped(tmp_path, layout):
+    """Rows name the odd files (their suffixes do not matter); files no row names are strays, even with a
+    subset column (which strays never need)."""
+    root = tmp_path / "set"
+    rows = [Row("m1", subset="test"), Row("n1", member=False, subset="calibration")]
+    rows += [Row(Path(n).stem, path=f"members/{n}", subset="test", image=None) for n in ODD_FILES]
+    write_set(root, layout, rows)
+    for name, (payload, _, _) in ODD_FILES.items():
+        (root / "members" / name).write_bytes(payload)
+    (root / "members" / "forgotten.png").write_bytes(png("forgotten"))  # an image no row names
+    (root / "members" / "m1.txt").write_text("a caption of the folder form")  # a caption beside an image: the other form's
+    (root / "notes.pdf").write_bytes(PDF)
+    hidden_and_system_files(root)
+    imageset = open_imageset(f"imagefolder:{root}")
+    table = TABLE_FILE[layout]
+    used = {"members/m1.png", "nonmembers/n1.png"} | {f"members/{n}" for n, (_, ok, _) in ODD_FILES.items() if ok}
+    skipped = {f"members/{n}": words for n, (_, ok, words) in ODD_FILES.items() if not ok}
+    skipped["members/forgotten.png"] = (f"not listed in {table}", "add a row")
+    skipped["notes.pdf"] = (f"not listed in {table}",)
+    check_accounted(imageset, used, skipped)
+    assert set(imageset.records["subset_rule"]) == {"given"}
+
+
+def test_every_file_of_a_plain_unlabelled_folder_is_used_or_skipped(tmp_path):
+    root = tmp_path / "plain"
+    root.mkdir()
+    for i in range(2):
+        (root / f"{i}.png").write_bytes(png(f"plain {i}"))
+        (root / f"{i}.txt").write_text(f"caption {i}")
+    for name, (payload, _, _) in ODD_FILES.items():
+        (root / "odd" / name).parent.mkdir(exist_ok=True)
+        (root / "odd" / name).write_bytes(payload)
+        (root / "odd" / name).with_suffix(".txt").write_text(f"a caption of {name}")
+    (root / "orphan.txt").write_text("no image of this name")
+    (root / "set.csv").write_text("id,path,caption\na,0.png,x\n")  # not this form's file: a stray of its own
+    hidden_and_system_files(root)
+    imageset = open_imageset(f"imagefolder:{root}", require_labels=False)
+    used = {"0.png", "1.png"} | {f"odd/{n}" for n, (_, ok, _) in ODD_FILES.items() if ok}
+    skipped = {f"odd/{n}": words for n, (_, ok, words) in ODD_FILES.items() if not ok}
+    skipped["orphan.txt"] = ("caption file without an image",)
+    skipped["set.csv"] = ("not a readable image", "text")
+    check_accounted(imageset, used, skipped)
+    assert imageset.records["label"].isna().all()
+
+
+def test_a_csv_set_reads_its_files_by_content_and_names_the_unreadable_ones(tmp_path):
+    """A csv set lists only its rows (its folder may hold anything else); each row's file is used or skipped."""
+    root = tmp_path / "set"
+    root.mkdir()
+    lines = ["id,path,caption,label", "m1,m1.png,one,1", "n1,n1.png,two,0"]
+    (root / "m1.png").write_bytes(png("csv m1"))
+    (root / "n1.png").write_bytes(png("csv n1"))
+    for i, (name, (payload, _, _)) in enumerate(ODD_FILES.items()):
+        (root / name).write_bytes(payload)
+        lines.append(f"odd{i},{name},a caption,{i % 2}")
+    (root / "set.csv").write_text("\n".join(lines) + "\n")
+    (root / "unrelated.txt").write_text("not part of the set")
+    imageset = open_imageset(f"csv:{root / 'set.csv'}")
+    used = {"m1.png", "n1.png"} | {n for n, (_, ok, _) in ODD_FILES.items() if ok}
+    check_accounted(imageset, used, {n: words for n, (_, ok, words) in ODD_FILES.items() if not ok})
+
+
+def _img2dataset_sample(files: dict, key: str, image: tuple[str, bytes] | None, label: int, caption: bool = True) -> None:
+    """One sample's files (name -> bytes) as img2dataset writes them."""
+    if image is not None:
+        files[f"{key}{image[0]}"] = image[1]
+    if caption:
+        files[f"{key}.txt"] = f"caption {key}".encode()
+    files[f"{key}.json"] = json.dumps({"key": key, "status": "success", "label": label}).encode()
+
+
+@pytest.mark.parametrize("kind", ["files", "webdataset"])
+def test_every_file_of_an_img2dataset_output_is_used_or_skipped(tmp_path, kind):
+    import tarfile
+
+    out = tmp_path / "out"
+    out.mkdir()
+    files: dict[str, bytes] = {}
+    _img2dataset_sample(files, "000000000", (".jpg", jpeg("i2d 0")), 1)
+    _img2dataset_sample(files, "000000001", (".jfif", jpeg("i2d 1")), 0)  # an unusual suffix: the content decides
+    _img2dataset_sample(files, "000000002", (".heic", HEIC), 1)
+    _img2dataset_sample(files, "000000003", (".png", png("i2d 3")), 0)
+    files["000000003.xmp"] = b"<x:xmpmeta/>"  # an extra file beside a sample's image
+    _img2dataset_sample(files, "000000004", (".img", png("i2d 4")), 1, caption=False)  # no caption
+    files["notes.pdf"] = PDF  # belongs to no sample
+    files[".DS_Store"] = b"\0\0\0\1Bud1"
+    files["000000005.jpg"] = jpeg("left over")  # a sample the shard parquet records as failed
+    if kind == "files":
+        (out / "00000").mkdir()
+        for name, payload in files.items():
+            (out / "00000" / name).write_bytes(payload)
+        prefix = "00000/"
+    else:
+        with tarfile.open(out / "00000.tar", "w") as archive:
+            for name, payload in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+        prefix = "00000.tar:"
+    keys = [f"00000000{i}" for i in range(6)]
+    pd.DataFrame({
+        "key": keys, "status": ["success"] * 5 + ["failed_to_download"], "error_message": [None] * 5 + ["HTTP Error 404"],
+        "label": ["1", "0", "1", "0", "1", "0"],
+    }).to_parquet(out / "00000.parquet", index=False)
+    (out / "00000_stats.json").write_text("{}")
+    (out / "urls.csv").write_text("url\nhttp://example.invalid/a.jpg\n")  # not img2dataset's: a stray
+    imageset = open_imageset(f"img2dataset:{out}?label=label")
+    used = {f"{prefix}000000000.jpg", f"{prefix}000000001.jfif", f"{prefix}000000003.png"}
+    skipped = {
+        f"{prefix}000000002.heic": ("not a readable image", "HEIC", "convert it to PNG or JPEG"),
+        f"{prefix}000000004.img": ("no caption",),
+        f"{prefix}000000003.xmp": ("extra file beside a sample", "of sample 000000003"),
+        f"{prefix}notes.pdf": ("not an img2dataset sample",),
+        f"{prefix}000000005.jpg": ("records sample 000000005 as failed_to_download",),
+        "urls.csv": ("not part of an img2dataset output",),
+        "00000/000000005": ("download failed: HTTP Error 404",),  # the failed sample itself, as the parquet lists it
+    }
+    check_accounted(imageset, used, skipped, unnamed={"00000/000000005"})

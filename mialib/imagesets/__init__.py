@@ -15,7 +15,9 @@ assignment when the source has none), ``manifest=path.csv`` (verify every image 
 manifest and take its split), ``min_side=N`` (skip images whose shorter side is below N px).
 
 Every set gives records ``id, caption, label, subset, source, sha256`` (see :mod:`.core` for what
-happens to bad input) and loads pixels lazily, batch by batch.
+happens to bad input) and loads pixels lazily, batch by batch. Every file under a folder form's folder
+is used or listed in the skip table with its reason, except the form's own files (metadata, captions,
+img2dataset's .json / .parquet) and hidden ones; an image is recognised by its content, not its suffix.
 """
 
 from __future__ import annotations

@@ -18,6 +18,25 @@ are). Everything else happens here, once, so every adapter gives the same outcom
 Counts reconcile: ``len(records) + len(skipped) == given``. Images are decoded once when the set is
 opened (so every skip is known before any compute) and then lazily, batch by batch; a file that changes
 after opening (or is deleted) is a ``DataError`` naming the image, never a silent substitute.
+
+**Every file is accounted for.** A folder form (members/ and nonmembers/, an imagefolder with metadata,
+a plain folder with ``.txt`` captions, an img2dataset output) lists every file under its folder: each is a
+record (used, or skipped with its reason) unless it is one of
+
+- the form's own files, which are not images: ``metadata.csv`` / ``metadata.jsonl`` at the top of an
+  imagefolder; a ``.txt`` beside a file of the same name (its caption: read by the folder forms, not
+  needed by the metadata form); img2dataset's per-sample ``.json`` / ``.txt`` and its shard ``.parquet``,
+  ``.tar`` and ``*_stats.json`` files;
+- hidden files and folders (a name starting with ``.``: ``.DS_Store``, ``._photo.jpg``, ``.ipynb_checkpoints/``)
+  and the operating systems' own ``Thumbs.db``, ``desktop.ini`` and ``__MACOSX/``;
+- a file that a used link in the set points to (it is used through the link).
+
+A file the source itself does not list (not in ``metadata.csv``, outside ``members/`` / ``nonmembers/``,
+not part of an img2dataset sample) is a *stray*: a skip row whose reason says why and what to do; its label,
+subset and group are never read. A ``csv:`` set lists only the files its rows name (its folder may hold
+anything else). Whether a file is an image is decided by its content, never its suffix: a JPEG named
+``.jfif`` or a PNG named ``.img`` is used; a file Pillow cannot decode (a HEIC photo without a plugin, a PDF,
+text, a truncated download) is skipped with a reason naming the file, what it is, and what to do.
 """
 
 from __future__ import annotations
@@ -63,6 +82,8 @@ class Entry:
     group: object = None  # records of one group always share a subset (near-duplicates, one person)
     skip: str | None = None  # a reason the adapter already knows (a failed download, an unreadable caption file)
     extra: dict = field(default_factory=dict)
+    caption_problem: str | None = None  # the caption is missing (no .txt): a skip, unless the image has a worse problem
+    stray: bool = False  # a file in the set's folder that the source does not list: always skipped (``skip``), never validated
 
 
 class ImageProblem(Exception):
@@ -145,8 +166,83 @@ def read_bytes(location: str) -> bytes:
     return Path(location).read_bytes()
 
 
-def decode_image(payload: bytes, min_side: int = MIN_SIDE, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+HIDDEN_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}  # besides names starting with "."
+
+
+def is_hidden(relative: Path) -> bool:
+    """A hidden file or a file in a hidden folder (``.DS_Store``, ``._x.jpg``, ``.git/``, ``Thumbs.db``, ``__MACOSX/``)."""
+    return any(part.startswith(".") or part.lower() in HIDDEN_NAMES for part in relative.parts)
+
+
+def walk_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` (a broken link too), sorted, hidden ones left out (:func:`is_hidden`)."""
+    return sorted(
+        p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and not p.is_dir() and not is_hidden(p.relative_to(folder))
+    )
+
+
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"mif2"}
+CONVERT = "convert it to PNG or JPEG"
+MOVE = "move it out of the set's folder"
+
+
+def sniff(payload: bytes) -> tuple[str, str] | None:
+    """(what the bytes are, what to do) for common files Pillow does not decode; None when not recognised."""
+    head = payload[:1024]
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in HEIF_BRANDS:
+            return "HEIC/HEIF photo, which Pillow cannot read here", f"{CONVERT} (or install pillow-heif)"
+        if brand in (b"avif", b"avis"):
+            return "AVIF image, which this Pillow cannot read", CONVERT
+        return "video or other ISO media file, not an image", f"extract a frame as PNG, or {MOVE}"
+    if head.startswith(b"\xff\x0a") or head.startswith(b"\x00\x00\x00\x0cJXL \r\n\x87\n"):
+        return "JPEG XL image, which Pillow cannot read", CONVERT
+    if head.startswith(b"%PDF"):
+        return "PDF document, not an image", f"export the picture as PNG, or {MOVE}"
+    lower = head.lstrip().lower()
+    if b"<svg" in lower:
+        return "SVG drawing, which Pillow cannot render", "render it to PNG (e.g. with cairosvg or Inkscape)"
+    if lower.startswith((b"<!doctype html", b"<html")):
+        return "web page, not an image (a failed download?)", f"download the image itself, or {MOVE}"
+    if head.startswith((b"PK\x03\x04", b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!")):
+        return "archive, not an image", f"extract its images into the set, or {MOVE}"
+    if b"\0" not in head and any(_is_utf8(head[: len(head) - cut]) for cut in range(4)):  # a character cut at 1 KB is still text
+        return "text, not image data", MOVE
+    return None
+
+
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+_PLUGINS_TRIED = False
+
+
+def _register_plugins() -> bool:
+    """Register Pillow plugins that are installed but not loaded by default (pillow-heif); True if any was."""
+    global _PLUGINS_TRIED
+    if _PLUGINS_TRIED:
+        return False
+    _PLUGINS_TRIED = True
+    try:
+        import pillow_heif  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def decode_image(payload: bytes, min_side: int = MIN_SIDE, max_pixels: int | None = MAX_PIXELS, name: str | None = None) -> Image.Image:
     """Bytes -> an RGB PIL image, with the documented conversions; raises :class:`ImageProblem`.
+
+    The format is told by the content, never by a file name. ``name`` (the file, for messages): an
+    undecodable file's reason names it, says what it is when the bytes tell (HEIC, PDF, text, ...) and
+    what to do.
 
     - EXIF orientation is applied (a phone photo stored sideways is turned upright).
     - 16-bit greyscale (modes ``I;16*`` and ``I``) is scaled to 8 bits (value / 257, rounded), never clipped.
@@ -156,24 +252,20 @@ def decode_image(payload: bytes, min_side: int = MIN_SIDE, max_pixels: int | Non
       (a decompression bomb: the header alone is read), a shorter side below ``min_side`` px (it would be
       blown up), EXIF metadata too corrupt to read the orientation from, floating-point pixels.
     """
+    file = name or "the file"
     if not payload:
-        raise ImageProblem("empty file (0 bytes)")
+        raise ImageProblem(f"empty file (0 bytes): {file}; re-download or re-export it")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(payload))
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageProblem(f"decompression bomb: {width} x {height} = {width * height:,} pixels exceed the limit of {max_pixels:,}")
-            image.load()
+        image = _open(payload, max_pixels)
+    except UnidentifiedImageError:  # its message holds the buffer's address, which differs on every run
+        kind, advice = sniff(payload) or ("no format Pillow knows", f"{CONVERT}, or {MOVE}")
+        if kind.startswith("HEIC") and _register_plugins():  # pillow-heif is installed: read it after all
+            return decode_image(payload, min_side, max_pixels, name)
+        raise ImageProblem(f"not a readable image: {kind} ({file}); {advice}") from None
     except ImageProblem:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageProblem(f"decompression bomb: {error}") from None
-    except UnidentifiedImageError:  # its message holds the buffer's address, which differs on every run
-        raise ImageProblem("not a readable image: no known image format") from None
     except Exception as error:  # malformed bytes make Pillow raise many types (OSError, SyntaxError, struct.error ...)
-        raise ImageProblem(f"not a readable image: {type(error).__name__}: {error}") from None
+        raise ImageProblem(f"not a readable image: truncated or damaged ({file}: {type(error).__name__}: {error}); re-download or re-export it") from None
     if min(image.size) < min_side:
         raise ImageProblem(f"image is {image.size[0]}x{image.size[1]} px; its shorter side is below min_side={min_side} px")
     try:
@@ -190,6 +282,21 @@ def decode_image(payload: bytes, min_side: int = MIN_SIDE, max_pixels: int | Non
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image.convert("RGB")
+
+
+def _open(payload: bytes, max_pixels: int | None) -> Image.Image:
+    """Pillow's image of the bytes, its pixels loaded; a decompression bomb is an :class:`ImageProblem`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(payload))
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageProblem(f"decompression bomb: {width} x {height} = {width * height:,} pixels exceed the limit of {max_pixels:,}")
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageProblem(f"decompression bomb: {error}") from None
+    return image
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,6 +539,9 @@ def build(
     """Validate listed entries into an :class:`ImageSet` (the one place where bad input gets its outcome).
     Without ``require_labels``, a record may lack its label (kept as <NA>); a label given must be valid."""
     given = len(entries)
+    # strays (files the source does not list) are skips with their reason: nothing of theirs is validated
+    entries = [replace(e, label=None, subset=None, group=None, location=None, skip=e.skip or "not listed by the source") if e.stray else e for e in entries]
+    listed = sum(not e.stray for e in entries)
     # 1. refusals: what would silently change results if guessed
     bad_labels = [
         f"{e.where} (id {e.id!r}): label {e.label!r} is not 0, 1, member or non-member"
@@ -442,9 +552,9 @@ def build(
     raw_subsets = [None if is_blank(e.subset) else str(e.subset).strip().lower() for e in entries]
     _refuse([f"{e.where} (id {e.id!r}): subset {s!r} is not calibration or test" for e, s in zip(entries, raw_subsets) if s is not None and s not in SUBSETS], "unknown subsets")
     given_subsets = sum(s is not None for s in raw_subsets)
-    if 0 < given_subsets < given:
-        missing = [e.where for e, s in zip(entries, raw_subsets) if s is None]
-        _refuse([f"{w}: no subset" for w in missing], f"{given_subsets} of {given} records name a subset, the others do not; give it for all or none")
+    if 0 < given_subsets < listed:
+        missing = [e.where for e, s in zip(entries, raw_subsets) if s is None and not e.stray]
+        _refuse([f"{w}: no subset" for w in missing], f"{given_subsets} of {listed} records name a subset, the others do not; give it for all or none")
     ids = pd.Series([None if is_blank(e.id) else str(e.id).strip() for e in entries], dtype=object)
     _refuse([f"{e.where}: no id" for e, i in zip(entries, ids) if not i], "records without an id")
     duplicated = ids[ids.duplicated(keep=False)]
@@ -478,22 +588,25 @@ def build(
         frame["subset"] = None
         frame.loc[labelled, "subset"] = assign_subsets(frame[labelled], seed)
         frame["subset_rule"] = f"hash(seed={seed})"
-    # 3. per-record skips: the adapter's reason, the caption, the file and its pixels
+    # 3. per-record skips: the adapter's reason, the file and its pixels, the caption (a problem with the
+    #    image outranks one with its caption: a PDF without a caption file is not an image, first of all)
     skips: dict[int, str] = {}
     captions, hashes, widths, heights = [], [], [], []
     for i, e in enumerate(entries):
-        caption, reason = _caption(e.caption)
+        caption, caption_reason = _caption(e.caption)
+        if e.caption_problem is not None:
+            caption, caption_reason = None, e.caption_problem
         captions.append(caption)
-        digest = width = height = None
+        digest = width = height = reason = None
         if e.skip is not None:
             reason = e.skip
-        elif reason is None:
+        else:
             try:
                 if e.location is None:
                     raise ImageProblem("no image file")
                 payload = read_bytes(e.location)
                 digest = hashlib.sha256(payload).hexdigest()
-                image = decode_image(payload, min_side)
+                image = decode_image(payload, min_side, name=e.source)
                 width, height = image.size
             except FileNotFoundError:
                 reason = f"file not found: {e.source}"
@@ -503,6 +616,7 @@ def build(
                 reason = f"cannot read {e.source}: {type(error).__name__}: {getattr(error, 'strerror', None) or error}"
             except ImageProblem as problem:
                 reason = str(problem)
+            reason = reason or caption_reason
         if reason is not None:
             skips[i] = reason
         hashes.append(digest)
@@ -526,7 +640,8 @@ def build(
     # 5. a frozen manifest: verify every hash, take the frozen caption, label and subset
     manifest_summary = None
     if manifest is not None:
-        frame, skips, extra, manifest_summary = _apply_manifest(frame, skips, Path(manifest))
+        strays = {i for i, e in enumerate(entries) if e.stray}
+        frame, skips, extra, manifest_summary = _apply_manifest(frame, skips, Path(manifest), strays)
         given += extra
     skipped = pd.DataFrame(
         [(frame.at[i, "id"], frame.at[i, "source"], reason) for i, reason in sorted(skips.items())], columns=SKIP_COLUMNS
@@ -550,8 +665,9 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return frame
 
 
-def _apply_manifest(frame: pd.DataFrame, skips: dict, path: Path):
-    """Check a set against a frozen manifest; returns (frame, skips, records added for missing ids, summary)."""
+def _apply_manifest(frame: pd.DataFrame, skips: dict, path: Path, strays: set = frozenset()):
+    """Check a set against a frozen manifest; returns (frame, skips, records added for missing ids, summary).
+    ``strays`` (indices of files the source does not list) keep their skip and are no manifest records."""
     table = read_manifest(path)
     repeated = table["id"].duplicated(keep=False)
     _refuse([f"{path} row {n + 2}: id {v!r} appears more than once" for n, v in table.loc[repeated, "id"].items()], "duplicate ids in the manifest")
@@ -562,6 +678,8 @@ def _apply_manifest(frame: pd.DataFrame, skips: dict, path: Path):
     _refuse(problems, "manifest subsets must be calibration or test")
     status = {}
     for i, row in frame.iterrows():
+        if i in strays:
+            continue
         if row["id"] not in frozen.index:
             skips.setdefault(i, "not in the manifest")
             status[row["id"]] = "not in manifest"

@@ -17,6 +17,13 @@ Every sample a shard parquet lists becomes one :class:`~mialib.imagesets.core.En
 recorded as failed is a skip (``download failed: <its error message>``), so the counts reconcile with what
 was asked for. Without a shard parquet, what is on disk is listed. Captions are handed to the core as bytes,
 so a caption that is not valid UTF-8 becomes a recorded skip. This module only lists; the core validates.
+
+Every file of the output is accounted for (the rule is in :mod:`.core`). A sample's image is its file
+that is not the ``.txt`` / ``.json``, whatever the suffix (the content decides whether it is an image;
+when several are there, the one with an image suffix). img2dataset's own files (``.txt``, ``.json``,
+``.parquet``, ``.tar`` shards, ``*_stats.json``) and hidden files are not records; any other file is a
+stray skip row: an extra file beside a sample, a file of a sample recorded as failed, a file that belongs
+to no sample, a file outside the shards.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import DataError
-from .core import Entry, tar_location
+from .core import Entry, is_hidden, tar_location, walk_files
 from .local import IMAGE_SUFFIXES, MEMBER_FOLDERS
 
 SHARD_NAME = re.compile(r"^\d+$")  # img2dataset names shards 00000, 00001, ...
@@ -87,7 +94,7 @@ def _group_files(shard_dir: Path) -> dict[str, dict[str, Path]]:
     """key -> {extension: path} for the files of one ``files``-layout shard folder."""
     grouped: dict[str, dict[str, Path]] = {}
     for path in sorted(shard_dir.iterdir()):
-        if path.is_file():
+        if (path.is_file() or path.is_symlink()) and not path.is_dir() and not is_hidden(Path(path.name)):
             key, extension = _split_member(path.name)
             grouped.setdefault(key, {})[extension] = path
     return grouped
@@ -101,7 +108,7 @@ def _group_tar(shard: Path) -> dict[str, dict[str, tuple[str, bytes | None]]]:
     try:
         with tarfile.open(shard) as archive:
             for member in archive:
-                if not member.isfile():
+                if not member.isfile() or is_hidden(Path(member.name)):
                     continue
                 key, extension = _split_member(member.name)
                 payload = archive.extractfile(member).read() if extension in (".txt", ".json") else None
@@ -111,11 +118,19 @@ def _group_tar(shard: Path) -> dict[str, dict[str, tuple[str, bytes | None]]]:
     return grouped
 
 
+OWN_EXTENSIONS = (".txt", ".json")  # a sample's caption and metadata
+
+
 def _image_extension(extensions, where: str) -> str | None:
-    found = sorted(e for e in extensions if e in IMAGE_SUFFIXES)
+    """The extension of a sample's image: its one file that is not ``.txt`` / ``.json``, or among several
+    the one with an image suffix; None when there is none."""
+    candidates = sorted(e for e in extensions if e not in OWN_EXTENSIONS)
+    found = [e for e in candidates if e in IMAGE_SUFFIXES]
     if len(found) > 1:
         raise DataError(f"{where}: more than one image for one sample ({found}); cannot tell which is the sample")
-    return found[0] if found else None
+    if not found and len(candidates) > 1:
+        raise DataError(f"{where}: several files that may be the sample's image ({candidates}); cannot tell which is the sample")
+    return (found or candidates or [None])[0]
 
 
 def _read_shard_parquet(path: Path) -> list[dict]:
@@ -139,7 +154,9 @@ def scan_output(folder: str | os.PathLike, listed_only: bool = False) -> tuple[l
     A shard's ``.parquet`` (when present) is the record of what was asked: each of its rows is a sample,
     with the image, caption and ``.json`` from disk when img2dataset wrote them. Files on disk that the
     parquet does not list follow (unless ``listed_only``: a re-run of a crashed shard may leave them
-    behind). Returns (samples, {"layout": "files" | "webdataset", "shards": n}).
+    behind). Returns (samples, {"layout": "files" | "webdataset", "shards": n, "strays": [(file, reason)]}):
+    ``strays`` are the files that are neither a sample's nor img2dataset's own (paths relative to ``folder``,
+    ``00000.tar:member`` for a shard member).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -155,6 +172,20 @@ def scan_output(folder: str | os.PathLike, listed_only: bool = False) -> tuple[l
     if not names:
         raise DataError(f"{folder} holds no img2dataset shards (00000/ folders, 00000.tar files or 00000.parquet files)")
     samples: list[Sample] = []
+    strays: list[tuple[str, str]] = []
+    move = "move it out of the output folder"
+    for top in sorted(folder.iterdir()):
+        if is_hidden(Path(top.name)) or top in tars:
+            continue  # the shards (their files are accounted for below)
+        if top in folders and layout == "files":  # a shard folder: its files below, anything deeper is a stray
+            found = [f.relative_to(folder).as_posix() for f in walk_files(top) if f.parent != top]
+        elif top.is_dir():
+            found = [f.relative_to(folder).as_posix() for f in walk_files(top)]
+        elif top.suffix in (".parquet", ".json"):
+            continue  # img2dataset's own: shard parquets, *_stats.json
+        else:
+            found = [top.name]
+        strays += [(f, f"not part of an img2dataset output: {f} is not in a shard; {move}") for f in found]
     for name in names:
         complete = (folder / f"{name}_stats.json").is_file()
         shard = shards.get(name)
@@ -172,10 +203,13 @@ def scan_output(folder: str | os.PathLike, listed_only: bool = False) -> tuple[l
                 return None
             return found[1] if layout == "webdataset" else (shard / found[0]).read_bytes()
 
+        used: set[tuple[str, str]] = set()  # (key, extension) of the files samples take
+
         def from_disk(key: str) -> tuple[str | None, str, bytes | None, dict | None]:
             """(image location, image source, caption bytes, json) of one key."""
             files = on_disk.get(key, {})
             extension = _image_extension(files, f"{prefix}{key}.*")
+            used.update((key, e) for e in files if e in OWN_EXTENSIONS or e == extension)
             location, source = None, f"{name}/{key}.<image>"
             if extension is not None:
                 member = files[extension][0]
@@ -186,6 +220,7 @@ def scan_output(folder: str | os.PathLike, listed_only: bool = False) -> tuple[l
             return location, source, payload(key, ".txt"), meta
 
         listed: set[str] = set()
+        failed: dict[str, str] = {}  # key -> status of the samples the parquet records as not delivered
         parquet = folder / f"{name}.parquet"
         if parquet.is_file():
             for number, row in enumerate(_read_shard_parquet(parquet), start=1):
@@ -198,6 +233,8 @@ def scan_output(folder: str | os.PathLike, listed_only: bool = False) -> tuple[l
                     source=f"{name}/{key}", caption=None, caption_source=f"{prefix}{key}.txt",
                     where=f"{name}.parquet row {number}", complete=complete,
                 )
+                if status != "success":
+                    failed[key] = str(status)
                 if status == "success":
                     location, source, caption, meta = from_disk(key)
                     sample.location, sample.source, sample.caption = location, source, caption
@@ -206,22 +243,40 @@ def scan_output(folder: str | os.PathLike, listed_only: bool = False) -> tuple[l
                     if location is None:
                         sample.problems.append(f"image missing: {name}.parquet records {key} as downloaded, but {prefix}{key}.<image> is not there")
                 samples.append(sample)
-        if listed_only and parquet.is_file():
-            continue
-        for key in sorted(set(on_disk) - listed):
-            files = on_disk[key]
-            if not any(e in IMAGE_SUFFIXES or e in (".json", ".txt") for e in files):
-                continue  # not a sample (e.g. a stray file of another kind)
-            location, source, caption, meta = from_disk(key)
-            sample = Sample(
-                key=key, shard=name, meta=meta or {}, status=(meta or {}).get("status"), error=(meta or {}).get("error_message"),
-                location=location, source=source, caption=caption, caption_source=f"{prefix}{key}.txt",
-                where=f"{prefix}{key}.json" if meta is not None else source, complete=complete,
-            )
-            if location is None:
-                sample.problems.append(f"no image file: {prefix}{key}.<image> is not there")
-            samples.append(sample)
-    return samples, {"layout": layout, "shards": len(names)}
+        if not (listed_only and parquet.is_file()):
+            samples += [_unlisted(key, name, from_disk, prefix, complete) for key in sorted(set(on_disk) - listed) if _is_sample(on_disk[key])]
+        sample_keys = {k for k, _ in used}
+        for key, files in sorted(on_disk.items()):
+            for extension, (member, _) in sorted(files.items()):
+                if (key, extension) in used:
+                    continue
+                if key in failed:
+                    reason = f"not used: {name}.parquet records sample {key} as {failed[key]} ({prefix}{member}); run img2dataset again on the output or delete the file"
+                elif key in sample_keys:
+                    reason = f"extra file beside a sample: {prefix}{member} is not the image, caption or metadata of sample {key}; {move}"
+                else:
+                    reason = f"not an img2dataset sample: {prefix}{member} has no .json or .txt beside it and no shard parquet lists it; {move}"
+                strays.append((f"{prefix}{member}", reason))
+    return samples, {"layout": layout, "shards": len(names), "strays": strays}
+
+
+def _is_sample(files: dict) -> bool:
+    """Whether the files of one key not listed by a shard parquet are a sample: a .json, a .txt or a file
+    with an image suffix (a lone file of another kind, ``notes.pdf``, is a stray)."""
+    return any(e in IMAGE_SUFFIXES or e in OWN_EXTENSIONS for e in files)
+
+
+def _unlisted(key: str, name: str, from_disk, prefix: str, complete: bool) -> Sample:
+    """A sample on disk that no shard parquet lists."""
+    location, source, caption, meta = from_disk(key)
+    sample = Sample(
+        key=key, shard=name, meta=meta or {}, status=(meta or {}).get("status"), error=(meta or {}).get("error_message"),
+        location=location, source=source, caption=caption, caption_source=f"{prefix}{key}.txt",
+        where=f"{prefix}{key}.json" if meta is not None else source, complete=complete,
+    )
+    if location is None:
+        sample.problems.append(f"no image file: {prefix}{key}.<image> is not there")
+    return sample
 
 
 def failure_reason(sample: Sample) -> str | None:
@@ -271,11 +326,12 @@ def img2dataset_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
                 "saved with --save_additional_columns) or img2dataset:members=DIR,nonmembers=DIR"
             )
         outputs = [(None, Path(arg), None)]
-    entries, problems, layouts, shard_counts = [], [], {}, {}
+    entries, problems, layouts, shard_counts, strays = [], [], {}, {}, []
     for name, folder, folder_label in outputs:
         samples, details = scan_output(folder)
         layouts[name or "output"], shard_counts[name or "output"] = details["layout"], details["shards"]
         label_name = f"{name}/" if name else ""
+        strays += [(f"{label_name}{file}", reason) for file, reason in details["strays"]]
         for sample in samples:
             where = f"{label_name}{sample.where}"
             skip = failure_reason(sample)
@@ -295,12 +351,11 @@ def img2dataset_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
                 continue
             else:
                 label = None  # a failed sample: its label is never used
-            if skip is None and sample.caption is None:
-                skip = f"no caption: {label_name}{sample.caption_source} does not exist"
+            missing = f"no caption: {label_name}{sample.caption_source} does not exist" if sample.caption is None else None
             entries.append(
                 Entry(
                     id=image_id, caption=sample.caption, label=label, source=f"{label_name}{sample.source}",
-                    location=sample.location, where=where, skip=skip,
+                    location=sample.location, where=where, skip=skip, caption_problem=missing,
                 )
             )
     if problems:
@@ -309,6 +364,11 @@ def img2dataset_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
             "img2dataset samples lack a key the spec names (save it with img2dataset's --save_additional_columns):\n  "
             + "\n  ".join(problems[:10]) + more
         )
+    taken = {str(e.id).strip() for e in entries}
+    for file, reason in strays:  # files of the outputs that are no sample's: skip rows of their own
+        image_id = file if file not in taken else f"{file} (stray)"
+        taken.add(image_id)
+        entries.append(Entry(id=image_id, caption=None, label=None, source=file, location=None, where=file, skip=reason, stray=True))
     roots = [folder.resolve() for _, folder, _ in outputs]
     root = Path(os.path.commonpath(roots)) if len(roots) > 1 else roots[0]
     info = {

@@ -35,6 +35,7 @@ from typing import Callable
 import pandas as pd
 
 from ..data import DataError, claim_folder
+from ..memo import atomic_write
 from .core import Entry
 from .img2dataset import failure_reason, scan_output
 
@@ -244,10 +245,9 @@ def _reason_category(reason: str) -> str:
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    """Write ``frame`` to ``path`` through a temporary file, so an interrupted write leaves the old file."""
-    partial = path.with_name(path.name + ".partial")
-    frame.to_csv(partial, index=False)
-    os.replace(partial, path)
+    """Write ``frame`` to ``path`` through a uniquely named temporary file, so an interrupted write leaves the
+    old file and two writers never rename each other's file."""
+    atomic_write(path, lambda partial: frame.to_csv(partial, index=False), int(frame.memory_usage(deep=True).sum()))
 
 
 def _run(command: list[str], env: dict, log: Callable[[str], None]) -> None:

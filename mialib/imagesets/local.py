@@ -3,18 +3,35 @@
 Each adapter lists :class:`~mialib.imagesets.core.Entry` records; validation, decoding and skips are
 the core's, identical for every adapter. Messages name a CSV row as a spreadsheet shows it (the header is
 row 1, the first record row 2) and a JSON line by its line number in the file.
+
+What a folder holds is accounted for file by file (the rule is in :mod:`.core`):
+
+- ``imagefolder`` with ``members/`` / ``nonmembers/`` (or, unlabelled, the whole folder): every file under
+  the class folders is a record, whatever its suffix (the content decides whether it is an image); a
+  ``.txt`` with the same name is its caption. A ``.txt`` with no file of its name beside it, and any file
+  outside the class folders, is a stray (a skip row saying why).
+- ``imagefolder`` with ``metadata.csv`` / ``metadata.jsonl``: the rows are the records; any other file
+  under the folder that no row names is a stray ("not listed in metadata.csv"), except a ``.txt`` beside
+  a file of the same name (a caption of the folder form, not needed here).
+- ``csv``: the rows are the records; the CSV's folder is not searched (it may hold anything else).
+
+Ids of the folder form are paths without the suffix (``members/cat``); a file that shares its name with
+another non-caption file (``cat.png`` and ``cat.xmp``) keeps its suffix unless it is the one with an image
+suffix (``members/cat`` and ``members/cat.xmp``). Hidden files (``.DS_Store``) are never listed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 
 from .. import data
 from ..data import DataError
-from .core import Entry, is_blank
+from .core import Entry, is_blank, walk_files
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_COLUMNS = ("caption", "text")
@@ -89,6 +106,48 @@ def csv_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
 
 
 # --------------------------------------------------------------------------------------------------
+def caption_files(files: list[Path]) -> set[Path]:
+    """The ``.txt`` files among ``files`` that have a file of the same name (another suffix) beside them."""
+    stems = {(p.parent, p.stem) for p in files if p.suffix != ".txt"}
+    return {p for p in files if p.suffix == ".txt" and (p.parent, p.stem) in stems}
+
+
+def _file_id(path: Path, relative: Path, names: Counter) -> str:
+    """The path without its suffix, unless another non-caption file shares the name and this one has no
+    image suffix (``cat.png`` -> ``cat``, ``cat.xmp`` -> ``cat.xmp``). ``names``: (folder, stem) -> how many
+    non-caption files have it."""
+    if names[(path.parent, path.stem)] == 1 or path.suffix.lower() in IMAGE_SUFFIXES:
+        return relative.with_suffix("").as_posix()
+    return relative.as_posix()
+
+
+def stray_entries(strays: list[tuple[Path, str]], root: Path, taken: set) -> list[Entry]:
+    """Skip rows for files the source does not list, ids ``relative/path.ext`` (made unique against ``taken``)."""
+    entries = []
+    for path, reason in strays:
+        relative = path.relative_to(root).as_posix()
+        image_id = relative if relative not in taken else f"{relative} (stray)"
+        taken.add(image_id)
+        entries.append(Entry(id=image_id, caption=None, label=None, source=relative, location=None, where=relative, skip=reason, stray=True))
+    return entries
+
+
+def unlisted_entries(root: Path, listed: list[Entry], exclude: set, table: str) -> list[Entry]:
+    """Stray rows for the files under ``root`` that no listed entry names (nor points to through a link),
+    other than ``exclude`` (the table itself) and captions of the folder form."""
+    named = {os.path.normpath(e.location) for e in listed if e.location}
+    resolved = {Path(e.location).resolve() for e in listed if e.location}
+    files = walk_files(root)
+    captions = caption_files(files)
+    strays = []
+    for path in files:
+        if path in exclude or path in captions or os.path.normpath(path) in named or path.resolve() in resolved:
+            continue
+        relative = path.relative_to(root).as_posix()
+        strays.append((path, f"not listed in {table}: {relative} is in the set's folder but no row names it; add a row for it or move it out of the folder"))
+    return stray_entries(strays, root, {str(e.id).strip() for e in listed if e.id is not None})
+
+
 def _folder_label(relative: Path):
     """member / non-member from the first folder of a path (``members/a.png``), or None."""
     return MEMBER_FOLDERS.get(relative.parts[0].lower()) if len(relative.parts) > 1 else None
@@ -132,31 +191,49 @@ def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
                     subset=_value(row, "subset"), group=_value(row, "group"), skip=None if given else "no path given",
                 )
             )
+        entries += unlisted_entries(root, entries, exclude={path}, table=path.name)
         return entries, root, {"kind": "imagefolder", "metadata": path.name}
     folders = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() in MEMBER_FOLDERS]
     if not folders and not options.get("require_labels", True):
         folders = [root]  # an unlabelled set: every image under the folder, its caption in a .txt beside it
     if not folders:
         raise DataError(f"{root} has neither metadata.csv / metadata.jsonl nor members/ and nonmembers/ subfolders")
-    entries = []
+    entries, strays = [], []
+    files = walk_files(root)
+    captions = caption_files(files)
+    names = Counter((p.parent, p.stem) for p in files if p.suffix != ".txt")
     for folder in folders:
-        # a broken link is listed too (and skipped as not found): nothing under the folders is dropped unseen
-        for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()) and not p.is_dir()):
-            relative = image.relative_to(root)
-            text_file = image.with_suffix(".txt")
-            caption, skip = None, None
-            if text_file.exists():
+        for path in (p for p in files if p.parent == folder or folder in p.parents):
+            relative = path.relative_to(root)
+            if path in captions:
+                continue
+            if path.suffix == ".txt":  # nothing of its name beside it: a caption file without its image
+                strays.append((path, f"caption file without an image: {relative.as_posix()} has no file of the same name beside it; add the image or move the caption out of the set's folder"))
+                continue
+            text_file = path.with_suffix(".txt")
+            caption, problem = None, None
+            if text_file in captions:
                 caption = text_file.read_bytes()
             else:
-                skip = f"no caption: {relative.with_suffix('.txt').as_posix()} does not exist"
+                problem = f"no caption: {relative.with_suffix('.txt').as_posix()} does not exist"
+            # a broken link is listed too (and skipped as not found): nothing under the folders is dropped unseen
             entries.append(
                 Entry(
-                    id=relative.with_suffix("").as_posix(), caption=caption, label=MEMBER_FOLDERS.get(folder.name.lower()) if folder != root else None,
-                    source=relative.as_posix(), location=str(image), where=relative.as_posix(), skip=skip,
+                    id=_file_id(path, relative, names), caption=caption, label=MEMBER_FOLDERS.get(folder.name.lower()) if folder != root else None,
+                    source=relative.as_posix(), location=str(path), where=relative.as_posix(), caption_problem=problem,
                 )
             )
-    if entries and all(e.skip for e in entries):
+    if entries and all(e.caption_problem for e in entries):
         raise DataError(f"no image under {root} has a caption: add metadata.csv (file_name, caption, label) or a .txt beside each image")
+    inside = {path for folder in folders for path in files if path.parent == folder or folder in path.parents}
+    used = {Path(e.location).resolve() for e in entries}
+    class_names = " or ".join(f"{f.name}/" for f in folders)
+    for path in files:
+        if path in inside or path in captions or path.resolve() in used:
+            continue
+        relative = path.relative_to(root).as_posix()
+        strays.append((path, f"not under {class_names}: {relative} has no label; move it into one of them or out of the set's folder"))
+    entries += stray_entries(strays, root, {e.id for e in entries})
     return entries, root, {"kind": "imagefolder", "metadata": None}
 
 
