@@ -339,13 +339,14 @@ def score(args) -> None:
     from . import imagesets, runs
     from .attacks.registry import parse_request
     from .data import claim_folder
-    from .experiment import check_size
+    from .experiment import check_size, quiet_library_notices
     from .settings import Settings
     from .target import check_source, load_target
 
     started = time.time()
     _check_out(args.out)
     _precision(args)
+    quiet_library_notices()  # no torchvision fall-back notice: no attack uses an image processor
     if args.trajectory_cache_gb:
         os.environ["MIALIB_TRAJECTORY_CACHE_GB"] = str(args.trajectory_cache_gb)
     if args.read_threads:
@@ -437,7 +438,7 @@ def audit(args) -> None:
     from . import audit as set_audit
     from . import imagesets, plots, runs
     from .data import claim_folder
-    from .experiment import check_size
+    from .experiment import check_size, quiet_library_notices
     from .memo import write_text
     from .settings import Settings
     from .target import check_source, load_target
@@ -445,6 +446,7 @@ def audit(args) -> None:
     started = time.time()
     _check_out(args.out)
     _precision(args)
+    quiet_library_notices()  # no torchvision fall-back notice: no attack uses an image processor
     settings = Settings(args.guidance, args.prompt, args.encode_mode, args.schedule, args.seed, args.data_range, args.dtype)
     requests = set_audit.audit_requests(args.attack or list(AUDIT_DEFAULT))  # fixed settings only: checked before any compute
     model = check_source(args.model, args.model_config)
