@@ -374,6 +374,8 @@ def score(args) -> None:
         if main_process:
             out = claim_folder(args.out)
             held.enter_context(FolderLock(out))  # a second run on this --out is refused at once
+            if (out / "audit.json").exists() or (out / "features.parquet").exists():
+                raise ValueError(f"{out} holds a `mialib audit`; choose another --out for this run (one folder, one run)")
             identity = run_identity(target, imageset, settings, size)
             check_same_run(out, identity)  # another run's tables are never mixed with this one's
             claim_folder(out / "cache", _cache_entry)
@@ -429,6 +431,7 @@ def _score_tables(args, out, model, target, imageset, requests, settings, size, 
 
 
 AUDIT_DEFAULT = ("structural", "pixel", "loss", "secmi", "pia", "clid")
+AUDIT_OUTPUTS = ("audit.json", "features.parquet", "audit.csv", "verdict.txt", "held_out_scores.png", "held_out_scores.pdf")
 
 
 def audit(args) -> None:
@@ -465,7 +468,13 @@ def audit(args) -> None:
     runs.check_schedule(target, requests.values())  # before anything is written
     out = claim_folder(args.out)
     with FolderLock(out):
+        if any((out / name).exists() for name in (MANIFEST, "scores.parquet")):
+            raise ValueError(f"{out} holds a `mialib score` run; choose another --out for the audit (one folder, one run)")
         claim_folder(out / "cache", _cache_entry)
+        # an earlier audit's outputs are removed first: an interrupted audit never leaves two audits' files;
+        # audit.json, written last, says the audit finished
+        for name in AUDIT_OUTPUTS:
+            (out / name).unlink(missing_ok=True)
         tables = {}
         for name, imageset in sets.items():
             table = set_audit.feature_table(target, imageset, requests, settings, out / "cache", args.batch_size, size, progress=not args.quiet)
@@ -483,9 +492,9 @@ def audit(args) -> None:
         write_text(out / "verdict.txt", combined.verdict + "\n")
         parameters = {"model": model, "suspect": args.suspect, "reference": args.reference, "attacks": {run: r.text() for run, r in requests.items()},
                       "settings": settings.columns(), "size": size, "device": args.device, "no_tf32": args.no_tf32, "fingerprint": target.fingerprint(), **keywords}
-        write_text(out / "audit.json", json.dumps({"parameters": parameters, "result": combined.as_dict()}, indent=2, default=str))
         held_out = set_audit.held_out_scores(tables["suspect"], tables["reference"], features, fit_fraction=args.fit_fraction, seed=args.seed)
         plots.save(plots.audit_scores(held_out, combined), out, "held_out_scores")
+        write_text(out / "audit.json", json.dumps({"parameters": parameters, "result": combined.as_dict()}, indent=2, default=str))
     print(pd.DataFrame(rows)[["feature_set", "p_value_t", "p_value_permutation", "effect_size", "auc", "detected"]].to_string(index=False))
     print(f"\n{combined.verdict}\n({time.time() - started:.1f} s) -> {out}")
 

@@ -517,11 +517,12 @@ def kernel_options() -> dict:
 # The HTML report
 # --------------------------------------------------------------------------------------------------
 REPORT_CSS = (
-    "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:76em;margin:2em auto;padding:0 1em;line-height:1.45;color:#222}"
+    "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:84em;margin:2em auto;padding:0 1em;line-height:1.45;color:#222}"
     "h1{margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}"
     ".run{color:#555;margin-top:0}.note{color:#555;font-size:.92em}"
     "table{border-collapse:collapse;margin:.6em 0}th,td{padding:.3em .7em;border-bottom:1px solid #e3e3e3;text-align:left;vertical-align:top}"
-    "th{background:#f5f5f5}table.headline td{font-variant-numeric:tabular-nums;white-space:nowrap}"
+    "th{background:#f5f5f5}table.headline{font-size:.9em}table.headline td{font-variant-numeric:tabular-nums;white-space:nowrap}"
+    "table.headline td:nth-child(2){white-space:normal;min-width:12em}"
     "table.headline td:nth-child(n+3){text-align:right}tr.failed td{color:#a00}tr.skipped td{color:#777}"
     "ul.verdicts li{margin:.4em 0}code{background:#f5f5f5;padding:0 .2em}details{margin-top:2em}"
 )

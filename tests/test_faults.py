@@ -366,3 +366,34 @@ def test_a_timestep_outside_the_schedule_is_refused_before_anything_is_written(t
     with pytest.raises(ValueError, match="1000"):
         runs.score(target, imageset, ["structural", "loss:t=1000"], Settings(), tmp_path / "cache", 4, 32, progress=False)
     assert target.unet_evals == before and not (tmp_path / "cache").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# an audit and a score run never share a folder; an interrupted audit leaves no earlier audit's files
+# --------------------------------------------------------------------------------------------------
+def test_an_audit_and_a_score_run_never_share_a_folder_and_an_interrupted_audit_leaves_nothing_stale(
+    tmp_path, model, user_set, other_set, capsys, monkeypatch
+):
+    from mialib import plots
+
+    scored, audited = tmp_path / "scored", tmp_path / "audited"
+    cli.main(_score(model, user_set, scored))
+    audit = ["audit", "--model", str(model), "--suspect", f"imagefolder:{user_set}", "--reference", f"imagefolder:{other_set}",
+             "--attack", "loss", "--permutations", "99", "--quiet"]
+    assert "holds a `mialib score` run" in _refused([*audit, "--out", str(scored)], capsys)
+    assert not (scored / "audit.json").exists()
+    cli.main([*audit, "--out", str(audited)])
+    outputs = {name for name in cli.AUDIT_OUTPUTS if (audited / name).exists()}
+    assert outputs == set(cli.AUDIT_OUTPUTS)
+    assert "holds a `mialib audit`" in _refused(_score(model, user_set, audited), capsys)
+    assert not (audited / "scores.parquet").exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "save", interrupted)  # stopped after the tables, before the figure and audit.json
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*audit, "--out", str(audited)])
+    assert not (audited / "audit.json").exists()  # the finished marker is written last
+    for name in ("held_out_scores.png", "held_out_scores.pdf"):  # nothing of the earlier audit remains
+        assert not (audited / name).exists()
