@@ -598,7 +598,7 @@ def regime_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def regime_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """The README's layout: one row per attack, AUC and TPR@1%FPR (mean ± sd over seeds) per regime."""
+    """The layout of docs/results.md's regimes table: one row per attack, AUC and TPR@1%FPR (mean ± sd over seeds) per regime."""
     regimes = list(dict.fromkeys(summary["regime"]))
     wide = summary.pivot_table(index=["run", "attack"], columns="regime", values=["AUC", "TPR@1%FPR"], aggfunc="first", sort=False)
     wide = wide[[(metric, regime) for regime in regimes for metric in ("AUC", "TPR@1%FPR")]]

@@ -106,7 +106,7 @@ def test_official_linear_schedule_and_the_abar100_gap():
     expected = np.cumprod(1 - np.linspace(0.00085, 0.012, 1000))
     np.testing.assert_allclose(official.numpy(), expected, rtol=1e-12)
     model = ddim.alphas_cumprod(scheduler, "model")
-    # computed here: scaled_linear 0.894223..., linear 0.867344... (METHOD.md: SD 0.894 vs official code 0.867)
+    # computed here: scaled_linear 0.894223..., linear 0.867344... (docs/method.md: SD 0.894 vs official code 0.867)
     assert round(float(model[100]), 3) == 0.894
     assert round(float(official[100]), 3) == 0.867
     assert round(float(np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)[100]), 3) == 0.894
