@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 I2D := $(VENV)/img2dataset
 I2D_STAMP := $(I2D)/.installed
 
-.PHONY: run prepare notebooks test lab install tools clean-outputs benchmark benchmark-sd
+.PHONY: run prepare notebooks test test-fast lab install tools clean-outputs benchmark benchmark-sd
 
 run: $(STAMP) ## build data and target if missing, then execute the notebooks with papermill
 	$(PY) -m mialib all --preset configs/$(PRESET).yaml
@@ -23,6 +23,9 @@ test: ## the test suite (trains a smoke-size target once, executes every noteboo
 	$(MAKE) -j2 $(STAMP) $(I2D_STAMP)  # the two environments install side by side
 	$(PY) -m pytest
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -m numerics -q -p no:cacheprovider  # the tolerances hold on other instruction sets
+
+test-fast: $(STAMP) ## the tests not marked slow (no target training, no notebooks, none over ~3 s; tests/conftest.py): under 2 minutes
+	$(PY) -m pytest -m "not slow" -q
 
 lab: $(STAMP) ## JupyterLab with the project's kernel
 	$(VENV)/bin/jupyter lab notebooks

@@ -23,6 +23,35 @@ def pytest_configure(config):
     # `make test` runs these once more with ATEN_CPU_CAPABILITY=default (other float32 kernels): every
     # comparison across batch sizes, batch composition, the cache, and against skimage / hand-computed DDIM
     config.addinivalue_line("markers", "numerics: numerically sensitive comparisons, rerun under ATEN_CPU_CAPABILITY=default")
+    # `make test-fast` (pytest -m "not slow") leaves these out; `make test` runs them. Marked automatically below.
+    config.addinivalue_line("markers", "slow: trains the smoke target, executes notebooks, or takes over ~3 s; skipped by `make test-fast`")
+
+
+# Session and module fixtures that train the smoke target or execute notebooks with papermill (a minute or
+# more each on 2 cores): every test that requests one, directly or through another fixture, is slow.
+SLOW_FIXTURES = {"smoke_target_dir", "smoke_outputs", "imagefolder_outputs", "regimes_run"}
+# Whole modules: test_scale scores 100 and 1,000 images to compare peak memory; test_model_families builds
+# the tiny SD 1.x / 2.x / XL / sample-prediction zoo and scores each in three file forms (4-6 s a test).
+SLOW_MODULES = {"test_scale.py", "test_model_families.py"}
+# Single tests over ~3 s in `make test`'s --durations (a parameter id names one case only).
+SLOW_TESTS = {
+    "test_experiment.py::test_a_killed_run_resumes_and_two_processes_give_the_one_process_tables",  # 29 s: 4 subprocess runs, torchrun
+    "test_faults.py::test_a_second_run_on_the_same_out_is_refused_at_once",  # 17 s: a full run in a subprocess
+    "test_target.py::test_two_builds_of_the_embedded_target_give_bit_identical_weights",  # 12 s: builds the target twice
+    "test_tolerances.py::test_default_cpu_capability_moves_scores_within_the_tolerance",  # 11 s: rescoring in a subprocess
+    "test_imagesets_remote.py::test_laion_mi_download_end_to_end",  # 8 s: img2dataset subprocesses
+    "test_target.py::test_fingerprint_is_the_same_in_processes_with_different_hash_seeds",  # 7 s: fresh processes
+    "test_similarity.py::test_ms_ssim_matches_torchmetrics[256]",  # 7 s: MS-SSIM at 256 px
+    "test_runs.py::test_batch_size_changes_scores_only_within_the_stated_tolerance",  # 4 s: every attack twice
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.name
+        if (SLOW_FIXTURES.intersection(item.fixturenames) or module in SLOW_MODULES
+                or f"{module}::{item.name}" in SLOW_TESTS or f"{module}::{item.originalname}" in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
