@@ -4,7 +4,6 @@ that goes on past a failure, and the command line on a user's imagefolder."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import nbformat
@@ -55,41 +54,35 @@ def test_notebook_defaults_are_the_default_preset(name):
         assert value == preset[key], f"{name}: {key} = {value!r}, the preset says {preset[key]!r}"
 
 
-_YAML_KEY = re.compile(r"^([A-Z][A-Z0-9_]*):(.*)$")
-_YAML_ENTRY = re.compile(r"^\s+([A-Za-z0-9_]+):(.*)$")
-_CELL_KEY = re.compile(r"^([A-Z][A-Z0-9_]*) = (.*)$")
-_CELL_ENTRY = re.compile(r"^\s+'([A-Za-z0-9_]+)': (.*)$")
+def _sync_parameters():
+    """scripts/sync_parameters.py, which writes the comments this test compares (one parser for both)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sync_parameters", ROOT / "scripts" / "sync_parameters.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _comments(text: str, key: re.Pattern, entry: re.Pattern) -> dict[str, str]:
-    """Each parameter's comment (``KEY`` and ``KEY.entry`` for a mapping's entries), with the indented
-    comment-only lines that continue it, as written in a YAML preset or a parameters cell."""
-    found, top, last = {}, None, None
-    for line in text.splitlines():
-        if line.lstrip().startswith("#"):
-            if line.startswith(" ") and last is not None:  # a continuation (section rules start at column 0)
-                found[last] += "\n" + line.strip()[1:].strip()
-            continue
-        match = key.match(line)
-        if match:
-            top = last = match.group(1)
-        elif top and (match := entry.match(line)):
-            last = f"{top}.{match.group(1)}"
-        else:
-            continue
-        comment = re.search(r"\s#\s?(.*)$", match.group(2))
-        found[last] = comment.group(1).rstrip() if comment else ""
-    return found
+def _cell_comments(source: str, sync) -> dict[str, str]:
+    """The parameters cell's comments by key, read as the script reads the preset (``KEY = value  # ...``,
+    ``'entry': value,  # ...`` and indented continuation lines)."""
+    yaml_like = "\n".join(
+        sync.CELL_KEY.sub(r"\1: \2", line) if sync.CELL_KEY.match(line) else sync.CELL_ENTRY.sub(r"  \1: \2", line)
+        for line in source.splitlines()
+    )
+    return sync.preset_comments(yaml_like)
 
 
 @pytest.mark.parametrize("name", SOURCES)
 def test_notebook_parameter_comments_are_the_default_presets_verbatim(name):
     """The parameters cell's comments are configs/default.yaml's, character for character (quotes,
     apostrophes and backticks included), for every key and every entry of a mapping."""
-    preset = _comments((ROOT / "configs" / "default.yaml").read_text(), _YAML_KEY, _YAML_ENTRY)
+    sync = _sync_parameters()
+    preset = sync.preset_comments((ROOT / "configs" / "default.yaml").read_text())
     notebook = nbformat.read(str(ROOT / "notebooks" / f"{name}.ipynb"), as_version=4)
     cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
-    comments = _comments(cell.source, _CELL_KEY, _CELL_ENTRY)
+    comments = _cell_comments(cell.source, sync)
     assert comments, name
     for key, comment in comments.items():
         assert comment == preset.get(key), f"{name}: {key}'s comment is {comment!r}; configs/default.yaml says {preset.get(key)!r}"
