@@ -54,6 +54,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 RESERVED_COLUMNS = ("id", "label")  # never features; the label is never read
+COMBINED = "combined"  # the name of the feature set that holds every run's feature (studies, plots)
 MIN_HELD_OUT = 2  # images per held-out part: the t-test needs a variance in each sample
 SHOWN_IDS = 5  # how many offending ids an error message names
 
@@ -741,40 +742,3 @@ def images_for_power(power_frame: pd.DataFrame, target: float = 0.8, column: str
             row.update(target=target, images=np.nan, power=np.nan, note="no size evaluated")
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------------------------------
-# Features from the attack registry
-# --------------------------------------------------------------------------------------------------
-def audit_requests(attacks) -> dict:
-    """Requests for audit features: run id -> request at a fixed setting. The audit has no labels, so no
-    setting can be chosen on a calibration split: a grid, ``direction=auto`` and the blind baselines (fitted
-    on labels) are refused, naming the run. The scorer orients each feature on the fit halves instead."""
-    from . import runs
-
-    requests = runs.as_requests(attacks)
-    for run, request in requests.items():
-        if request.spec.kind == "blind":
-            raise ValueError(f"{run}: the blind baselines are fitted on membership labels, which an audit does not have")
-        if request.grid or request.direction == "auto":
-            raise ValueError(f"{run}: {request.text()} is chosen on a labelled calibration split; the audit needs fixed settings (e.g. {request.name}:t=100)")
-    return requests
-
-
-def feature_table(target, imageset, attacks, settings, cache_dir, batch_size: int, size: int, progress: bool = True) -> pd.DataFrame:
-    """One row per image of ``imageset``: ``id``, the set's ``label`` where it has one (never used by the
-    audit), and one column per run: the attack's per-image score in the method's direction (higher =
-    member). Scores go through the run layer's per-image cache, so features already scored for a
-    comparison are read back."""
-    from . import runs
-
-    table = imageset.records[["id"]].copy()
-    if "label" in imageset.records:
-        table["label"] = imageset.records["label"].to_numpy()
-    for run, request in audit_requests(attacks).items():
-        params = request.spec.params(request.fixed)
-        values = runs.attack_values(target, imageset, request.spec, params, settings, cache_dir, batch_size, size, progress)
-        direction = 1 if request.direction == "method" else int(request.direction)
-        scores = values.set_index("id")["score"].astype(float) * direction
-        table[run] = table["id"].map(scores).to_numpy()
-    return table.reset_index(drop=True)

@@ -234,7 +234,7 @@ def run_identity(target, imageset, settings, size: int) -> dict:
     """What makes two runs the same run (so that one folder's tables belong together): the images (id,
     caption, label, subset, bytes), the model's fingerprint, the settings and the size. The attacks are not
     part of it: a rerun may add attacks to the same run."""
-    from .trajectories import digest
+    from .hashing import digest
 
     columns = [c for c in ("id", "caption", "label", "subset", "sha256") if c in imageset.records]
     rows = sorted(imageset.records[columns].astype(str).values.tolist())
@@ -260,7 +260,7 @@ def _previous_identity(out: Path) -> dict | None:
         parameters = {}
     legacy = {k: parameters[k] for k in ("fingerprint", "settings", "size") if k in parameters}
     if (out / "image_set.csv").exists():
-        from .trajectories import digest
+        from .hashing import digest
 
         ids = pd.read_csv(out / "image_set.csv", dtype=str, usecols=["id"])["id"]
         legacy["image_ids"] = digest(sorted(ids.astype(str)))
@@ -439,7 +439,7 @@ def audit(args) -> None:
     import torch
 
     from . import audit as set_audit
-    from . import imagesets, plots, runs
+    from . import imagesets, plots, runs, studies
     from .data import claim_folder
     from .experiment import check_size, quiet_library_notices
     from .memo import write_text
@@ -451,7 +451,7 @@ def audit(args) -> None:
     _precision(args)
     quiet_library_notices()  # no torchvision fall-back notice: no attack uses an image processor
     settings = Settings(args.guidance, args.prompt, args.encode_mode, args.schedule, args.seed, args.data_range, args.dtype)
-    requests = set_audit.audit_requests(args.attack or list(AUDIT_DEFAULT))  # fixed settings only: checked before any compute
+    requests = studies.audit_requests(args.attack or list(AUDIT_DEFAULT))  # fixed settings only: checked before any compute
     model = check_source(args.model, args.model_config)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
@@ -477,7 +477,7 @@ def audit(args) -> None:
             (out / name).unlink(missing_ok=True)
         tables = {}
         for name, imageset in sets.items():
-            table = set_audit.feature_table(target, imageset, requests, settings, out / "cache", args.batch_size, size, progress=not args.quiet)
+            table = studies.feature_table(target, imageset, requests, settings, out / "cache", args.batch_size, size, progress=not args.quiet)
             tables[name] = table.drop(columns="label", errors="ignore").assign(id=lambda d, n=name: n + "/" + d["id"].astype(str))  # the sets' ids may repeat
         features = list(requests)
         _write_table(out / "features.parquet", pd.concat([t.assign(set=n) for n, t in tables.items()], ignore_index=True), "parquet")

@@ -24,19 +24,13 @@ import pandas as pd
 import yaml
 
 from . import data, imagesets
+from .paths import ROOT, resolve
 from .settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 # The runs of `make run` on the default preset; a preset's NOTEBOOKS key chooses others (configs/regimes.yaml: 07_regimes).
 NOTEBOOKS = ("01_data_split", "02_observation", "03_attack", "03_attack_biased", "04_robustness", "05_ablations", "06_set_audit")
 # Keys read by `prepare` (the embedded target's training) and the runner, not by every notebook.
 TARGET_KEYS = {"PRESET", "VAE_STEPS", "UNET_STEPS", "TRAIN_SEED", "TRAIN_BATCH_SIZE", "BUILD_TINY_TARGET", "NOTEBOOKS"}
-
-
-def resolve(path: str | os.PathLike) -> Path:
-    """Paths in presets are relative to the repository root (notebooks run from notebooks/)."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else ROOT / path
 
 
 def load_preset(path: str | os.PathLike) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -185,6 +186,16 @@ def write_text(path, text: str) -> Path:
     """A text file written atomically (:func:`atomic_write`)."""
     data = text.encode()
     return atomic_write(path, lambda partial: Path(partial).write_bytes(data), len(data))
+
+
+def set_aside(path, error: Exception) -> None:
+    """A cache file that cannot be read (truncated by a copy or a full disk) or whose values do not match
+    its checksum: renamed ``*.damaged`` (kept for inspection, never read again), reported on stderr; its
+    results are then recomputed."""
+    path = Path(path)
+    damaged = path.with_name(path.name + ".damaged")
+    path.replace(damaged)
+    print(f"damaged cache file {path} ({type(error).__name__}: {str(error)[:200]}): set aside as {damaged.name}, recomputing", file=sys.stderr, flush=True)
 
 
 STUDY_MB = 512  # the notebooks' budget (unless MIALIB_MEMORY_MB says otherwise)

@@ -13,6 +13,8 @@ import seaborn as sns
 import torch
 from sklearn.metrics import roc_curve
 
+from .audit import COMBINED
+
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="seaborn")
 GROUP_LABELS = {1: "member", 0: "non-member"}
 
@@ -235,8 +237,6 @@ def regimes(metrics: pd.DataFrame):
 def regime_audit(power: pd.DataFrame, null: pd.DataFrame, level: float):
     """The set audit in every regime: detection probability of suspect sets of members against their size
     (every attack combined; mean and sd over seeds), and the false-positive rate at 0.05 without members."""
-    from .studies import COMBINED
-
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     done = power[~power["skipped"].astype(bool) & (power["feature_set"] == COMBINED) & (power["member_fraction"] == 1.0)]
     sns.lineplot(done, x="size", y="power_t", hue="regime", marker="o", errorbar="sd", ax=axes[0])

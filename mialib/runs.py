@@ -28,9 +28,11 @@ from tqdm.auto import tqdm
 
 from . import memo, metrics
 from .attacks.registry import AttackRequest, AttackSpec, parse_request
+from .hashing import digest, pixel_digests, vouch_digests
 from .imagesets.core import read_threads
+from .memo import set_aside
 from .settings import Settings
-from .trajectories import TrajectoryCache, digest, pixel_digests, vouch_digests
+from .trajectories import TrajectoryCache
 
 PARAMETER_COLUMNS = ["t", "stride", "measure", "metric", "t_sec", "interval", "p", "n_noise"]
 SETTING_COLUMNS = ["guidance", "prompt", "encode_mode", "schedule", "seed", "data_range", "dtype"]
@@ -118,17 +120,6 @@ def read_checked_parquet(path: Path) -> pd.DataFrame:
     if stored is not None and stored.decode() != table_digest(table):
         raise ChecksumError("its values do not match the checksum stored with them")
     return pd.read_parquet(io.BytesIO(data))
-
-
-def set_aside(path: Path, error: Exception) -> None:
-    """A cache file that cannot be read (truncated by a copy or a full disk) or whose values do not match
-    its checksum: renamed ``*.damaged`` (kept for inspection, never read again), reported on stderr; its
-    results are then recomputed."""
-    import sys
-
-    damaged = path.with_name(path.name + ".damaged")
-    path.replace(damaged)
-    print(f"damaged cache file {path} ({type(error).__name__}: {str(error)[:200]}): set aside as {damaged.name}, recomputing", file=sys.stderr, flush=True)
 
 
 class ResultStore:

@@ -22,9 +22,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import data, ddim, metrics, runs, transforms
+from . import audit, data, ddim, metrics, runs, transforms
 from .attacks import registry
 from .attacks.registry import AttackRequest
+from .audit import COMBINED
+from .inversion import decoded_trajectory
+from .paths import resolve
+from .trajectories import TrajectoryCache
 
 FPR = 0.01
 
@@ -141,8 +145,6 @@ def observation_text(observation: pd.DataFrame) -> str:
 def decoded_examples(study, timesteps: list[int], stride: int) -> tuple[list, list]:
     """The input and its decoded inverted latents at ``timesteps`` for the first member and the first
     non-member (rows for :func:`mialib.plots.image_grid`, and their labels)."""
-    from .attacks import decoded_trajectory
-    from .trajectories import TrajectoryCache
 
     off_path = [t for t in timesteps if t % stride]
     if off_path:
@@ -279,8 +281,6 @@ def fair_choices(attacks: dict, fair_metrics: str = "") -> dict:
     biased calibration split as requested. Without ``fair_metrics``: ``attacks`` unchanged."""
     if not fair_metrics:
         return attacks
-    from .experiment import resolve
-
     path = resolve(fair_metrics).parent / "chosen_settings.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run 03_attack on the fair split first (FAIR_RESULTS={fair_metrics!r})")
@@ -299,8 +299,6 @@ def fair_choices(attacks: dict, fair_metrics: str = "") -> dict:
 def inflation(study, comparison: Comparison, fair_metrics) -> pd.DataFrame:
     """Biased-split AUC and TPR minus the fair split's, per run (both runs of 03 on one target);
     written to ``tables/bias_inflation.csv``."""
-    from .experiment import resolve
-
     fair = pd.read_csv(resolve(fair_metrics))[["run", "display", "auc", "tpr_at_1fpr"]]
     table = fair.merge(comparison.table[["run", "auc", "tpr_at_1fpr"]], on="run", suffixes=("_fair", "_biased"))
     table["auc_inflation"] = table["auc_biased"] - table["auc_fair"]
@@ -464,21 +462,48 @@ def training_dynamics(study, checkpoints: list[int]) -> pd.DataFrame | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# 06 · set audit
+# 06 · set audit (the features, from the run layer's scores; the statistics are mialib.audit's)
 # --------------------------------------------------------------------------------------------------
-COMBINED = "combined"
+def audit_requests(attacks) -> dict:
+    """Requests for audit features: run id -> request at a fixed setting. The audit has no labels, so no
+    setting can be chosen on a calibration split: a grid, ``direction=auto`` and the blind baselines (fitted
+    on labels) are refused, naming the run. The scorer orients each feature on the fit halves instead."""
+    requests = runs.as_requests(attacks)
+    for run, request in requests.items():
+        if request.spec.kind == "blind":
+            raise ValueError(f"{run}: the blind baselines are fitted on membership labels, which an audit does not have")
+        if request.grid or request.direction == "auto":
+            raise ValueError(f"{run}: {request.text()} is chosen on a labelled calibration split; the audit needs fixed settings (e.g. {request.name}:t=100)")
+    return requests
+
+
+def feature_table(target, imageset, attacks, settings, cache_dir, batch_size: int, size: int, progress: bool = True) -> pd.DataFrame:
+    """One row per image of ``imageset``: ``id``, the set's ``label`` where it has one (never used by the
+    audit), and one column per run: the attack's per-image score in the method's direction (higher =
+    member). Scores go through the run layer's per-image cache, so features already scored for a
+    comparison are read back."""
+    table = imageset.records[["id"]].copy()
+    if "label" in imageset.records:
+        table["label"] = imageset.records["label"].to_numpy()
+    for run, request in audit_requests(attacks).items():
+        params = request.spec.params(request.fixed)
+        values = runs.attack_values(target, imageset, request.spec, params, settings, cache_dir, batch_size, size, progress)
+        direction = 1 if request.direction == "method" else int(request.direction)
+        scores = values.set_index("id")["score"].astype(float) * direction
+        table[run] = table["id"].map(scores).to_numpy()
+    return table.reset_index(drop=True)
+
+
 
 
 def audit_features(study, attacks) -> pd.DataFrame | None:
     """Per-image audit features (one column per run of ``attacks``, fixed settings) of the study's set,
     written to ``audit_features.parquet``; None (and a recorded skip) when the set has no labels, since
     the example audits and the simulations below draw suspect sets of known membership."""
-    from . import audit
-
     if study.imageset.records["label"].isna().any():
         study.skip("set audit", "the simulations draw suspect sets of known membership; this set has unlabelled images (use `mialib audit`)")
         return None
-    table = audit.feature_table(study.target, study.imageset, attacks, study.settings, study.cache, study.batch_size, study.size, progress=False)
+    table = feature_table(study.target, study.imageset, attacks, study.settings, study.cache, study.batch_size, study.size, progress=False)
     table.to_parquet(study.out / "audit_features.parquet")
     return table
 
@@ -490,8 +515,6 @@ def _pools(features: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def audit_examples(study, features: pd.DataFrame, level: float) -> pd.DataFrame:
     """Two audits with every feature combined: the members as the suspect set against the non-members,
     and a null case (half the non-members against the other half). ``tables/audit_examples.csv``."""
-    from . import audit
-
     members, nonmembers = _pools(features)
     rng = np.random.default_rng(study.settings.seed)
     half = rng.permutation(len(nonmembers))
@@ -518,8 +541,6 @@ def audit_null(study, features: pd.DataFrame, sizes, n_sets: int, level: float =
     """False-positive rate of the audit on suspect sets drawn from non-members (each feature alone and
     combined), at every size whose suspect and reference sets fit in the non-member pool without
     replacement. ``tables/audit_null.csv``."""
-    from . import audit
-
     _, nonmembers = _pools(features)
     fitting = [int(n) for n in sizes if 2 * int(n) <= len(nonmembers)]
     frames = [audit.null_rate(nonmembers, columns, fitting, n_sets, level, study.settings.seed).assign(feature_set=name) for name, columns in _feature_sets(features).items()]
@@ -532,8 +553,6 @@ def audit_power(study, features: pd.DataFrame, sizes, fractions, n_sets: int, le
     """Detection probability at ``level`` against suspect-set size: every feature alone and combined for
     suspect sets of members only, and the combination for sets that mix ``fractions`` of members; then
     the images needed for 80 % power. ``tables/audit_power.csv``, ``tables/audit_images_needed.csv``."""
-    from . import audit
-
     members, nonmembers = _pools(features)
     sets = _feature_sets(features)
     pure = audit.power(members, nonmembers, sets, sizes, (1.0,), n_sets, level, study.settings.seed)
@@ -640,8 +659,6 @@ def regime_audit(study, targets: dict, attacks, sizes, fractions, null_sets: int
     """06's validity and power studies on every target of the regime study (each seed's own features),
     then the images needed for 80 % power per regime from the power averaged over the seeds.
     ``tables/regime_audit_null.csv``, ``regime_audit_power.csv``, ``regime_images_needed.csv``."""
-    from . import audit
-
     nulls, powers = [], []
     for (regime, seed), model in targets.items():
         sub = regime_study(study, regime, seed, model)

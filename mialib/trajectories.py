@@ -22,16 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 import time
-import weakref
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import ddim, memo
+from .hashing import digest, pixel_digests
+from .inversion import inversion_trajectory
+from .memo import set_aside
 
 INVERSION_SETTINGS = ("guidance", "prompt", "encode_mode", "schedule", "seed")
 _QUEUED: dict[str, dict] = {}  # trajectories handed to the background writer and not yet on disk
@@ -71,43 +71,6 @@ def _account(folder: Path, change: int) -> None:
           "trajectories (recomputed if needed)", file=sys.stderr, flush=True)
 
 
-def digest(*parts) -> str:
-    """A short stable hash of JSON-serialisable parts (cache keys)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def pixel_digest(image: torch.Tensor) -> str:
-    return hashlib.sha256(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-_VOUCHED: OrderedDict = OrderedDict()  # id(batch) -> (weak reference, version, digests): the last few batches
-_VOUCHED_LOCK = threading.Lock()  # the reader threads vouch while the caller looks up
-
-
-def vouch_digests(images: torch.Tensor, digests: list[str]) -> None:
-    """Record the ``pixel_digest`` of every image of a batch that is already known, so that the result
-    store and the trajectory cache do not hash the same pixels again (the reader threads hash each batch
-    while the model works; 3 MB per 512 px image). It holds for this very tensor object while it is not
-    modified in place (its version counter); anything else is hashed."""
-    if len(digests) != len(images):
-        raise ValueError(f"{len(digests)} digests for {len(images)} images")
-    with _VOUCHED_LOCK:
-        _VOUCHED[id(images)] = (weakref.ref(images), images._version, list(digests))
-        while len(_VOUCHED) > 16:
-            _VOUCHED.popitem(last=False)
-
-
-def pixel_digests(images: torch.Tensor) -> list[str]:
-    """``pixel_digest`` of every image of a batch (one copy to the CPU for the batch, no per-image bytes),
-    or what :func:`vouch_digests` recorded for this tensor."""
-    with _VOUCHED_LOCK:
-        known = _VOUCHED.get(id(images))
-    if known is not None and known[0]() is images and known[1] == images._version:
-        return list(known[2])
-    array = images.detach().cpu().contiguous().numpy()
-    return [hashlib.sha256(row).hexdigest() for row in array]
-
-
 def latents_digest(latents: dict, seconds: str, evals: str) -> str:
     """sha256 of a trajectory file's tensors (names, dtypes, shapes, bytes) and its cost metadata: stored in
     the file's metadata and checked when it is read."""
@@ -126,32 +89,6 @@ class Trajectory(dict):
     that what is computed from a cached latent (its VAE decode) can be remembered by file and t."""
 
     files: list[str] | None = None
-
-
-def decode_at(target, trajectory: dict, t: int) -> torch.Tensor:
-    """``target.decode(trajectory[t])``, remembered in memory per image for cached trajectories (the
-    structural, pixel and backward attacks and the studies decode the same latents many times)."""
-    files = getattr(trajectory, "files", None)
-    if not files:
-        return target.decode(trajectory[t])
-    keys = [(f, int(t)) for f in files]
-    found = [memo.DECODED.get(k) for k in keys]
-    missing = [i for i, d in enumerate(found) if d is None]
-    if missing:
-        decoded = target.decode(trajectory[t][missing])
-        for position, i in enumerate(missing):
-            found[i] = decoded[position : position + 1].detach().to("cpu", copy=True)
-            memo.DECODED.put(keys[i], found[i])
-    return torch.cat(found).to(trajectory[t].device)
-
-
-def uniform_path(timesteps: list[int]) -> tuple[int, int] | None:
-    """(total, stride) when ``timesteps`` is 0, stride, ..., total; None for any other path."""
-    steps = [int(t) for t in timesteps]
-    stride = steps[1] - steps[0] if len(steps) > 1 else 0
-    if stride <= 0 or steps != ddim.path(steps[-1], stride):
-        return None
-    return steps[-1], stride
 
 
 class TrajectoryCache:
@@ -192,8 +129,6 @@ class TrajectoryCache:
                 if set(stored) != names or latents_digest(stored, meta["seconds"], meta["evals"]) != meta["sha256"]:
                     raise ValueError("its latents do not match the checksum stored with them")
         except Exception as error:  # a truncated or corrupted file (SafetensorError, JSON, missing keys, checksum)
-            from .runs import set_aside
-
             set_aside(path, error)
             return None
         memo.LATENTS.put((str(path), stat.st_mtime_ns, stat.st_size), {"latents": everything, "seconds": seconds, "evals": evals})
@@ -246,8 +181,6 @@ class TrajectoryCache:
         together. Returns ``(trajectory, seconds, evals)``: ``{t: z_t (n, ...)}`` and, per t, the wall
         seconds and U-Net evaluations per image that reaching t cost when it was computed, ``(n,)`` arrays.
         """
-        from .attacks.structural import inversion_trajectory
-
         unknown = set(settings) - set(INVERSION_SETTINGS)
         if unknown:
             raise ValueError(f"not inversion settings: {sorted(unknown)}")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-from .attacks.base import image_seed
+from .hashing import image_seed
 
 # The paper's four distortions at the strengths of its Tables 7-8.
 PAPER_DISTORTIONS = {"salt_pepper": 0.10, "rotation": 10.0, "saturation": 0.5, "brightness": 0.5}

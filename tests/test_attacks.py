@@ -10,9 +10,10 @@ import torch
 from skimage.metrics import structural_similarity
 
 import helpers
-from mialib.attacks import image_seed, loss_attack, structural_attack, vae_control
-from mialib.attacks.base import condition
+from mialib.attacks import loss_attack, structural_attack, vae_control
 from mialib.attacks.registry import REGISTRY, assert_within_tolerance
+from mialib.hashing import image_seed
+from mialib.inversion import condition
 from mialib.target import load_target
 
 CAPTIONS = ["red apple", "man farmer"]

@@ -10,12 +10,13 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import helpers
-from mialib import imagesets, runs, studies, trajectories
+from mialib import hashing, imagesets, runs, studies
 from mialib.attacks import REGISTRY, parse_request, secmi_attack, structural_attack
 from mialib.attacks.registry import AttackRequest, assert_within_tolerance
+from mialib.hashing import pixel_digest, pixel_digests, vouch_digests
 from mialib.settings import Settings
 from mialib.target import load_target
-from mialib.trajectories import TrajectoryCache, pixel_digest, pixel_digests, vouch_digests
+from mialib.trajectories import TrajectoryCache
 
 IDS = ["1F34E", "1F600", "1F468-200D-1F33E"]
 CAPTIONS = ["red apple", "grinning face", "man farmer"]
@@ -114,7 +115,7 @@ def test_batches_arrive_with_their_digests_and_keys_equal_hashing(imageset, tmp_
     for threads in (1, 3):
         for rows, pixels in imageset.batches(16, 3, threads=threads):
             expected = [pixel_digest(p) for p in pixels]
-            assert trajectories._VOUCHED[id(pixels)][2] == expected  # hashed and vouched for by the reader thread
+            assert hashing._VOUCHED[id(pixels)][2] == expected  # hashed and vouched for by the reader thread
             vouch_digests(pixels.clone(), ["x"] * len(pixels))  # vouching another tensor changes nothing
             assert pixel_digests(pixels) == expected
 

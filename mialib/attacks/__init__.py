@@ -2,11 +2,13 @@
 
 Every attack takes ``(target, images, captions, ids, **parameters, **settings)`` and returns an
 ``AttackOutput`` whose ``scores`` follow the method's convention "higher means member"; calibration may
-reverse the structural family's direction, once, in :func:`mialib.metrics.choose_setting`.
+reverse the structural family's direction, once, in :func:`mialib.metrics.choose_setting`. The inversion
+they share, the prompt conditioning and the per-image seeds live below them (:mod:`mialib.inversion`,
+:mod:`mialib.hashing`).
 """
 
 from .backward import backward_attack
-from .base import AttackOutput, condition, image_seed
+from .base import AttackOutput
 from .clid import clid_attack, reduce_caption
 from .latent import latent_attack
 from .loss import loss_attack, loss_errors
@@ -14,7 +16,7 @@ from .pia import pia_attack
 from .pixel import pixel_attack
 from .registry import REGISTRY, AttackRequest, AttackSpec, get, parse_request
 from .secmi import secmi_attack
-from .structural import decoded_trajectory, inversion_trajectory, structural_attack
+from .structural import structural_attack
 from .vae_control import vae_control
 
 __all__ = [
@@ -24,11 +26,7 @@ __all__ = [
     "AttackSpec",
     "backward_attack",
     "clid_attack",
-    "condition",
-    "decoded_trajectory",
     "get",
-    "image_seed",
-    "inversion_trajectory",
     "latent_attack",
     "loss_attack",
     "loss_errors",

@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 
 from .. import ddim
+from ..inversion import condition, inversion_trajectory
 from ..similarity import ssim
-from .base import AttackOutput, condition
-from .structural import inversion_trajectory, ssim_rounding
+from .base import AttackOutput
+from .structural import ssim_rounding
 
 
 @torch.no_grad()

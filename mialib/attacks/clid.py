@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from .. import ddim
-from .base import AttackOutput, image_seed, seeded_normal
+from ..hashing import image_seed, seeded_normal
+from .base import AttackOutput
 
 CONDITIONS = ("full", "reduced", "null")
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from .. import ddim
+from ..inversion import inversion_trajectory, latent_mse, rms
 from .base import AttackOutput
-from .structural import inversion_trajectory, latent_mse, rms
 
 
 @torch.no_grad()

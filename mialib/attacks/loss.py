@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import AttackOutput, condition, image_seed, seeded_normal
+from ..hashing import image_seed, seeded_normal
+from ..inversion import condition
+from .base import AttackOutput
 
 
 @torch.no_grad()

@@ -34,7 +34,9 @@ from __future__ import annotations
 import torch
 
 from .. import ddim
-from .base import AttackOutput, condition, image_seed
+from ..hashing import image_seed
+from ..inversion import condition
+from .base import AttackOutput
 
 
 @torch.no_grad()

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 
 from .. import ddim
+from ..inversion import decode_at, inversion_trajectory, latent_mse, rms
 from ..similarity import mse
-from ..trajectories import decode_at
 from .base import AttackOutput
-from .structural import inversion_trajectory, latent_mse, rms
 
 METRICS = ("mse", "psnr")
 

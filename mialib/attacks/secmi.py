@@ -41,8 +41,8 @@ from __future__ import annotations
 import torch
 
 from .. import ddim
-from .base import AttackOutput, condition
-from .structural import inversion_trajectory, rms
+from ..inversion import condition, inversion_trajectory, rms
+from .base import AttackOutput
 
 
 @torch.no_grad()

@@ -13,17 +13,11 @@ import numpy as np
 import torch
 
 from .. import ddim
+from ..inversion import decode_at, inversion_trajectory, latent_mse
 from ..similarity import MS_SSIM_WEIGHTS, box_mean, ms_ssim, ms_ssim_scales, mse, ssim
-from ..trajectories import decode_at
-from .base import AttackOutput, condition
-
+from .base import AttackOutput
 
 MEASURES = ("ssim", "ms_ssim")
-
-
-def rms(x: torch.Tensor) -> np.ndarray:
-    """Root mean square per image (float64): the magnitude of an operand, for the registry's tolerances."""
-    return x.detach().to("cpu", torch.float64).pow(2).flatten(1).mean(dim=1).sqrt().numpy()
 
 
 def ssim_rounding(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, win_size: int = 7) -> np.ndarray:
@@ -94,51 +88,6 @@ def ms_ssim_rounding(x: torch.Tensor, y: torch.Tensor, score, data_range: float 
 
 
 @torch.no_grad()
-def inversion_trajectory(
-    target,
-    images: torch.Tensor | None,
-    captions: list[str],
-    ids: list[str],
-    timesteps: list[int],
-    guidance: float = 1.0,
-    prompt: str = "caption",
-    encode_mode: str = "mode",
-    schedule: str = "model",
-    seed: int = 0,
-    start: torch.Tensor | None = None,
-    cache=None,
-) -> dict[int, torch.Tensor]:
-    """Encode the images (unless ``start`` gives the latents at ``timesteps[0]``) and invert them with
-    deterministic DDIM along ``timesteps``. Returns ``{t: z_t}``; ``timesteps[0]`` maps to the start, and a
-    one-step path ``[0]`` is the clean latent alone.
-
-    With a :class:`~mialib.trajectories.TrajectoryCache`, a path 0, stride, ..., T is read from (and
-    written to) the cache, so every attack and study that inverts the same image shares one inversion.
-    A trajectory can be extended exactly: inverting from its last latent with ``start`` continues the path.
-    """
-    from ..trajectories import uniform_path
-    from .base import image_seed
-
-    settings = dict(guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed)
-    steps = [int(t) for t in timesteps]
-    if cache is not None and start is None and uniform_path(steps):
-        total, stride = uniform_path(steps)
-        return cache.trajectory(target, images, captions, ids, total, stride, settings)[0]
-    if start is None:
-        start = target.encode_images(images, mode=encode_mode, seeds=[image_seed(i, seed) for i in ids])
-    start = start.to(target.device, target.dtype)
-    if len(steps) == 1:
-        return {steps[0]: start}
-    cond, uncond = condition(target, captions, prompt, guidance)
-    return ddim.invert(target, start, steps, cond, uncond, guidance, schedule)
-
-
-def latent_mse(z_t: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
-    """Mean squared distance per image between an inverted latent and the clean one (float64)."""
-    return (z_t.detach().to("cpu", torch.float64) - clean.detach().to("cpu", torch.float64)).pow(2).flatten(1).mean(dim=1).numpy()
-
-
-@torch.no_grad()
 def structural_attack(
     target,
     images: torch.Tensor,
@@ -174,25 +123,3 @@ def structural_attack(
     rounding = ssim_rounding(images, decoded, data_range) if measure == "ssim" else ms_ssim_rounding(images, decoded, similarity, data_range)
     extras = {measure: similarity, "mse": mse(images, decoded).numpy(), "latent_mse": latent_mse(trajectory[t], trajectory[0]), f"{measure}_rounding": rounding}
     return AttackOutput(scores=similarity, unet_evals=evals, extras=extras)
-
-
-@torch.no_grad()
-def decoded_trajectory(
-    target,
-    image: torch.Tensor,
-    caption: str,
-    image_id: str,
-    timesteps: list[int],
-    stride: int,
-    guidance: float = 1.0,
-    prompt: str = "caption",
-    encode_mode: str = "mode",
-    schedule: str = "model",
-    seed: int = 0,
-    cache=None,
-) -> dict[int, torch.Tensor]:
-    """Decoded inverted latents of one image (3, h, w) at the requested timesteps (multiples of stride)."""
-    trajectory = inversion_trajectory(
-        target, image[None], [caption], [image_id], ddim.path(max(timesteps), stride), guidance, prompt, encode_mode, schedule, seed, cache=cache
-    )
-    return {t: decode_at(target, trajectory, t)[0] for t in timesteps}

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from ..hashing import image_seed
 from ..similarity import ssim
-from .base import AttackOutput, image_seed
+from .base import AttackOutput
 from .structural import ssim_rounding
 
 

@@ -57,6 +57,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import memo
 from ..data import DataError, preprocess
+from ..hashing import pixel_digests, vouch_digests
 
 RECORD_COLUMNS = ["id", "caption", "label", "subset", "source", "sha256"]
 MANIFEST_COLUMNS = [*RECORD_COLUMNS, "subset_rule"]
@@ -134,8 +135,6 @@ def _memo_key(location: str | None, sha256: str, min_side: int, size: int) -> tu
 def _hashed(pixels: torch.Tensor) -> torch.Tensor:
     """The batch, its images' pixel digests computed here in the reader thread and vouched for, so the
     caller's result store and trajectory cache find them instead of hashing the pixels again."""
-    from ..trajectories import pixel_digests, vouch_digests
-
     vouch_digests(pixels, pixel_digests(pixels))
     return pixels
 
@@ -393,7 +392,7 @@ class ImageSet:
         """``(rows, pixels)`` for consecutive batches of at most ``batch_size`` records; at most two batches
         of pixels are in memory at a time.
 
-        The next batch is read, decoded and hashed (its pixel digests, vouched for: ``trajectories.vouch_digests``)
+        The next batch is read, decoded and hashed (its pixel digests, vouched for: ``hashing.vouch_digests``)
         in the background while the caller works on this one, by ``threads`` threads that split it (Pillow's
         decoding and resizing, file reads and hashing release the GIL; :func:`read_threads` chooses for a
         device). The pixels are the same bits whatever ``threads`` is.

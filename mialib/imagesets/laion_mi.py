@@ -36,7 +36,7 @@ import pandas as pd
 
 from ..data import DataError, claim_folder
 from ..memo import atomic_write
-from .core import Entry
+from .core import MIN_SIDE, Entry, build
 from .img2dataset import failure_reason, scan_output
 
 DOWNLOAD = "download"  # FOLDER/download: the folder mialib owns
@@ -299,8 +299,6 @@ def download(
 
     Returns ``{"given", "arrived", "skipped", "failed": {reason: count}, "requested", "manifest", "skipped_table"}``.
     """
-    from . import open_imageset
-
     folder = Path(folder)
     log = log or (lambda line: None)
     rows = listing(folder)
@@ -339,7 +337,9 @@ def download(
         _run([*command, *arguments], env, log)
     else:
         log(f"nothing to download: every requested row of {folder} was attempted before")
-    imageset = open_imageset(f"laion-mi:{folder}")
+    # what open_imageset(f"laion-mi:{folder}") opens, built here (the package imports this module)
+    entries, root, info = laion_mi_entries(str(folder.expanduser()), {"require_labels": True})
+    imageset = build(entries, f"laion-mi:{folder}", root=root, seed=0, min_side=MIN_SIDE, manifest=None, info=info, require_labels=True)
     _write_csv(imageset.manifest(), target / MANIFEST)
     _write_csv(imageset.skipped, target / SKIPPED)
     failed = Counter(_reason_category(r) for r in imageset.skipped["reason"])

@@ -31,6 +31,7 @@ import pandas as pd
 
 from .. import data
 from ..data import DataError
+from ..paths import resolve
 from .core import Entry, is_blank, walk_files
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -251,8 +252,6 @@ EMOJI_DEFAULTS = {
 def emoji_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
     """``emoji``: the embedded OpenMoji set (members and non-members of the committed split, rendered
     and hash-checked). Options: members, nonmembers, public (sizes), style (same / shifted), split, images."""
-    from ..experiment import resolve
-
     settings = {**EMOJI_DEFAULTS, **{k: v for k, v in options.items() if k in EMOJI_DEFAULTS}}
     images = emoji_images(settings)
     attacked = images[images["split"] != "public"]
@@ -270,8 +269,6 @@ def emoji_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
 
 def emoji_images(settings: dict) -> pd.DataFrame:
     """The preset's emoji rows (public, members, non-members) rendered into the project's image folder."""
-    from ..experiment import resolve
-
     split = resolve(settings["split"])
     if split.exists():
         full = data.read_manifest(split)
