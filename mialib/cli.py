@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
 LOCK_NAME = ".mialib-lock"
 MANIFEST = "run.json"
 # what `score` writes beside its cache: removed once a run is accepted, rewritten, then listed in run.json
-SCORE_TABLES = ("parameters.json", "image_set.csv", "skipped.csv", "captions_truncated.csv", "scores.parquet", "chosen_settings.json", "metrics.csv")
+SCORE_TABLES = ("parameters.json", "image_set.csv", "skipped.csv", "captions_truncated.csv", "scores.parquet", "chosen_settings.json", "metrics.csv", "metrics.json")
 
 
 class FolderLock:
@@ -295,15 +295,6 @@ def check_same_run(out: Path, identity: dict) -> None:
                          "(the same images, model, settings and size resume there, and may add attacks)")
 
 
-def _write_table(path: Path, frame, kind: str = "csv") -> Path:
-    from .memo import atomic_write
-
-    needed = int(frame.memory_usage(deep=True).sum())
-    if kind == "parquet":
-        return atomic_write(path, lambda partial: frame.to_parquet(partial), needed)
-    return atomic_write(path, lambda partial: frame.to_csv(partial, index=False), needed)
-
-
 def _file_sha256(path: Path) -> str:
     import hashlib
 
@@ -336,12 +327,12 @@ def score(args) -> None:
 
     import torch
 
-    from . import imagesets, runs
+    from . import imagesets, runs, scoring
     from .attacks.registry import parse_request
     from .data import claim_folder
-    from .experiment import check_size, quiet_library_notices
+    from .experiment import quiet_library_notices
     from .settings import Settings
-    from .target import check_source, load_target
+    from .target import check_source
 
     started = time.time()
     _check_out(args.out)
@@ -365,9 +356,8 @@ def score(args) -> None:
     if main_process:
         print(imageset.summary(), flush=True)
     runs.check_requirements(imageset, requests.values())  # before any compute
-    target = load_target(model, device=device, dtype=args.dtype, variant=args.variant, config=args.model_config)
-    size = args.size or target.resolution
-    check_size(target, size)
+    opened = scoring.open_target(model, imageset.records, size=args.size, device=device, dtype=args.dtype, variant=args.variant, config=args.model_config)
+    target, size = opened.target, opened.size
     runs.check_schedule(target, requests.values())  # every t within the model's schedule: before anything is written
     out, identity = Path(args.out), None
     with contextlib.ExitStack() as held:
@@ -394,23 +384,19 @@ def score(args) -> None:
             processes.wait_for_everyone()
             if not main_process:
                 return
-        _score_tables(args, out, model, target, imageset, requests, settings, size, identity, processes, started)
+        _score_tables(args, out, model, opened, imageset, requests, settings, identity, processes, started)
 
 
-def _score_tables(args, out, model, target, imageset, requests, settings, size, identity, processes, started) -> None:
-    from . import runs, studies
+def _score_tables(args, out, model, opened, imageset, requests, settings, identity, processes, started) -> None:
+    from . import scoring
     from .memo import write_text
 
-    print(f"{target.name}: {target.family}, predicts {target.prediction_type}, {args.dtype} (VAE {str(target.vae.dtype).split('.')[-1]}), native {target.resolution} px", flush=True)
-    _write_table(out / "image_set.csv", imageset.records.drop(columns=["location"]))
-    _write_table(out / "skipped.csv", imageset.skipped)
-    truncated = target.truncated_captions(list(imageset.records["caption"]))
-    if truncated:
-        import pandas as pd
-
-        ids = imageset.records["id"].to_numpy()
-        _write_table(out / "captions_truncated.csv", pd.DataFrame({"id": [ids[i] for i, _ in truncated], "tokens": [n for _, n in truncated], "limit": target.tokenizer.model_max_length}))
-        print(f"{len(truncated)} captions exceed the text encoder's {target.tokenizer.model_max_length} tokens and are cut there (captions_truncated.csv)")
+    target, size = opened.target, opened.size
+    scoring.write_table(out / "image_set.csv", imageset.records.drop(columns=["location"]))
+    scoring.write_table(out / "skipped.csv", imageset.skipped)
+    if len(opened.truncated):
+        scoring.write_table(out / "captions_truncated.csv", opened.truncated)
+        print(f"{len(opened.truncated)} captions exceed the text encoder's {target.tokenizer.model_max_length} tokens and are cut there (captions_truncated.csv)")
     parameters = {
         "model": model, "variant": args.variant, "model_config": args.model_config, "family": target.family,
         "prediction_type": target.prediction_type, "vae_dtype": str(target.vae.dtype), "no_tf32": args.no_tf32, "data": args.data, "attacks": {run: r.text() for run, r in requests.items()}, "device": args.device,
@@ -420,14 +406,11 @@ def _score_tables(args, out, model, target, imageset, requests, settings, size, 
         "image_set": imageset.info, "identity": identity,
     }
     write_text(out / "parameters.json", json.dumps(parameters, indent=2, default=str))
-    table, results = runs.score(target, imageset, requests, settings, out / "cache", args.batch_size, size, progress=not args.quiet)
-    _write_table(out / "scores.parquet", table, "parquet")
-    write_text(out / "chosen_settings.json", json.dumps({run: r.chosen_record() for run, r in results.items()}, indent=2, default=int))
-    metrics = studies.metric_table(table, args.bootstrap, args.seed)
-    _write_table(out / "metrics.csv", metrics)
+    run = scoring.score_run(target, imageset, requests, settings, out, cache=out / "cache", batch_size=args.batch_size, size=size,
+                            n_bootstrap=args.bootstrap, progress=not args.quiet)
     write_manifest(out, identity, SCORE_TABLES)  # last: the tables above belong together
-    print(format_metrics(metrics))
-    print(f"{len(table)} scores of {len(imageset)} images ({len(imageset.skipped)} skipped) in {time.time() - started:.1f} s -> {out}")
+    print(format_metrics(run.metrics))
+    print(f"{len(run.scores)} scores of {len(imageset)} images ({len(imageset.skipped)} skipped) in {time.time() - started:.1f} s -> {out}")
 
 
 AUDIT_DEFAULT = ("structural", "pixel", "loss", "secmi", "pia", "clid")
@@ -439,12 +422,12 @@ def audit(args) -> None:
     import torch
 
     from . import audit as set_audit
-    from . import imagesets, plots, runs, studies
+    from . import imagesets, plots, runs, scoring, studies
     from .data import claim_folder
-    from .experiment import check_size, quiet_library_notices
+    from .experiment import quiet_library_notices
     from .memo import write_text
     from .settings import Settings
-    from .target import check_source, load_target
+    from .target import check_source
 
     started = time.time()
     _check_out(args.out)
@@ -462,9 +445,9 @@ def audit(args) -> None:
     if shared:
         ids = sets["suspect"].records.loc[sets["suspect"].records["sha256"].isin(shared), "id"]
         raise ValueError(f"{len(shared)} images are in both the suspect and the reference set (same bytes), e.g. suspect ids {list(ids)[:5]}; the reference must hold other images")
-    target = load_target(model, device=args.device, dtype=args.dtype, variant=args.variant, config=args.model_config)
-    size = args.size or target.resolution
-    check_size(target, size)
+    records = pd.concat([imageset.records for imageset in sets.values()], ignore_index=True)
+    opened = scoring.open_target(model, records, size=args.size, device=args.device, dtype=args.dtype, variant=args.variant, config=args.model_config)
+    target, size = opened.target, opened.size
     runs.check_schedule(target, requests.values())  # before anything is written
     out = claim_folder(args.out)
     with FolderLock(out):
@@ -480,7 +463,7 @@ def audit(args) -> None:
             table = studies.feature_table(target, imageset, requests, settings, out / "cache", args.batch_size, size, progress=not args.quiet)
             tables[name] = table.drop(columns="label", errors="ignore").assign(id=lambda d, n=name: n + "/" + d["id"].astype(str))  # the sets' ids may repeat
         features = list(requests)
-        _write_table(out / "features.parquet", pd.concat([t.assign(set=n) for n, t in tables.items()], ignore_index=True), "parquet")
+        scoring.write_table(out / "features.parquet", pd.concat([t.assign(set=n) for n, t in tables.items()], ignore_index=True))
         keywords = dict(fit_fraction=args.fit_fraction, seed=args.seed, permutations=args.permutations, level=args.level)
         rows = []
         for name, columns in {"combined": features, **{run: [run] for run in features}}.items():
@@ -488,7 +471,7 @@ def audit(args) -> None:
             rows.append({"feature_set": name, **result.as_dict()})
             if name == "combined":
                 combined = result
-        _write_table(out / "audit.csv", pd.DataFrame(rows))
+        scoring.write_table(out / "audit.csv", pd.DataFrame(rows))
         write_text(out / "verdict.txt", combined.verdict + "\n")
         parameters = {"model": model, "suspect": args.suspect, "reference": args.reference, "attacks": {run: r.text() for run, r in requests.items()},
                       "settings": settings.columns(), "size": size, "device": args.device, "no_tf32": args.no_tf32, "fingerprint": target.fingerprint(), **keywords}

@@ -67,6 +67,7 @@ def invert(
     timesteps: list[int],
     cond: torch.Tensor,
     uncond: torch.Tensor | None = None,
+    *,
     guidance: float = 1.0,
     schedule: str = "model",
 ) -> dict[int, torch.Tensor]:
@@ -78,7 +79,7 @@ def invert(
     Returns ``{t: z_t}`` including the start.
     """
     steps = check_timesteps(timesteps, len(target.scheduler.alphas_cumprod), increasing=True)
-    return _walk(target, latents, steps, cond, uncond, guidance, schedule)
+    return _walk(target, latents, steps, cond, uncond, guidance=guidance, schedule=schedule)
 
 
 @torch.no_grad()
@@ -88,21 +89,22 @@ def denoise(
     timesteps: list[int],
     cond: torch.Tensor,
     uncond: torch.Tensor | None = None,
+    *,
     guidance: float = 1.0,
     schedule: str = "model",
 ) -> dict[int, torch.Tensor]:
     """Deterministic DDIM sampling along decreasing ``timesteps`` (eps at the source timestep)."""
     steps = check_timesteps(timesteps, len(target.scheduler.alphas_cumprod), increasing=False)
-    return _walk(target, latents, steps, cond, uncond, guidance, schedule)
+    return _walk(target, latents, steps, cond, uncond, guidance=guidance, schedule=schedule)
 
 
-def _walk(target, latents, steps, cond, uncond, guidance, schedule) -> dict[int, torch.Tensor]:
+def _walk(target, latents, steps, cond, uncond, *, guidance, schedule) -> dict[int, torch.Tensor]:
     """Deterministic DDIM steps along ``steps``, eps evaluated at each step's source timestep."""
     abar = alphas_cumprod(target.scheduler, schedule)
     trajectory = {steps[0]: latents}
     sample = latents
     for t_from, t_to in zip(steps[:-1], steps[1:]):
-        eps = target.eps(sample, t_from, cond, uncond, guidance)
+        eps = target.eps(sample, t_from, cond, uncond, guidance=guidance)
         sample = ddim_step(sample, eps, abar[t_from], abar[t_to]).contiguous()  # one memory format, cached or not
         trajectory[t_to] = sample
     return trajectory
@@ -113,6 +115,7 @@ def sample(
     target,
     captions: list[str],
     steps: int = 50,
+    *,
     guidance: float = 1.0,
     seed: int = 0,
     schedule: str = "model",
@@ -131,7 +134,7 @@ def sample(
     latents = torch.randn((len(captions), channels, size, size), generator=generator).to(target.device, target.dtype)
     cond = target.encode_prompts(list(captions))
     uncond = None if guidance == 1.0 else target.encode_prompts([""] * len(captions))
-    latents = denoise(target, latents, timesteps, cond, uncond, guidance, schedule)[timesteps[-1]]
+    latents = denoise(target, latents, timesteps, cond, uncond, guidance=guidance, schedule=schedule)[timesteps[-1]]
     abar = alphas_cumprod(scheduler, schedule)
-    eps = target.eps(latents, timesteps[-1], cond, uncond, guidance)
+    eps = target.eps(latents, timesteps[-1], cond, uncond, guidance=guidance)
     return ddim_step(latents, eps, abar[timesteps[-1]], 1.0)

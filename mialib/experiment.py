@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from . import data, imagesets
+from . import data, imagesets, scoring
 from .paths import ROOT, resolve
 from .settings import Settings
 
@@ -351,22 +351,11 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
     study = Study(params, notebook, out, settings, imageset)
     claim_output(study.cache)
     if load_model:
-        import torch
-
-        from .target import load_target
-
-        study.target = load_target(
-            locate_model(params["MODEL"]), device=params.get("DEVICE", "cpu"), dtype=settings.dtype,
-            variant=params.get("VARIANT") or None, config=params.get("MODEL_CONFIG") or None,
+        opened = scoring.open_target(
+            locate_model(params["MODEL"]), imageset.records, size=study.size, device=params.get("DEVICE", "cpu"), dtype=settings.dtype,
+            variant=params.get("VARIANT") or None, config=params.get("MODEL_CONFIG") or None, tables=out / "tables",
         )
-        check_size(study.target, study.size)
-        truncated = study.target.truncated_captions(list(imageset.records["caption"]))
-        if truncated:
-            frame = pd.DataFrame(truncated, columns=["index", "tokens"]).assign(id=lambda d: imageset.records["id"].to_numpy()[d["index"]])
-            frame[["id", "tokens"]].assign(limit=study.target.tokenizer.model_max_length).to_csv(out / "tables" / "captions_truncated.csv", index=False)
-            print(f"{len(truncated)} captions are longer than the text encoder's {study.target.tokenizer.model_max_length} tokens and are cut there (tables/captions_truncated.csv)", flush=True)
-        target = study.target
-        print(f"{target.name}: {target.family}, predicts {target.prediction_type}, {settings.dtype} (VAE {str(target.vae.dtype).split('.')[-1]}), native {target.resolution} px, attacked at {study.size} px", flush=True)
+        study.target = opened.target
     return study
 
 
@@ -377,16 +366,6 @@ def claim_output(folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
     return data.claim_folder(folder)
-
-
-def check_size(target, size: int) -> None:
-    """The attack size must be a multiple of the VAE's downscale factor; another size than the model's
-    native one is allowed (a study) but said."""
-    factor = 2 ** (len(target.vae.config.block_out_channels) - 1)
-    if size % factor:
-        raise ValueError(f"IMAGE_SIZE={size} is not a multiple of the VAE's downscale factor {factor}")
-    if size != target.resolution:
-        print(f"note: IMAGE_SIZE={size} differs from the model's native {target.resolution} px", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .hashing import image_seed
 PROMPT_MODES = ("caption", "empty")
 
 
-def condition(target, captions: list[str], prompt: str = "caption", guidance: float = 1.0):
+def condition(target, captions: list[str], *, prompt: str = "caption", guidance: float = 1.0):
     """Text conditioning for a batch: (cond, uncond); uncond is None when guidance is 1.
 
     ``prompt="caption"`` uses each image's caption, ``"empty"`` the empty prompt for every image.
@@ -75,6 +75,7 @@ def inversion_trajectory(
     captions: list[str],
     ids: list[str],
     timesteps: list[int],
+    *,
     guidance: float = 1.0,
     prompt: str = "caption",
     encode_mode: str = "mode",
@@ -101,8 +102,8 @@ def inversion_trajectory(
     start = start.to(target.device, target.dtype)
     if len(steps) == 1:
         return {steps[0]: start}
-    cond, uncond = condition(target, captions, prompt, guidance)
-    return ddim.invert(target, start, steps, cond, uncond, guidance, schedule)
+    cond, uncond = condition(target, captions, prompt=prompt, guidance=guidance)
+    return ddim.invert(target, start, steps, cond, uncond, guidance=guidance, schedule=schedule)
 
 
 @torch.no_grad()
@@ -113,6 +114,7 @@ def decoded_trajectory(
     image_id: str,
     timesteps: list[int],
     stride: int,
+    *,
     guidance: float = 1.0,
     prompt: str = "caption",
     encode_mode: str = "mode",
@@ -122,6 +124,7 @@ def decoded_trajectory(
 ) -> dict[int, torch.Tensor]:
     """Decoded inverted latents of one image (3, h, w) at the requested timesteps (multiples of stride)."""
     trajectory = inversion_trajectory(
-        target, image[None], [caption], [image_id], ddim.path(max(timesteps), stride), guidance, prompt, encode_mode, schedule, seed, cache=cache
+        target, image[None], [caption], [image_id], ddim.path(max(timesteps), stride),
+        guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed, cache=cache,
     )
     return {t: decode_at(target, trajectory, t)[0] for t in timesteps}

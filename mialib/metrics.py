@@ -230,3 +230,22 @@ def bootstrap_weights(labels, n_boot: int, seed: int = 0) -> np.ndarray:
         index = np.concatenate([rng.choice(members, len(members)), rng.choice(nonmembers, len(nonmembers))])
         np.add.at(row, index, 1.0)
     return weights
+
+
+def metric_table(scores: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Test metrics (thresholds from calibration) per run, with bootstrap intervals and mean costs."""
+    table = evaluate_scores(scores, by=("run",))
+    intervals, described = [], []
+    for run, group in scores.groupby("run", sort=False):
+        cal, test = group[group["subset"] == "calibration"], group[group["subset"] == "test"]
+        ci = bootstrap(cal["label"], cal["score"], test["label"], test["score"], n_boot=n_bootstrap, seed=seed)
+        intervals.append({"run": run, **{f"{r.metric}_{end}": getattr(r, end) for r in ci.itertuples() for end in ("low", "high")}})
+        first = group.iloc[0]
+        described.append(
+            {
+                "run": run, "attack": first["attack"], "display": first["display"], "setting": first["setting"], "direction": first["direction"],
+                "unet_evals": group["unet_evals"].mean(), "seconds_per_image": group["seconds_per_image"].mean(),
+                "peak_memory_mb": group["peak_memory_mb"].max(),
+            }
+        )
+    return pd.DataFrame(described).merge(table, on="run").merge(pd.DataFrame(intervals), on="run")

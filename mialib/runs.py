@@ -154,8 +154,12 @@ def attack_values(
 ) -> pd.DataFrame:
     """One attack at one parameter point over a set: ``id, score`` (the method's direction), the
     attack's per-image extras, ``unet_evals`` (the registry's cost formula), and what computing the row
-    cost, in whichever run or process computed it: ``unet_evals_run`` (counted), ``seconds_per_image``
-    (wall time per image of its batch) and ``peak_memory_mb`` (peak since the attack started).
+    cost, in whichever run or process computed it: ``unet_evals_run`` (counted here, from
+    ``target.unet_evals`` around each call: an attack function reports no cost of its own),
+    ``seconds_per_image`` (wall time per image of its batch) and ``peak_memory_mb`` (peak since the
+    attack started). The function gets the parameters, the shared settings it names (keyword-only:
+    :meth:`Settings.for_function`) and, when the registry says it inverts (:attr:`AttackSpec.inverts`),
+    the trajectory cache.
 
     Results are stored per image in ``<cache_dir>/<attack>/<point key>/`` (the point key hashes the model
     fingerprint, the parameters, the settings and the size), so a rerun with another batch size, a resumed
@@ -169,7 +173,7 @@ def attack_values(
     fingerprint = target.fingerprint()
     trajectories = TrajectoryCache(cache_dir / "trajectory", fingerprint)
     keywords = {**params, **settings.for_function(spec.function)}
-    if "cache" in _parameters(spec.function):
+    if spec.inverts:
         keywords["cache"] = trajectories
     cost = spec.cost(params, settings)
     reset_peak_memory(str(target.device))
@@ -211,12 +215,6 @@ def attack_values(
     values = table.loc[order].reset_index(drop=True)
     columns = ["id", "score"] + [c for c in values.columns if c not in ("id", "score", "unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb")]
     return values[columns + ["unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb"]]
-
-
-def _parameters(function) -> set:
-    import inspect
-
-    return set(inspect.signature(function).parameters)
 
 
 @dataclass
@@ -270,7 +268,7 @@ def grid_values(
     request = parse_request(request) if isinstance(request, str) else request
     points = request.points()
     order = list(range(len(points)))
-    if "t" in request.grid and "cache" in _parameters(request.spec.function):
+    if "t" in request.grid and request.spec.inverts:
         # Deepest t first: one inversion reaches it, and every shallower point reads a prefix of that
         # cached path (instead of extending and rewriting the path once per point).
         order.sort(key=lambda i: -int(points[i].get("t", 0)))

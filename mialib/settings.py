@@ -92,7 +92,8 @@ class Settings:
         return replace(self, **changes)
 
     def for_function(self, function) -> dict:
-        """The fields that ``function`` takes as keyword arguments (an attack ignores the others)."""
+        """The fields that ``function`` names as parameters, to pass by keyword (the attacks and the
+        inversion take them keyword-only, after a ``*``; a function is given only the settings it names)."""
         accepted = inspect.signature(function).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
             raise TypeError(f"{function.__name__} takes **kwargs; an attack names the settings it uses")

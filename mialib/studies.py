@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import audit, data, ddim, metrics, runs, transforms
+from . import audit, data, ddim, metrics, runs, scoring, transforms
 from .attacks import registry
 from .attacks.registry import AttackRequest
 from .audit import COMBINED
@@ -109,7 +109,7 @@ def memorisation(study, steps: int, images_per_class: int = 0) -> Samples:
         records = pd.concat([records[records["label"] == label].head(images_per_class) for label in (1, 0)])
     chosen = study.imageset.select(list(records["id"]))
     settings = study.settings
-    latent = study.size // (2 ** (len(study.target.vae.config.block_out_channels) - 1))
+    latent = study.size // study.target.downscale
     originals, samples = [], []
     for start, (rows, pixels) in enumerate(chosen.batches(study.size, study.batch_size)):
         latents = ddim.sample(study.target, list(rows["caption"]), steps=steps, guidance=settings.guidance, seed=settings.seed + start * study.batch_size, size=latent)
@@ -185,38 +185,15 @@ def compare(study, attacks: dict, n_bootstrap: int = 1000) -> Comparison:
     for run, reason in skipped.items():
         study.skip(run, reason)
     runs.check_requirements(study.imageset, requests.values(), metrics=True)  # before any compute
-    scores, results = study.score(requests)
-    scores.to_parquet(study.out / "scores.parquet")
-    chosen = {run: result.chosen_record() for run, result in results.items()}
-    (study.out / "chosen_settings.json").write_text(json.dumps(chosen, indent=2, default=int))
-    table = metric_table(scores, n_bootstrap, study.settings.seed)
-    table.to_csv(study.out / "metrics.csv", index=False)
-    (study.out / "metrics.json").write_text(table.to_json(orient="records", indent=2))
+    run = scoring.score_run(study.target, study.imageset, requests, study.settings, study.out, cache=study.cache,
+                            batch_size=study.batch_size, size=study.size, n_bootstrap=n_bootstrap)
+    scores, results, table = run.scores, run.results, run.metrics
     paper = paper_table(table)
     paper.to_csv(study.tables / "comparison.csv", index=False)
     paper.to_latex(study.tables / "comparison.tex", index=False, escape=True)
     verdict = blind_verdict(table)
     verdict.to_csv(study.tables / "beats_blind.csv", index=False)
     return Comparison(scores, results, table, paper, verdict, skipped)
-
-
-def metric_table(scores: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Test metrics (thresholds from calibration) per run, with bootstrap intervals and mean costs."""
-    table = metrics.evaluate_scores(scores, by=("run",))
-    intervals, described = [], []
-    for run, group in scores.groupby("run", sort=False):
-        cal, test = group[group["subset"] == "calibration"], group[group["subset"] == "test"]
-        ci = metrics.bootstrap(cal["label"], cal["score"], test["label"], test["score"], n_boot=n_bootstrap, seed=seed)
-        intervals.append({"run": run, **{f"{r.metric}_{end}": getattr(r, end) for r in ci.itertuples() for end in ("low", "high")}})
-        first = group.iloc[0]
-        described.append(
-            {
-                "run": run, "attack": first["attack"], "display": first["display"], "setting": first["setting"], "direction": first["direction"],
-                "unet_evals": group["unet_evals"].mean(), "seconds_per_image": group["seconds_per_image"].mean(),
-                "peak_memory_mb": group["peak_memory_mb"].max(),
-            }
-        )
-    return pd.DataFrame(described).merge(table, on="run").merge(pd.DataFrame(intervals), on="run")
 
 
 def paper_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -407,7 +384,7 @@ class Ablations:
     def sizes(self, sizes: list[int]) -> list[int]:
         """The attack sizes that the model's VAE can take (multiples of its downscale factor); the
         others are skipped with their reason before any compute."""
-        factor = 2 ** (len(self.study.target.vae.config.block_out_channels) - 1)
+        factor = self.study.target.downscale
         for size in sizes:
             if size % factor:
                 self.study.skip(f"resolution {size} px", f"not a multiple of the VAE's downscale factor {factor}")

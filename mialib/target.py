@@ -259,6 +259,7 @@ class Target:
         t: int,
         cond: Conditioning | torch.Tensor,
         uncond: Conditioning | torch.Tensor | None = None,
+        *,
         guidance: float = 1.0,
     ) -> torch.Tensor:
         """Noise prediction epsilon with explicit classifier-free guidance, whatever the model predicts.

@@ -14,6 +14,7 @@ from mialib.attacks import loss_attack, structural_attack, vae_control
 from mialib.attacks.registry import REGISTRY, assert_within_tolerance
 from mialib.hashing import image_seed
 from mialib.inversion import condition
+from mialib.settings import Settings
 from mialib.target import load_target
 
 CAPTIONS = ["red apple", "man farmer"]
@@ -54,6 +55,13 @@ def _step(z, eps, a_from, a_to):
     return math.sqrt(a_to) * x0 + math.sqrt(1 - a_to) * eps
 
 
+def _cost(name, settings=None, **params):
+    """The registry's cost formula at ``params`` (over the defaults) and ``settings`` (default: the
+    defaults): U-Net evaluations per image."""
+    spec = REGISTRY[name]
+    return spec.cost(spec.params(params), settings or Settings())
+
+
 # --------------------------------------------------------------------------------------------------
 def test_image_seed_matches_its_specification():
     assert image_seed("1F34E") == helpers.reference_image_seed("1F34E")
@@ -83,8 +91,7 @@ def test_structural_attack_equals_hand_computation(pipeline_and_target, images):
     # (eps at the target timestep instead, or the official linear schedule, moves these scores by > 3e-4)
     np.testing.assert_allclose(out.scores, expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose(out.extras["ssim"], expected, rtol=0, atol=1e-6)
-    assert out.unet_evals == 2
-    assert counter.images == 2 * len(images) == target.unet_evals - before
+    assert counter.images == target.unet_evals - before == _cost("structural", t=100, stride=50) * len(images) == 2 * len(images)
     assert [int(t.flatten()[0]) for t, _ in counter.calls] == [0, 50]
     # the scores genuinely depend on the inversion: SSIM after inversion differs from the VAE round trip
     with torch.no_grad():
@@ -105,7 +112,7 @@ def test_structural_attack_at_t0_is_the_vae_round_trip_with_data_range_one(targe
         decoded = target.decode(latents)
     before = target.unet_evals
     out = structural_attack(target, images, CAPTIONS, IDS, t=0, stride=50, data_range=1.0)
-    assert target.unet_evals == before and out.unet_evals == 0
+    assert (target.unet_evals - before) / len(images) == _cost("structural", t=0, stride=50) == 0
     np.testing.assert_allclose(out.scores, _skimage_ssim(images, decoded, 1.0), rtol=0, atol=1e-6)
     mse = ((images.double() - decoded.double()) ** 2).flatten(1).mean(1).numpy()
     np.testing.assert_allclose(out.extras["mse"], mse, rtol=1e-6)
@@ -142,20 +149,21 @@ def test_structural_attack_cost_with_guidance_and_empty_prompt(target, images):
     null = target.encode_prompts(["", ""]).hidden
     before = target.unet_evals
     with helpers.UNetCallCounter(target.unet) as counter:
-        out = structural_attack(target, images, CAPTIONS, IDS, t=100, stride=25, guidance=3.0, prompt="empty")
-    assert out.unet_evals == 8  # 4 steps, two branches each
+        structural_attack(target, images, CAPTIONS, IDS, t=100, stride=25, guidance=3.0, prompt="empty")
+    counted = (target.unet_evals - before) / len(images)
+    assert counted == _cost("structural", Settings(guidance=3.0, prompt="empty"), t=100, stride=25) == 8  # 4 steps, two branches each
     assert counter.images == 8 * len(images) == target.unet_evals - before
     assert all(torch.equal(hidden, null) for _, hidden in counter.calls)  # empty prompt: both branches are ""
 
 
 def test_condition_modes(target):
-    cond, uncond = condition(target, CAPTIONS, "caption", 1.0)
+    cond, uncond = condition(target, CAPTIONS, prompt="caption", guidance=1.0)
     assert uncond is None
     assert cond.equal(target.encode_prompts(CAPTIONS))
-    cond, uncond = condition(target, CAPTIONS, "empty", 2.0)
+    cond, uncond = condition(target, CAPTIONS, prompt="empty", guidance=2.0)
     assert cond.equal(target.encode_prompts(["", ""])) and uncond.equal(cond)
     with pytest.raises(ValueError):
-        condition(target, CAPTIONS, "none")
+        condition(target, CAPTIONS, prompt="none")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,7 +190,7 @@ def test_loss_attack_equals_hand_computation(pipeline_and_target, images, t):
         out = loss_attack(target, images, CAPTIONS, IDS, t=t)
     np.testing.assert_allclose(out.scores, expected, rtol=1e-5)
     np.testing.assert_allclose(out.extras["mse"], -expected, rtol=1e-5)
-    assert out.unet_evals == 1 and counter.images == len(images) == target.unet_evals - before
+    assert counter.images == target.unet_evals - before == _cost("loss", t=t) * len(images) == len(images)
     # the same image gets the same noise in another batch and run; another seed gives other noise
     alone = loss_attack(target, images[1:], CAPTIONS[1:], IDS[1:], t=t)
     assert_within_tolerance(REGISTRY["loss"], REGISTRY["loss"].params({"t": t}), alone.scores, out.scores[1:], {"mse": out.extras["mse"][1:]})
@@ -203,7 +211,7 @@ def test_vae_control_equals_skimage_and_uses_no_unet(pipeline_and_target, images
     with helpers.UNetCallCounter(target.unet) as counter:
         out = vae_control(target, images, CAPTIONS, IDS)
     np.testing.assert_allclose(out.scores, expected, rtol=0, atol=1e-6)
-    assert out.unet_evals == 0 and counter.images == 0 and target.unet_evals == before
+    assert counter.images == target.unet_evals - before == _cost("vae_control") * len(images) == 0
     one = vae_control(target, images, CAPTIONS, IDS, data_range=1.0)
     np.testing.assert_allclose(one.scores, _skimage_ssim(images, reconstruction, 1.0), rtol=0, atol=1e-6)
 

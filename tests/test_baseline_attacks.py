@@ -2,7 +2,8 @@
 
 Every score is checked against an independent hand computation: the U-Net calls and the DDIM step
 (eq. 12, sigma = 0) are written out here on the saved pipeline object, not through mialib.ddim.
-Every reported cost is checked against a forward hook on the loaded target's U-Net.
+Every registry cost formula is checked against a forward hook on the loaded target's U-Net (and the
+target's own counter, which the run layer reads).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mialib.attacks.pia import pia_attack
 from mialib.attacks.pixel import pixel_attack
 from mialib.attacks.registry import REGISTRY, assert_within_tolerance
 from mialib.attacks.secmi import secmi_attack
+from mialib.settings import Settings
 from mialib.target import load_target
 
 CAPTIONS = ["red apple", "man farmer"]
@@ -93,6 +95,12 @@ def _skimage_ssim(x, y, data_range=2.0):
     return np.array([structural_similarity(a, b, channel_axis=0, data_range=data_range) for a, b in zip(x, y)])
 
 
+def _cost(attack, guidance=1.0, **params):
+    """The registry's cost formula for ``attack`` at ``params`` (over its defaults) and ``guidance``."""
+    spec = next(s for s in REGISTRY.values() if s.function is attack)
+    return spec.cost(spec.params(params), Settings(guidance=guidance))
+
+
 def _run_counted(target, attack, images, **settings):
     """Run an attack; return its output and the U-Net evaluations per image seen by a forward hook."""
     before = target.unet_evals
@@ -121,7 +129,7 @@ def test_secmi_equals_hand_computation(pipeline_and_target, images):
     # (the error is ~5e-7 on this untrained U-Net; eps at the target timestep 100 instead moves it by 30 %)
     np.testing.assert_allclose(out.extras["error"], error, rtol=1e-5, atol=0)
     np.testing.assert_allclose(out.scores, -error, rtol=1e-5, atol=0)
-    assert out.unet_evals == evals == 100 // 10 + 2
+    assert evals == _cost(secmi_attack) == 100 // 10 + 2
     assert [int(t.flatten()[0]) for t, _ in counter.calls] == list(range(0, 110, 10)) + [110]
     assert error.min() > 0
 
@@ -151,7 +159,7 @@ def test_pia_equals_hand_computation(pipeline_and_target, images, guidance):
     out, evals, counter = _run_counted(target, pia_attack, images, guidance=guidance)
     np.testing.assert_allclose(out.extras["distance"], distance, rtol=1e-5, atol=1e-12)
     np.testing.assert_allclose(out.scores, -distance, rtol=1e-5, atol=1e-12)
-    assert out.unet_evals == evals == (2 if guidance == 1.0 else 4)
+    assert evals == _cost(pia_attack, guidance) == (2 if guidance == 1.0 else 4)
     assert sorted({int(t.flatten()[0]) for t, _ in counter.calls}) == [0, 200]
 
     squared = pia_attack(target, images, CAPTIONS, IDS, p=2, guidance=guidance)
@@ -167,12 +175,12 @@ def test_pia_official_rescale_applies_2z_minus_1_to_the_latent(pipeline_and_targ
     eps_0 = _unet(pipeline, z0, 0, cond)
     a = _abar(pipeline, 200)
     distance = _per_image((eps_0 - _unet(pipeline, math.sqrt(a) * z0 + math.sqrt(1 - a) * eps_0, 200, cond)).abs() ** 4)
-    rescaled = pia_attack(target, images, CAPTIONS, IDS, official_rescale=True)
+    rescaled, evals, _ = _run_counted(target, pia_attack, images, official_rescale=True)
     np.testing.assert_allclose(rescaled.extras["distance"], distance, rtol=1e-5, atol=1e-12)
+    assert evals == _cost(pia_attack, official_rescale=True) == 2
     default = pia_attack(target, images, CAPTIONS, IDS)
     np.testing.assert_array_equal(pia_attack(target, images, CAPTIONS, IDS, official_rescale=False).scores, default.scores)
     assert np.abs(rescaled.scores - default.scores).max() > 1e-3 * np.abs(default.scores).max()
-    assert rescaled.unet_evals == default.unet_evals == 2
     with pytest.raises(ValueError, match="official_rescale"):
         pia_attack(target, images, CAPTIONS, IDS, official_rescale=1)
 
@@ -213,7 +221,7 @@ def test_clid_equals_hand_computation(pipeline_and_target, images):
     np.testing.assert_allclose(out.scores, expected, rtol=1e-5, atol=1e-9)
     for name in embeddings:
         np.testing.assert_allclose(out.extras[f"loss_{name}"], losses[name], rtol=1e-5)
-    assert out.unet_evals == evals == 3 * n_noise
+    assert evals == _cost(clid_attack, t=t, n_noise=n_noise) == 3 * n_noise
     assert all(int(ts.flatten()[0]) == t for ts, _ in counter.calls)
     # every condition is a plain conditional call with its own embedding (no guidance mixing)
     hidden = [h for _, h in counter.calls]
@@ -272,7 +280,7 @@ def test_pixel_attack_equals_skimage(pipeline_and_target, images):
     np.testing.assert_allclose(out.scores, -mse, rtol=1e-5)
     np.testing.assert_allclose(out.extras["mse"], mse, rtol=1e-5)
     np.testing.assert_allclose(out.extras["psnr"], psnr, rtol=0, atol=1e-4)
-    assert out.unet_evals == evals == 2
+    assert evals == _cost(pixel_attack, t=100, stride=50) == 2
     by_psnr = pixel_attack(target, images, CAPTIONS, IDS, metric="psnr")
     np.testing.assert_allclose(by_psnr.scores, psnr, rtol=0, atol=1e-4)
     with pytest.raises(ValueError):
@@ -291,7 +299,7 @@ def test_backward_attack_equals_hand_computation(pipeline_and_target, images):
     out, evals, counter = _run_counted(target, backward_attack, images, t=100, stride=50)
     np.testing.assert_allclose(out.scores, expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose(out.extras["latent_mse"], _per_image((back0 - z0) ** 2), rtol=1e-5, atol=1e-12)
-    assert out.unet_evals == evals == 2 * 100 // 50
+    assert evals == _cost(backward_attack, t=100, stride=50) == 2 * 100 // 50
     assert [int(t.flatten()[0]) for t, _ in counter.calls] == [0, 50, 100, 50]
 
 
@@ -304,7 +312,7 @@ def test_latent_attack_equals_hand_computation(pipeline_and_target, images):
     out, evals, _ = _run_counted(target, latent_attack, images, t=100, stride=50)
     np.testing.assert_allclose(out.extras["latent_mse"], expected, rtol=1e-5, atol=1e-12)
     np.testing.assert_allclose(out.scores, -expected, rtol=1e-5, atol=1e-12)
-    assert out.unet_evals == evals == 2
+    assert evals == _cost(latent_attack, t=100, stride=50) == 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,10 +328,10 @@ COSTS = [
 
 @pytest.mark.parametrize("attack, settings, evals", COSTS, ids=[a.__name__ for a, _, _ in COSTS])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_reported_cost_matches_unet_calls(target, images, attack, settings, evals, guidance):
-    out, counted, counter = _run_counted(target, attack, images, guidance=guidance, **settings)
+def test_registry_cost_matches_unet_calls(target, images, attack, settings, evals, guidance):
+    _, counted, counter = _run_counted(target, attack, images, guidance=guidance, **settings)
     expected = evals if guidance == 1.0 else 2 * evals
-    assert out.unet_evals == counted == expected
+    assert counted == _cost(attack, guidance, **settings) == expected
     null = target.encode_prompts(["", ""]).hidden
     n_null = sum(torch.equal(hidden, null) for _, hidden in counter.calls)
     assert n_null == (0 if guidance == 1.0 else len(counter.calls) // 2)  # explicit guidance, no hidden branch
@@ -331,8 +339,8 @@ def test_reported_cost_matches_unet_calls(target, images, attack, settings, eval
 
 @pytest.mark.parametrize("n_noise", [1, 2])
 def test_clid_cost(target, images, n_noise):
-    out, counted, _ = _run_counted(target, clid_attack, images, t=450, n_noise=n_noise)
-    assert out.unet_evals == counted == 3 * n_noise
+    _, counted, _ = _run_counted(target, clid_attack, images, t=450, n_noise=n_noise)
+    assert counted == _cost(clid_attack, t=450, n_noise=n_noise) == 3 * n_noise
 
 
 def test_invalid_settings(target, images):

@@ -305,6 +305,32 @@ def test_score_on_a_users_imagefolder_equals_the_attack_functions(tmp_path, mode
     assert "loss:t=[50, 100]" in report and "test split: 3 members, 3 non-members" in report
 
 
+def test_the_command_line_and_the_notebooks_write_the_same_run(tmp_path, model, user_set, capsys):
+    """One scoring path (mialib.scoring): `mialib score` and 03's studies.compare on the same images, model,
+    attacks and settings write the same scores, chosen settings and metrics, bit for bit (timings aside)."""
+    attacks = ["structural", "loss:t=[50, 100]", "vae_control"]  # as the command line names its runs
+    out = tmp_path / "cli"
+    cli.main(["score", "--model", str(model), "--data", f"imagefolder:{user_set}", "--out", str(out), "--batch-size", "4",
+              "--quiet", "--bootstrap", "50", *[a for attack in attacks for a in ("--attack", attack)]])
+    params = _study_params(tmp_path, f"imagefolder:{user_set}", model, N_BOOTSTRAP=50)
+    assert params["SEED"] == 0 and params["IMAGE_SIZE"] == 32  # what the command line used
+    study = experiment.setup(params, "03_attack")
+    comparison = studies.compare(study, {a: a for a in attacks}, 50)
+    timings = ["seconds_per_image", "peak_memory_mb", "unet_evals_run"]
+    for name in ("scores.parquet", "metrics.csv"):
+        read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
+        ours, theirs = read(out / name), read(study.out / name)
+        assert len(ours) and list(ours.columns) == list(theirs.columns), name
+        pd.testing.assert_frame_equal(ours.drop(columns=timings, errors="ignore"), theirs.drop(columns=timings, errors="ignore"), check_exact=True)
+    assert json.loads((out / "chosen_settings.json").read_text()) == json.loads((study.out / "chosen_settings.json").read_text())
+    for folder in (out, study.out):
+        as_json, as_csv = pd.read_json(folder / "metrics.json"), pd.read_csv(folder / "metrics.csv")
+        assert list(as_json["run"]) == list(as_csv["run"]) and as_json["auc"].to_numpy() == pytest.approx(as_csv["auc"].to_numpy(), abs=1e-9)  # JSON keeps 10 digits
+    assert set(comparison.table["run"]) == set(attacks)
+    printed = capsys.readouterr().out
+    assert printed.count("predicts epsilon") == 2 and printed.count("attacked at 32 px") == 2  # one target line each way
+
+
 def test_score_refuses_before_reading_or_writing(tmp_path, model, user_set, capsys):
     base = ["score", "--data", f"imagefolder:{user_set}", "--attack", "structural"]
     with pytest.raises(SystemExit) as exit_info:

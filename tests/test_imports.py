@@ -26,6 +26,7 @@ LOW = (
 UPPER = (
     "mialib.attacks",
     "mialib.runs",
+    "mialib.scoring",
     "mialib.studies",
     "mialib.experiment",
     "mialib.cli",

@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 import helpers
 from mialib import hashing, imagesets, runs, studies
+from mialib import metrics as mialib_metrics
 from mialib.attacks import REGISTRY, parse_request, secmi_attack, structural_attack
 from mialib.attacks.registry import AttackRequest, assert_within_tolerance
 from mialib.hashing import pixel_digest, pixel_digests, vouch_digests
@@ -91,8 +92,10 @@ def test_captions_pixels_and_settings_key_the_cache(target, images, tmp_path):
     assert not np.allclose(other.scores, base.scores)
     flipped = _attack(target, images.flip(-1), 100, cache)
     assert not np.allclose(flipped.extras["mse"], base.extras["mse"])
-    guided = _attack(target, images, 100, cache, guidance=3.0)
-    assert guided.unet_evals == 4
+    before = target.unet_evals
+    _attack(target, images, 100, cache, guidance=3.0)
+    spec = REGISTRY["structural"]
+    assert (target.unet_evals - before) / len(images) == spec.cost(spec.params({"t": 100}), Settings(guidance=3.0)) == 4  # inverted again
     assert len(list(tmp_path.glob("*.safetensors"))) == 4 * 3
 
 
@@ -256,6 +259,33 @@ def test_every_attack_file_has_one_registry_entry():
     assert files == functions
 
 
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_each_spec_declares_what_its_function_takes(name):
+    """The registry's declared capability agrees with the function's signature (the run layer reads the
+    declaration, never the signature): ``inverts`` iff the function takes the trajectory ``cache``. A model
+    or control attack takes (target, images, captions, ids), then the method's parameters (the registry's
+    defaults), then the shared settings and the cache keyword-only; a blind one (imageset, size, batch_size, seed)."""
+    import inspect
+    from dataclasses import fields
+
+    spec = REGISTRY[name]
+    parameters = inspect.signature(spec.function).parameters
+    if spec.kind == "blind":
+        assert list(parameters) == ["imageset", "size", "batch_size", "seed"]
+        assert not spec.inverts
+        return
+    assert spec.inverts == ("cache" in parameters)
+    names = list(parameters)
+    assert names[:4] == ["target", "images", "captions", "ids"]
+    shared = {f.name for f in fields(Settings)}
+    keyword_only = [key for key, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    positional = [key for key, p in parameters.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert len(positional) + len(keyword_only) == len(parameters)  # no *args, no **kwargs
+    assert positional == names[:4] + list(spec.defaults)  # the method's parameters, in the registry's order
+    assert set(keyword_only) <= shared | {"cache"} and set(keyword_only) >= set(names) & shared  # every shared setting keyword-only
+    assert set(Settings().for_function(spec.function)) == set(keyword_only) - {"cache"}  # for_function picks them
+
+
 @pytest.mark.parametrize(
     "text, fixed, grid, direction",
     [
@@ -349,7 +379,7 @@ def test_score_table_and_metrics_agree_with_sklearn(target, imageset, tmp_path):
     table, results = runs.score(target, imageset, {"paper": "structural", "loss": "loss:t=[50,100]"}, Settings(), tmp_path, 3, 32, progress=False)
     assert list(table.columns) == runs.SCORE_COLUMNS
     assert set(table["run"]) == {"paper", "loss"} and len(table) == 2 * len(imageset)
-    metrics = studies.metric_table(table, n_bootstrap=50)
+    metrics = mialib_metrics.metric_table(table, n_bootstrap=50)
     for row in metrics.itertuples():
         test = table[(table["run"] == row.run) & (table["subset"] == "test")]
         assert row.auc == pytest.approx(roc_auc_score(test["label"], test["score"]), abs=1e-12)

@@ -1,8 +1,10 @@
 """One file per attack, and the registry that lists them (:mod:`.registry`).
 
-Every attack takes ``(target, images, captions, ids, **parameters, **settings)`` and returns an
+Every attack takes ``(target, images, captions, ids, **parameters, **settings)``, the shared settings
+keyword-only (and ``cache=``, the trajectory cache, when the registry says it inverts), and returns an
 ``AttackOutput`` whose ``scores`` follow the method's convention "higher means member"; calibration may
-reverse the structural family's direction, once, in :func:`mialib.metrics.choose_setting`. The inversion
+reverse the structural family's direction, once, in :func:`mialib.metrics.choose_setting`. What a call
+costs is counted by the run layer (:func:`mialib.runs.attack_values`), not by the attack. The inversion
 they share, the prompt conditioning and the per-image seeds live below them (:mod:`mialib.inversion`,
 :mod:`mialib.hashing`).
 """

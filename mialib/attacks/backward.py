@@ -31,6 +31,7 @@ def backward_attack(
     ids: list[str],
     t: int = 100,
     stride: int = 50,
+    *,
     guidance: float = 1.0,
     prompt: str = "caption",
     encode_mode: str = "mode",
@@ -42,19 +43,19 @@ def backward_attack(
     """Score = SSIM(x, D(z_0 reconstructed from the inverted z_t)); extras {"ssim", "latent_mse", "ssim_rounding"}
     (``ssim_rounding``: :func:`~.structural.ssim_rounding`, for the registry's tolerance)."""
     steps = ddim.path(int(t), int(stride))
-    before = target.unet_evals
     # 1. encode and invert deterministically 0 -> stride -> ... -> t (the structural attack's path)
-    trajectory = inversion_trajectory(target, images, captions, ids, steps, guidance, prompt, encode_mode, schedule, seed, cache=cache)
+    trajectory = inversion_trajectory(
+        target, images, captions, ids, steps, guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed, cache=cache
+    )
     latents, inverted = trajectory[steps[0]], trajectory[steps[-1]]
     # 2. deterministic denoising t -> ... -> stride -> 0 along the same timesteps
-    cond, uncond = condition(target, captions, prompt, guidance)
-    reconstruction = ddim.denoise(target, inverted, steps[::-1], cond, uncond, guidance, schedule)[steps[0]]
+    cond, uncond = condition(target, captions, prompt=prompt, guidance=guidance)
+    reconstruction = ddim.denoise(target, inverted, steps[::-1], cond, uncond, guidance=guidance, schedule=schedule)[steps[0]]
     # 3. decode and compare with the input
     decoded = target.decode(reconstruction)
     similarity = ssim(images, decoded, data_range=data_range, precision="working").numpy()
     latent_mse = (reconstruction - latents).double().pow(2).flatten(1).mean(dim=1).cpu().numpy()
-    evals = (target.unet_evals - before) // len(images)
     return AttackOutput(
-        scores=similarity, unet_evals=evals,
+        scores=similarity,
         extras={"ssim": similarity, "latent_mse": latent_mse, "ssim_rounding": ssim_rounding(images, decoded, data_range)},
     )

@@ -45,6 +45,7 @@ def clid_attack(
     ids: list[str],
     t: int = 450,
     n_noise: int = 1,
+    *,
     encode_mode: str = "mode",
     seed: int = 0,
 ) -> AttackOutput:
@@ -55,7 +56,6 @@ def clid_attack(
         raise ValueError(f"t must lie in [0, {len(abar) - 1}], not {t}")
     if n_noise < 1:
         raise ValueError(f"n_noise must be at least 1, not {n_noise}")
-    before = target.unet_evals
     latents = target.encode_images(images, mode=encode_mode, seeds=[image_seed(i, seed) for i in ids])
     embeddings = {
         "full": target.encode_prompts(list(captions)),
@@ -78,5 +78,4 @@ def clid_attack(
     scores = 0.5 * (gap_reduced + gap_null)
     extras = {f"loss_{name}": losses[name].numpy() for name in CONDITIONS}
     extras.update(gap_reduced=gap_reduced, gap_null=gap_null)
-    evals = (target.unet_evals - before) // len(images)
-    return AttackOutput(scores=scores, unet_evals=evals, extras=extras)
+    return AttackOutput(scores=scores, extras=extras)

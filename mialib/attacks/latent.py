@@ -27,6 +27,7 @@ def latent_attack(
     ids: list[str],
     t: int = 100,
     stride: int = 50,
+    *,
     guidance: float = 1.0,
     prompt: str = "caption",
     encode_mode: str = "mode",
@@ -37,8 +38,10 @@ def latent_attack(
     """Score = -||z_t - z_0||^2 / d after deterministic DDIM inversion to t; extras {"latent_mse", "latent_rms"}
     (``latent_rms``: the clean latent's root mean square, for the registry's tolerance)."""
     t, stride = int(t), int(stride)
-    before = target.unet_evals
-    trajectory = inversion_trajectory(target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, seed, cache=cache)
+    trajectory = inversion_trajectory(
+        target, images, captions, ids, ddim.path(t, stride),
+        guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed, cache=cache,
+    )
     distance = latent_mse(trajectory[t], trajectory[0])
     extras = {"latent_mse": distance, "latent_rms": rms(trajectory[0])}
-    return AttackOutput(scores=-distance, unet_evals=(target.unet_evals - before) // len(images), extras=extras)
+    return AttackOutput(scores=-distance, extras=extras)

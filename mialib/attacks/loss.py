@@ -22,6 +22,7 @@ def loss_errors(
     captions: list[str],
     ids: list[str],
     timesteps: list[int],
+    *,
     guidance: float = 1.0,
     prompt: str = "caption",
     encode_mode: str = "mode",
@@ -29,14 +30,14 @@ def loss_errors(
 ) -> dict[int, np.ndarray]:
     """Mean squared noise-prediction error per image at each timestep: ``{t: (n,)}``."""
     latents = target.encode_images(images, mode=encode_mode, seeds=[image_seed(i, seed) for i in ids])
-    cond, uncond = condition(target, captions, prompt, guidance)
+    cond, uncond = condition(target, captions, prompt=prompt, guidance=guidance)
     abar = target.scheduler.alphas_cumprod.to(torch.float64)
     errors = {}
     for t in timesteps:
         noise = seeded_normal(tuple(latents.shape[1:]), [f"{i}@t{t}" for i in ids], seed).to(latents)
         a_t = abar[int(t)]
         noisy = a_t.sqrt().to(latents.dtype) * latents + (1 - a_t).sqrt().to(latents.dtype) * noise
-        predicted = target.eps(noisy, int(t), cond, uncond, guidance)
+        predicted = target.eps(noisy, int(t), cond, uncond, guidance=guidance)
         errors[int(t)] = (predicted - noise).double().pow(2).flatten(1).mean(dim=1).cpu().numpy()
     return errors
 
@@ -47,12 +48,12 @@ def loss_attack(
     captions: list[str],
     ids: list[str],
     t: int = 100,
+    *,
     guidance: float = 1.0,
     prompt: str = "caption",
     encode_mode: str = "mode",
     seed: int = 0,
 ) -> AttackOutput:
     """Score = -noise-prediction MSE at timestep t; extras {"mse": (n,)}."""
-    before = target.unet_evals
-    error = loss_errors(target, images, captions, ids, [t], guidance, prompt, encode_mode, seed)[int(t)]
-    return AttackOutput(scores=-error, unet_evals=(target.unet_evals - before) // len(images), extras={"mse": error})
+    error = loss_errors(target, images, captions, ids, [t], guidance=guidance, prompt=prompt, encode_mode=encode_mode, seed=seed)[int(t)]
+    return AttackOutput(scores=-error, extras={"mse": error})

@@ -47,12 +47,13 @@ def pia_attack(
     ids: list[str],
     t: int = 200,
     p: float = 4,
+    official_rescale: bool = False,
+    *,
     guidance: float = 1.0,
     prompt: str = "caption",
     encode_mode: str = "mode",
     schedule: str = "model",
     seed: int = 0,
-    official_rescale: bool = False,
 ) -> AttackOutput:
     """Score = -mean |eps(z_0, 0) - eps(z_t, t)|^p with z_t built from eps(z_0, 0).
 
@@ -67,19 +68,17 @@ def pia_attack(
         raise ValueError(f"p must be positive, not {p}")
     if not isinstance(official_rescale, bool):
         raise ValueError(f"official_rescale must be true or false, not {official_rescale!r}")
-    before = target.unet_evals
     latents = target.encode_images(images, mode=encode_mode, seeds=[image_seed(i, seed) for i in ids])
     if official_rescale:
         latents = 2 * latents - 1  # the official code's normalize(x) = x * 2 - 1, applied to the latent
-    cond, uncond = condition(target, captions, prompt, guidance)
+    cond, uncond = condition(target, captions, prompt=prompt, guidance=guidance)
     # 1. proximal initial noise: the prediction at t = 0 on the clean latent
-    eps_0 = target.eps(latents, 0, cond, uncond, guidance)
+    eps_0 = target.eps(latents, 0, cond, uncond, guidance=guidance)
     # 2. deterministic forward noising with that noise
     alpha_prod_t = abar[t]
     noisy = alpha_prod_t.sqrt().to(latents.dtype) * latents + (1 - alpha_prod_t).sqrt().to(latents.dtype) * eps_0
     # 3. the prediction at t, compared with eps_0 in l_p^p per element
-    eps_t = target.eps(noisy, t, cond, uncond, guidance)
+    eps_t = target.eps(noisy, t, cond, uncond, guidance=guidance)
     distance = (eps_0 - eps_t).double().abs().pow(p).flatten(1).mean(dim=1).cpu().numpy()
     norms = [e.double().abs().pow(p).flatten(1).mean(dim=1).pow(1 / p).cpu().numpy() for e in (eps_0, eps_t)]
-    evals = (target.unet_evals - before) // len(images)
-    return AttackOutput(scores=-distance, unet_evals=evals, extras={"distance": distance, "eps_norm": norms[0] + norms[1]})
+    return AttackOutput(scores=-distance, extras={"distance": distance, "eps_norm": norms[0] + norms[1]})

@@ -33,6 +33,7 @@ def pixel_attack(
     t: int = 100,
     stride: int = 50,
     metric: str = "mse",
+    *,
     guidance: float = 1.0,
     prompt: str = "caption",
     encode_mode: str = "mode",
@@ -46,11 +47,12 @@ def pixel_attack(
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
     t, stride = int(t), int(stride)
-    before = target.unet_evals
-    trajectory = inversion_trajectory(target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, seed, cache=cache)
-    evals = (target.unet_evals - before) // len(images)
+    trajectory = inversion_trajectory(
+        target, images, captions, ids, ddim.path(t, stride),
+        guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed, cache=cache,
+    )
     error = mse(images, decode_at(target, trajectory, t)).numpy()
     peak = 10 * np.log10(data_range**2 / error)
     value = -error if metric == "mse" else peak
     extras = {"mse": error, "psnr": peak, "latent_mse": latent_mse(trajectory[t], trajectory[0]), "pixel_rms": rms(images)}
-    return AttackOutput(scores=value, unet_evals=evals, extras=extras)
+    return AttackOutput(scores=value, extras=extras)

@@ -1,9 +1,12 @@
 """The one place that says which attacks exist, what they take, what calibration searches and what they cost.
 
 Each :class:`AttackSpec` names its function (one file in this package), the method's own setting, the
-grid that calibration searches by default, its cost in U-Net evaluations per image, and its direction
-convention: the function's score is "higher means member" as the method says; only the structural
-family may have that direction reversed by calibration (:func:`mialib.metrics.choose_setting`).
+grid that calibration searches by default, its cost in U-Net evaluations per image, what it needs from
+the run layer (``inverts``: it walks the DDIM inversion path and takes the trajectory cache), and its
+direction convention: the function's score is "higher means member" as the method says; only the
+structural family may have that direction reversed by calibration (:func:`mialib.metrics.choose_setting`).
+The functions return scores and extras only: the run layer counts the U-Net evaluations a call makes
+(:func:`mialib.runs.attack_values`), against the cost stated here.
 
 Notebooks, the robustness suite, the tests and the command line iterate :data:`REGISTRY`. Adding an
 attack means one file in this package plus one entry below.
@@ -170,15 +173,17 @@ def _pixel_rounding(p, x):
 @dataclass(frozen=True)
 class AttackSpec:
     name: str  # stable key, used in result files and on the command line
-    function: Callable  # model / control: (target, images, captions, ids, **params, **settings) -> AttackOutput;
+    function: Callable  # model / control: (target, images, captions, ids, **params, **settings) -> AttackOutput
+    # (scores and extras), the shared settings keyword-only (Settings.for_function picks those it names), and cache= when it inverts;
     # blind: (imageset, size, batch_size, seed) -> DataFrame(id, score), fitted on the calibration split
     label: str  # display name for figures and tables
     defaults: dict  # the method's (or paper's) setting
     grid: dict  # default calibration grid: parameter -> candidates
-    cost: Callable  # (params, settings) -> U-Net evaluations per image
+    cost: Callable  # (params, settings) -> U-Net evaluations per image (the run layer counts what a call makes)
     measure: Callable  # params -> "+SSIM", "-MSE": what the score is and which way means member
     flippable: bool = False  # may calibration reverse the direction? (the structural family only)
     kind: str = "model"  # model: runs the U-Net; control: the VAE only; blind: never sees the model
+    inverts: bool = False  # walks a DDIM inversion path 0, k, 2k, ...: the function takes cache= (the trajectory cache; runs.attack_values hands it one)
     setting_name: str = ""  # how the defaults are known ("paper": Li et al.'s setting)
     citation: str = ""
     requires: Callable | None = None  # records -> why the attack cannot run on them (None: it can)
@@ -299,7 +304,7 @@ REGISTRY: dict[str, AttackSpec] = {
             "structural", structural_attack, "structural", dict(t=100, stride=50, measure="ssim"), {"t": _linspace(950)},
             cost=lambda p, s: _path_steps(p) * _branches(s),
             measure=lambda p: "+MS-SSIM" if p["measure"] == "ms_ssim" else "+SSIM",
-            flippable=True, setting_name="paper", citation="Li et al., ACM MM 2024",
+            flippable=True, inverts=True, setting_name="paper", citation="Li et al., ACM MM 2024",
             schema={**_PATH, "measure": Param("choice", choices=("ssim", "ms_ssim"))}, rules=_PATH_RULES,
             # tolerance = 64 eps * ssim_rounding: the mean over the SSIM map of
             # 4 + cov (2 |uxy| + 4 |ux uy| + uxx + uyy + 2 ux^2 + 2 uy^2) / (vx + vy + c2) (its local pixel moments
@@ -310,7 +315,7 @@ REGISTRY: dict[str, AttackSpec] = {
             "pixel", pixel_attack, "pixel MSE", dict(t=100, stride=50, metric="mse"), {"t": _linspace(950)},
             cost=lambda p, s: _path_steps(p) * _branches(s),
             measure=lambda p: "-MSE" if p["metric"] == "mse" else "+PSNR",
-            flippable=True, setting_name="paper", citation="the structural attack's pixel-level counterpart",
+            flippable=True, inverts=True, setting_name="paper", citation="the structural attack's pixel-level counterpart",
             schema={**_PATH, "metric": Param("choice", choices=("mse", "psnr"))}, rules=_PATH_RULES,
             # tolerance = 64 eps * 2 sqrt(mse) (2 pixel_rms + sqrt(mse)) (x - D(z_t)); PSNR: that times 10 / (ln 10 mse)
             rounding=_pixel_rounding, roundings=ROUNDINGS,
@@ -318,7 +323,7 @@ REGISTRY: dict[str, AttackSpec] = {
         AttackSpec(
             "latent", latent_attack, "latent distance", dict(t=100, stride=50), {"t": _linspace(950)},
             cost=lambda p, s: _path_steps(p) * _branches(s), measure=lambda p: "-latent MSE",
-            flippable=True, setting_name="paper", citation="the structural attack's inversion, scored without the decoder",
+            flippable=True, inverts=True, setting_name="paper", citation="the structural attack's inversion, scored without the decoder",
             schema=dict(_PATH), rules=_PATH_RULES,
             # tolerance = 64 eps * 2 sqrt(latent_mse) (2 latent_rms + sqrt(latent_mse)) (z_t - z_0)
             rounding=lambda p, x: _squared_error(x["latent_mse"], x["latent_rms"]), roundings=ROUNDINGS,
@@ -326,7 +331,7 @@ REGISTRY: dict[str, AttackSpec] = {
         AttackSpec(
             "backward", backward_attack, "backward reconstruction", dict(t=100, stride=50), {"t": _linspace(500)},
             cost=lambda p, s: 2 * _path_steps(p) * _branches(s), measure=lambda p: "+SSIM",
-            flippable=True, setting_name="paper", citation="Li et al., ACM MM 2024, Table 9",
+            flippable=True, inverts=True, setting_name="paper", citation="Li et al., ACM MM 2024, Table 9",
             schema={"t": _timestep(low=1), "stride": Param("int", low=1)}, rules=_PATH_RULES,  # t = 0 has no path back
             rounding=lambda p, x: x["ssim_rounding"], roundings=ROUNDINGS,  # tolerance = 64 eps * ssim_rounding, as structural
         ),
@@ -340,7 +345,7 @@ REGISTRY: dict[str, AttackSpec] = {
         AttackSpec(
             "secmi", secmi_attack, "SecMI", dict(t_sec=100, interval=10), {"t_sec": [50, 100, 200]},
             cost=lambda p, s: (int(p["t_sec"]) // int(p["interval"]) + 2) * _branches(s), measure=lambda p: "-error",
-            citation="Duan et al., ICML 2023",
+            inverts=True, citation="Duan et al., ICML 2023",
             schema={"t_sec": _timestep(), "interval": Param("int", low=1)}, rules=(_multiple("t_sec", "interval"),),
             deepest=lambda p: (p["t_sec"] + p["interval"], f"t_sec + interval = {p['t_sec']} + {p['interval']} (the inversion goes one interval past t_sec)"),
             # tolerance = 64 eps * 2 sqrt(error) (2 latent_rms + sqrt(error)) (z_{t_sec} - z'_{t_sec}: latents
@@ -394,7 +399,8 @@ def help_text() -> str:
     for spec in REGISTRY.values():
         params = ", ".join(f"{k}={v}" for k, v in spec.defaults.items()) or "no parameters"
         grid = "; calibrates " + ", ".join(spec.grid) if spec.grid else ""
-        lines.append(f"  {spec.name:13s} {spec.label} ({spec.citation}): {params}{grid}")
+        inverts = "; inverts (trajectory cache)" if spec.inverts else ""
+        lines.append(f"  {spec.name:13s} {spec.label} ({spec.citation}): {params}{grid}{inverts}")
     return "\n".join(lines)
 
 

@@ -53,6 +53,7 @@ def secmi_attack(
     ids: list[str],
     t_sec: int = 100,
     interval: int = 10,
+    *,
     guidance: float = 1.0,
     prompt: str = "caption",
     encode_mode: str = "mode",
@@ -64,18 +65,17 @@ def secmi_attack(
     t_sec, interval = int(t_sec), int(interval)
     if interval <= 0 or t_sec < 0 or t_sec % interval:
         raise ValueError(f"t_sec ({t_sec}) must be a non-negative multiple of the interval ({interval})")
-    before = target.unet_evals
-    cond, uncond = condition(target, captions, prompt, guidance)
+    cond, uncond = condition(target, captions, prompt=prompt, guidance=guidance)
     # 1. deterministic inversion 0 -> k -> ... -> t_sec, and 2. one more step t_sec -> t_sec + k
     #    (the same path as the structural attack's at stride k: read from the trajectory cache when given)
     trajectory = inversion_trajectory(
-        target, images, captions, ids, ddim.path(t_sec + interval, interval), guidance, prompt, encode_mode, schedule, seed, cache=cache
+        target, images, captions, ids, ddim.path(t_sec + interval, interval),
+        guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed, cache=cache,
     )
     # 3. one deterministic denoising step t_sec + k -> t_sec (eps evaluated at t_sec + k)
     reconstruction = ddim.denoise(
-        target, trajectory[t_sec + interval], [t_sec + interval, t_sec], cond, uncond, guidance, schedule
+        target, trajectory[t_sec + interval], [t_sec + interval, t_sec], cond, uncond, guidance=guidance, schedule=schedule
     )[t_sec]
     # 4. step-wise error at t_sec (mean over latent elements)
     error = (trajectory[t_sec] - reconstruction).double().pow(2).flatten(1).mean(dim=1).cpu().numpy()
-    evals = (target.unet_evals - before) // len(images)
-    return AttackOutput(scores=-error, unet_evals=evals, extras={"error": error, "latent_rms": rms(trajectory[t_sec])})
+    return AttackOutput(scores=-error, extras={"error": error, "latent_rms": rms(trajectory[t_sec])})

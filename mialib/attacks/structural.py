@@ -96,6 +96,7 @@ def structural_attack(
     t: int = 100,
     stride: int = 50,
     measure: str = "ssim",
+    *,
     guidance: float = 1.0,
     prompt: str = "caption",
     encode_mode: str = "mode",
@@ -114,12 +115,13 @@ def structural_attack(
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, not {measure!r}")
     t, stride = int(t), int(stride)
-    before = target.unet_evals
-    trajectory = inversion_trajectory(target, images, captions, ids, ddim.path(t, stride), guidance, prompt, encode_mode, schedule, seed, cache=cache)
-    evals = (target.unet_evals - before) // len(images)
+    trajectory = inversion_trajectory(
+        target, images, captions, ids, ddim.path(t, stride),
+        guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed, cache=cache,
+    )
     decoded = decode_at(target, trajectory, t)
     score_fn = ssim if measure == "ssim" else ms_ssim
     similarity = score_fn(images, decoded, data_range=data_range, precision="working").numpy()
     rounding = ssim_rounding(images, decoded, data_range) if measure == "ssim" else ms_ssim_rounding(images, decoded, similarity, data_range)
     extras = {measure: similarity, "mse": mse(images, decoded).numpy(), "latent_mse": latent_mse(trajectory[t], trajectory[0]), f"{measure}_rounding": rounding}
-    return AttackOutput(scores=similarity, unet_evals=evals, extras=extras)
+    return AttackOutput(scores=similarity, extras=extras)
