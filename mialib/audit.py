@@ -549,10 +549,12 @@ def _simulate(suspect_rows: np.ndarray, reference_rows: np.ndarray, pools: dict,
     reference scores (sets, m_test))}.
     """
     suspect_fit, suspect_test = (
-        np.take_along_axis(suspect_rows, rows, axis=1) for rows in _batched_split(*suspect_rows.shape, fit_fraction, rng)
+        np.take_along_axis(suspect_rows, rows, axis=1)
+        for rows in _batched_split(*suspect_rows.shape, fit_fraction, rng)
     )
     reference_fit, reference_test = (
-        np.take_along_axis(reference_rows, rows, axis=1) for rows in _batched_split(*reference_rows.shape, fit_fraction, rng)
+        np.take_along_axis(reference_rows, rows, axis=1)
+        for rows in _batched_split(*reference_rows.shape, fit_fraction, rng)
     )
     out = {}
     for name, pool in pools.items():

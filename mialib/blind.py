@@ -23,7 +23,10 @@ def image_features(images: torch.Tensor, bins: int = 8) -> np.ndarray:
     deviation, gradient energy, fraction of near-white pixels and an 8x8 grey thumbnail. Shape (n, d)."""
     x = (images.detach().cpu().double() + 1) / 2
     n = x.shape[0]
-    histograms = [torch.stack([torch.histc(x[i, c], bins=bins, min=0, max=1) for c in range(3)]).flatten() / x[0, 0].numel() for i in range(n)]
+    histograms = [
+        torch.stack([torch.histc(x[i, c], bins=bins, min=0, max=1) for c in range(3)]).flatten() / x[0, 0].numel()
+        for i in range(n)
+    ]
     grey = x.mean(dim=1, keepdim=True)
     gradient = (grey[..., 1:, :] - grey[..., :-1, :]).abs().flatten(1).mean(1, keepdim=True) + (
         grey[..., :, 1:] - grey[..., :, :-1]
@@ -56,7 +59,9 @@ def _fit_and_score(model, features: np.ndarray, labels: np.ndarray, calibration:
     """Cross-validated scores on calibration rows, scores of a calibration-trained model on the rest."""
     scores = np.empty(len(labels), dtype=np.float64)
     folds = StratifiedKFold(n_splits=FOLDS, shuffle=True, random_state=seed)
-    scores[calibration] = cross_val_predict(model, features[calibration], labels[calibration], cv=folds, method="predict_proba")[:, 1]
+    scores[calibration] = cross_val_predict(
+        model, features[calibration], labels[calibration], cv=folds, method="predict_proba"
+    )[:, 1]
     model.fit(features[calibration], labels[calibration])
     scores[~calibration] = model.predict_proba(features[~calibration])[:, 1]
     return scores

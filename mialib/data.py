@@ -24,7 +24,12 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-SPLITS = ("public", "member", "nonmember", "filler")  # filler: extra training images of the regimes' U-Nets (data/emoji_filler.csv)
+SPLITS = (
+    "public",
+    "member",
+    "nonmember",
+    "filler",
+)  # filler: extra training images of the regimes' U-Nets (data/emoji_filler.csv)
 SUBSETS = ("calibration", "test")
 MANIFEST_COLUMNS = ["id", "caption", "group", "split", "subset", "pixel_sha256"]
 
@@ -202,7 +207,9 @@ def build_filler_manifest(manifest: pd.DataFrame, seed: int = 0) -> pd.DataFrame
     order = np.random.default_rng(seed).permutation(len(catalogue))
     ordered = catalogue.iloc[order].reset_index(drop=True)
     if list(ordered["id"].head(len(manifest))) != list(manifest["id"]):
-        raise DataError(f"the split manifest is not the start of the catalogue's seed-{seed} permutation, so its complement cannot be told apart")
+        raise DataError(
+            f"the split manifest is not the start of the catalogue's seed-{seed} permutation, so its complement cannot be told apart"
+        )
     filler = ordered.iloc[len(manifest) :].reset_index(drop=True)
     filler = filler[~filler["group"].isin(manifest["group"]) & ~filler["pixel_sha256"].isin(manifest["pixel_sha256"])]
     filler = filler.assign(split="filler", subset="")[MANIFEST_COLUMNS].reset_index(drop=True)
@@ -328,7 +335,9 @@ def claim_folder(folder: str | os.PathLike, is_own: Callable[[Path], bool] | Non
             raise DataError(f"{folder} cannot be a folder: {above} is a file")
     marker = folder / OWNED_MARKER
     if folder.exists() and not marker.exists():
-        foreign = sorted(p.name for p in folder.iterdir() if (is_own is None or not is_own(p)) and not _holds_no_file(p))
+        foreign = sorted(
+            p.name for p in folder.iterdir() if (is_own is None or not is_own(p)) and not _holds_no_file(p)
+        )
         if foreign:
             raise DataError(
                 f"{folder} holds files that mialib did not write (e.g. {foreign[:3]}); refusing to write into it "
@@ -409,8 +418,21 @@ def split_checks(images: pd.DataFrame, tensors: torch.Tensor, near_duplicate_ssi
             ia, ib = a[(order // len(b)).numpy()], b[(order % len(b)).numpy()]
             similarity = ssim(tensors[ia], tensors[ib]).numpy()
             for x, y, d, s in zip(ia, ib, distances.flatten()[order].numpy(), similarity):
-                pairs.append((first, second, kept["id"][x], kept["caption"][x], kept["id"][y], kept["caption"][y], float(d), float(s)))
-    closest = pd.DataFrame(pairs, columns=["split_a", "split_b", "id_a", "caption_a", "id_b", "caption_b", "l2", "ssim"])
+                pairs.append(
+                    (
+                        first,
+                        second,
+                        kept["id"][x],
+                        kept["caption"][x],
+                        kept["id"][y],
+                        kept["caption"][y],
+                        float(d),
+                        float(s),
+                    )
+                )
+    closest = pd.DataFrame(
+        pairs, columns=["split_a", "split_b", "id_a", "caption_a", "id_b", "caption_b", "l2", "ssim"]
+    )
     summary["closest_pair_ssim"] = float(closest["ssim"].max()) if len(closest) else float("nan")
     summary["near_duplicate_pairs"] = int((closest["ssim"] >= near_duplicate_ssim).sum())
     return summary, closest.sort_values("ssim", ascending=False).reset_index(drop=True)

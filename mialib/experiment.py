@@ -28,7 +28,15 @@ from .paths import ROOT, resolve
 from .settings import Settings
 
 # The runs of `make run` on the default preset; a preset's NOTEBOOKS key chooses others (configs/regimes.yaml: 07_regimes).
-NOTEBOOKS = ("01_data_split", "02_observation", "03_attack", "03_attack_biased", "04_robustness", "05_ablations", "06_set_audit")
+NOTEBOOKS = (
+    "01_data_split",
+    "02_observation",
+    "03_attack",
+    "03_attack_biased",
+    "04_robustness",
+    "05_ablations",
+    "06_set_audit",
+)
 # Keys read by `prepare` (the embedded target's training) and the runner, not by every notebook.
 TARGET_KEYS = {"PRESET", "VAE_STEPS", "UNET_STEPS", "TRAIN_SEED", "TRAIN_BATCH_SIZE", "BUILD_TINY_TARGET", "NOTEBOOKS"}
 
@@ -103,7 +111,14 @@ def library_progress_bars(enabled: bool):
 # --------------------------------------------------------------------------------------------------
 def emoji_options(params: dict) -> dict:
     """The embedded set's options from a preset's emoji keys (used when DATA is emoji)."""
-    keys = {"N_MEMBERS": "members", "N_NONMEMBERS": "nonmembers", "N_PUBLIC": "public", "MANIFEST": "split", "IMAGE_DIR": "images", "NONMEMBER_STYLE": "style"}
+    keys = {
+        "N_MEMBERS": "members",
+        "N_NONMEMBERS": "nonmembers",
+        "N_PUBLIC": "public",
+        "MANIFEST": "split",
+        "IMAGE_DIR": "images",
+        "NONMEMBER_STYLE": "style",
+    }
     return {option: params[key] for key, option in keys.items() if key in params}
 
 
@@ -111,7 +126,9 @@ def open_data(params: dict) -> imagesets.ImageSet:
     """The image set that ``DATA`` names; preset-relative paths resolve against the repository root."""
     spec = params.get("DATA", "emoji")
     if params.get("NONMEMBER_STYLE", "same") != "same" and data_kind(params) != "emoji":
-        raise ValueError(f"NONMEMBER_STYLE={params['NONMEMBER_STYLE']!r} (the biased split) exists only for the embedded emoji set, not {spec!r}")
+        raise ValueError(
+            f"NONMEMBER_STYLE={params['NONMEMBER_STYLE']!r} (the biased split) exists only for the embedded emoji set, not {spec!r}"
+        )
     return imagesets.open_imageset(spec, base=ROOT, **emoji_options(params))
 
 
@@ -153,8 +170,12 @@ def emoji_pool(params: dict, images: pd.DataFrame, filler_images: int) -> pd.Dat
     if filler_images:
         filler = data.read_manifest(ROOT / FILLER)
         if len(filler) < filler_images:
-            raise data.DataError(f"{FILLER} has {len(filler)} images, the regime asks for FILLER_IMAGES={filler_images}")
-        pool.append(data.materialise_images(filler.head(int(filler_images)), resolve(params.get("IMAGE_DIR", "data/images"))))
+            raise data.DataError(
+                f"{FILLER} has {len(filler)} images, the regime asks for FILLER_IMAGES={filler_images}"
+            )
+        pool.append(
+            data.materialise_images(filler.head(int(filler_images)), resolve(params.get("IMAGE_DIR", "data/images")))
+        )
     return pd.concat(pool, ignore_index=True)
 
 
@@ -187,11 +208,24 @@ def _prepare_tiny_target(params: dict, model: str, progress: bool) -> str:
     pool = {}
     if config.uses_pool:
         rows = emoji_pool(params, images, config.filler_images)
-        pool = {"pool_images": data.load_tensors(rows["path"], config.image_size), "pool_captions": list(rows["caption"])}
-    return str(build_tiny_target(
-        target_dir, public, tensors, list(members["caption"]), list(images["caption"]), config, progress, emoji_tokenizer(config),
-        shared=target_dir.parent / ".tiny-shared", **pool,
-    ))
+        pool = {
+            "pool_images": data.load_tensors(rows["path"], config.image_size),
+            "pool_captions": list(rows["caption"]),
+        }
+    return str(
+        build_tiny_target(
+            target_dir,
+            public,
+            tensors,
+            list(members["caption"]),
+            list(images["caption"]),
+            config,
+            progress,
+            emoji_tokenizer(config),
+            shared=target_dir.parent / ".tiny-shared",
+            **pool,
+        )
+    )
 
 
 REGIME_KEYS = {"UNET_STEPS", "CHECKPOINTS", "UNET_LR", "UNET_DATA", "PRETRAIN_STEPS", "FILLER_IMAGES", "VAE_STEPS"}
@@ -207,7 +241,9 @@ def regime_targets(params: dict) -> dict[tuple[str, int], dict]:
     if not regimes or not seeds:
         raise ValueError("REGIMES and REGIME_SEEDS must both be set to run the regime study (configs/regimes.yaml)")
     if not params.get("BUILD_TINY_TARGET", False) or data_kind(params) != "emoji":
-        raise ValueError("the regimes are recipes of the embedded tiny target: they need DATA=emoji and BUILD_TINY_TARGET=true")
+        raise ValueError(
+            "the regimes are recipes of the embedded tiny target: they need DATA=emoji and BUILD_TINY_TARGET=true"
+        )
     targets = {}
     base_seed = int(params.get("TRAIN_SEED", 0))
     for regime, overrides in regimes.items():
@@ -216,8 +252,18 @@ def regime_targets(params: dict) -> dict[tuple[str, int], dict]:
         if unknown:
             raise ValueError(f"REGIMES[{regime!r}] sets {sorted(unknown)}; a regime may set {sorted(REGIME_KEYS)}")
         for seed in seeds:
-            model = params["MODEL"] if not overrides and seed == base_seed else f"{str(params['MODEL']).rstrip('/')}-{regime}-seed{seed}"
-            targets[(regime, seed)] = {**params, **overrides, "TRAIN_SEED": seed, "SHARED_SEED": base_seed, "MODEL": model}
+            model = (
+                params["MODEL"]
+                if not overrides and seed == base_seed
+                else f"{str(params['MODEL']).rstrip('/')}-{regime}-seed{seed}"
+            )
+            targets[(regime, seed)] = {
+                **params,
+                **overrides,
+                "TRAIN_SEED": seed,
+                "SHARED_SEED": base_seed,
+                "MODEL": model,
+            }
     return targets
 
 
@@ -312,8 +358,14 @@ class Study:
         from . import runs
 
         return runs.score(
-            target or self.target, imageset if imageset is not None else self.imageset, requests, settings or self.settings,
-            self.cache, self.batch_size, size or self.size, progress,
+            target or self.target,
+            imageset if imageset is not None else self.imageset,
+            requests,
+            settings or self.settings,
+            self.cache,
+            self.batch_size,
+            size or self.size,
+            progress,
         )
 
     def skip(self, study: str, reason: str) -> None:
@@ -352,8 +404,14 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
     claim_output(study.cache)
     if load_model:
         opened = scoring.open_target(
-            locate_model(params["MODEL"]), imageset.records, size=study.size, device=params.get("DEVICE", "cpu"), dtype=settings.dtype,
-            variant=params.get("VARIANT") or None, config=params.get("MODEL_CONFIG") or None, tables=out / "tables",
+            locate_model(params["MODEL"]),
+            imageset.records,
+            size=study.size,
+            device=params.get("DEVICE", "cpu"),
+            dtype=settings.dtype,
+            variant=params.get("VARIANT") or None,
+            config=params.get("MODEL_CONFIG") or None,
+            tables=out / "tables",
         )
         study.target = opened.target
     return study
@@ -381,7 +439,15 @@ def notebook_runs(params: dict) -> dict[str, tuple[str, dict] | str]:
     output_dir = params["OUTPUT_DIR"]
     cache_dir = params.get("CACHE_DIR") or f"{output_dir}/cache"
     biased = (
-        ("03_attack", {"NONMEMBER_STYLE": "shifted", "OUTPUT_DIR": f"{output_dir}/biased", "CACHE_DIR": cache_dir, "FAIR_RESULTS": f"{output_dir}/metrics.csv"})
+        (
+            "03_attack",
+            {
+                "NONMEMBER_STYLE": "shifted",
+                "OUTPUT_DIR": f"{output_dir}/biased",
+                "CACHE_DIR": cache_dir,
+                "FAIR_RESULTS": f"{output_dir}/metrics.csv",
+            },
+        )
         if data_kind(params) == "emoji"
         else f"the biased split exists only for the embedded emoji set (DATA is {params.get('DATA')!r})"
     )
@@ -393,7 +459,9 @@ def notebook_runs(params: dict) -> dict[str, tuple[str, dict] | str]:
         "04_robustness": ("04_robustness", {}),
         "05_ablations": ("05_ablations", {}),
         "06_set_audit": ("06_set_audit", {}),
-        "07_regimes": ("07_regimes", {}) if data_kind(params) == "emoji" else f"the regimes are trainings of the embedded target on the emoji set (DATA is {params.get('DATA')!r})",
+        "07_regimes": ("07_regimes", {})
+        if data_kind(params) == "emoji"
+        else f"the regimes are trainings of the embedded target on the emoji set (DATA is {params.get('DATA')!r})",
     }
 
 
@@ -499,7 +567,15 @@ REPORT_CSS = (
     "table.headline td:nth-child(n+3){text-align:right}tr.failed td{color:#a00}tr.skipped td{color:#777}"
     "ul.verdicts li{margin:.4em 0}code{background:#f5f5f5;padding:0 .2em}details{margin-top:2em}"
 )
-HEADLINE_COLUMNS = ("attack", "setting", "AUC [95% CI]", "TPR@1%FPR [95% CI]", "test FPR at the calibration's 1% threshold", "U-Net evals / image", "beats blind baselines")
+HEADLINE_COLUMNS = (
+    "attack",
+    "setting",
+    "AUC [95% CI]",
+    "TPR@1%FPR [95% CI]",
+    "test FPR at the calibration's 1% threshold",
+    "U-Net evals / image",
+    "beats blind baselines",
+)
 
 
 def _interval(row, metric: str) -> str:
@@ -523,10 +599,20 @@ def headline_table(output_dir: Path) -> pd.DataFrame | None:
     verdict_path = output_dir / "tables" / "beats_blind.csv"
     if verdict_path.exists():
         verdict = pd.read_csv(verdict_path)
-        beats = {run: ("" if pd.isna(value) else "yes" if str(value) == "True" else "no") for run, value in zip(verdict["run"], verdict["beats blind baselines"])}
+        beats = {
+            run: ("" if pd.isna(value) else "yes" if str(value) == "True" else "no")
+            for run, value in zip(verdict["run"], verdict["beats blind baselines"])
+        }
     rows = [
-        (row["display"], row["setting"], _interval(row, "auc"), _interval(row, "tpr_at_1fpr"), f"{row['transfer_fpr_at_1fpr']:.3f}",
-         _number(row["unet_evals"]), beats.get(row["run"], ""))
+        (
+            row["display"],
+            row["setting"],
+            _interval(row, "auc"),
+            _interval(row, "tpr_at_1fpr"),
+            f"{row['transfer_fpr_at_1fpr']:.3f}",
+            _number(row["unet_evals"]),
+            beats.get(row["run"], ""),
+        )
         for _, row in metrics.iterrows()
     ]
     return pd.DataFrame(rows, columns=list(HEADLINE_COLUMNS), index=metrics["run"])
@@ -558,15 +644,21 @@ def verdict_sentences(output_dir: Path) -> list[str]:
     if metrics is not None:
         for row in metrics[metrics["attack"] == "structural"].itertuples():
             direction = "the paper's direction (+SSIM)" if row.direction > 0 else "the REVERSED direction (-SSIM)"
-            sentences.append(f"{row.display} ({row.setting}): test AUC {row.auc:.3f} [{row.auc_low:.3f}, {row.auc_high:.3f}], scored with {direction}.")
+            sentences.append(
+                f"{row.display} ({row.setting}): test AUC {row.auc:.3f} [{row.auc_low:.3f}, {row.auc_high:.3f}], scored with {direction}."
+            )
         controls = metrics[metrics["unet_evals"] == 0]
         if len(controls):
             listed = "; ".join(f"{row.display} {row.auc:.3f}" for row in controls.itertuples())
-            sentences.append(f"Controls that never run the U-Net reach test AUC {listed}: an attack says something about membership only above them.")
+            sentences.append(
+                f"Controls that never run the U-Net reach test AUC {listed}: an attack says something about membership only above them."
+            )
     inflation_path = output_dir / "biased" / "tables" / "bias_inflation.csv"
     if inflation_path.exists():
         inflation = pd.read_csv(inflation_path)
-        model_runs = set(metrics.loc[metrics["unet_evals"] > 0, "run"]) if metrics is not None else set(inflation["run"])
+        model_runs = (
+            set(metrics.loc[metrics["unet_evals"] > 0, "run"]) if metrics is not None else set(inflation["run"])
+        )
         attacks = inflation[inflation["run"].isin(model_runs)]
         blind = inflation[inflation["run"] == "blind_image"]
         text = "On the biased split (non-members from a shifted source, as when members and non-members come from different datasets)"
@@ -591,7 +683,8 @@ def verdict_sentences(output_dir: Path) -> list[str]:
             row = combined.iloc[0]
             sentences.append(
                 f"Every attack combined, the set audit detects a suspect set of {int(row['images'])} members with {row['power']:.0%} power."
-                if pd.notna(row["images"]) else f"Every attack combined, the set audit does not reach 80 % power on members-only suspect sets: {row['note']}."
+                if pd.notna(row["images"])
+                else f"Every attack combined, the set audit does not reach 80 % power on members-only suspect sets: {row['note']}."
             )
     return sentences
 
@@ -599,7 +692,10 @@ def verdict_sentences(output_dir: Path) -> list[str]:
 def run_description(output_dir: Path, params: dict, outcomes: dict) -> str:
     """One line: preset, target, image set and its counts, attack size, notebooks' statuses."""
     shown = shown_parameters(params)
-    parts = [f"Preset <b>{html.escape(str(params.get('PRESET', '')))}</b>", f"target <code>{html.escape(str(shown.get('MODEL', '')))}</code>"]
+    parts = [
+        f"Preset <b>{html.escape(str(params.get('PRESET', '')))}</b>",
+        f"target <code>{html.escape(str(shown.get('MODEL', '')))}</code>",
+    ]
     images = f"images <code>{html.escape(str(shown.get('DATA', 'emoji')))}</code>"
     records = output_dir / "tables" / "image_set.csv"
     if records.exists():
@@ -629,12 +725,18 @@ def _notebook_rows(outcomes: dict, pages: set) -> str:
         time_taken = _duration(outcome["seconds"]) if "seconds" in outcome else ""
         detail = outcome.get("reason") or outcome.get("error") or ""
         if outcome.get("no_page"):
-            detail = f"{detail}; no HTML copy: {outcome['no_page']}" if detail else f"no HTML copy: {outcome['no_page']}"
+            detail = (
+                f"{detail}; no HTML copy: {outcome['no_page']}" if detail else f"no HTML copy: {outcome['no_page']}"
+            )
         rows.append(
             f'<tr class="{html.escape(outcome["status"])}"><td>{link}</td><td>{html.escape(outcome["status"])}</td>'
             f"<td>{time_taken}</td><td>{html.escape(str(detail))}</td></tr>"
         )
-    return "<table><tr><th>notebook</th><th>status</th><th>time</th><th>reason or error</th></tr>" + "".join(rows) + "</table>"
+    return (
+        "<table><tr><th>notebook</th><th>status</th><th>time</th><th>reason or error</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def _hide_locations(text: str, output_dir: Path) -> str:
@@ -671,7 +773,11 @@ def write_html_report(output_dir: Path, outcomes: dict, params: dict) -> Path:
                 outcome["no_page"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
     preset = html.escape(str(params.get("PRESET", "")))
     try:
-        description, headline, sentences = run_description(output_dir, params, outcomes), headline_table(output_dir), verdict_sentences(output_dir)
+        description, headline, sentences = (
+            run_description(output_dir, params, outcomes),
+            headline_table(output_dir),
+            verdict_sentences(output_dir),
+        )
     except Exception as error:  # a file the notebooks wrote in another layout: said, never stops the report
         description, headline = f"Preset <b>{preset}</b>.", None
         sentences = [f"The headline could not be read from the notebooks' files: {type(error).__name__}: {error}"]
@@ -684,21 +790,31 @@ def write_html_report(output_dir: Path, outcomes: dict, params: dict) -> Path:
         )
     else:
         top = '<p class="note">No headline: 03_attack wrote no <code>metrics.csv</code> in this run.</p>'
-    verdicts = ("<h2>Verdicts</h2><ul class=\"verdicts\">" + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>") if sentences else ""
+    verdicts = (
+        ('<h2>Verdicts</h2><ul class="verdicts">' + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>")
+        if sentences
+        else ""
+    )
     shown = shown_parameters(params)
-    settings = pd.DataFrame({"parameter": list(shown), "value": [json.dumps(v) for v in shown.values()]}).to_html(index=False, border=0)
+    settings = pd.DataFrame({"parameter": list(shown), "value": [json.dumps(v) for v in shown.values()]}).to_html(
+        index=False, border=0
+    )
     location = relative_to_root(output_dir, always=True) or output_dir.name
     index = (
-        f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>mialib run: {preset}</title>"
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>mialib run: {preset}</title>'
         f"<style>{REPORT_CSS}</style></head><body>"
-        f"<h1>mialib run: {preset}</h1><p class=\"run\">{description}</p>"
-        + top + verdicts
-        + "<h2>Notebooks</h2>" + _notebook_rows(outcomes, pages)
+        f'<h1>mialib run: {preset}</h1><p class="run">{description}</p>'
+        + top
+        + verdicts
+        + "<h2>Notebooks</h2>"
+        + _notebook_rows(outcomes, pages)
         + f'<p class="note">Output folder <code>{html.escape(location)}</code> (relative to the repository root), written {time.strftime("%Y-%m-%d %H:%M")}; '
         "figures and tables are also in <code>figures/</code> and <code>tables/</code> beside this page's folder.</p>"
         + f"<details><summary>Parameters</summary>{settings}</details></body></html>"
     )
-    (folder / "index.html").write_text(_hide_locations(index, output_dir), encoding="utf-8")  # a failure's message may name them
+    (folder / "index.html").write_text(
+        _hide_locations(index, output_dir), encoding="utf-8"
+    )  # a failure's message may name them
     return folder / "index.html"
 
 
@@ -724,7 +840,9 @@ class NotebookFailures(RuntimeError):
     """One or more notebooks failed; the others ran."""
 
 
-def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] | None = None, kernel: str = "python3") -> Path:
+def run_notebooks(
+    preset_path: str | os.PathLike, notebooks: tuple[str, ...] | None = None, kernel: str = "python3"
+) -> Path:
     """Execute notebooks headlessly with papermill, each receiving the preset keys it declares.
 
     Executed copies go to ``<OUTPUT_DIR>/notebooks/``; the resolved parameters to
@@ -746,7 +864,9 @@ def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] | N
     if unknown:
         raise ValueError(f"unknown notebook runs {unknown}; known: {list(runs)}")
     # every notebook's keys count as declared, also those of runs that do not apply to this preset's data
-    sources = {run[0] for run in runs.values() if isinstance(run, tuple)} | {name for name in runs if (ROOT / "notebooks" / f"{name}.ipynb").exists()}
+    sources = {run[0] for run in runs.values() if isinstance(run, tuple)} | {
+        name for name in runs if (ROOT / "notebooks" / f"{name}.ipynb").exists()
+    }
     declared = {name: declared_parameters(ROOT / "notebooks" / f"{name}.ipynb") for name in sources}
     unused = set(params) - set().union(*declared.values()) - TARGET_KEYS
     if unused:
@@ -776,7 +896,11 @@ def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] | N
                 )
             outcomes[name] = {"status": "ok", "seconds": round(time.time() - start, 1)}
         except Exception as error:  # papermill raises PapermillExecutionError with the cell's traceback
-            outcomes[name] = {"status": "failed", "seconds": round(time.time() - start, 1), "error": str(error).strip().splitlines()[-1][:500]}
+            outcomes[name] = {
+                "status": "failed",
+                "seconds": round(time.time() - start, 1),
+                "error": str(error).strip().splitlines()[-1][:500],
+            }
             failures.append(name)
             traceback.print_exc()
         print(f"{name}: {outcomes[name]['status']} ({outcomes[name].get('seconds', 0)} s)", flush=True)
@@ -784,5 +908,7 @@ def run_notebooks(preset_path: str | os.PathLike, notebooks: tuple[str, ...] | N
     write_html_report(output_dir, outcomes, params)
     if failures:
         details = "; ".join(f"{n}: {outcomes[n]['error']}" for n in failures)
-        raise NotebookFailures(f"{len(failures)} of {len(notebooks)} notebooks failed ({details}); executed copies in {output_dir / 'notebooks'}")
+        raise NotebookFailures(
+            f"{len(failures)} of {len(notebooks)} notebooks failed ({details}); executed copies in {output_dir / 'notebooks'}"
+        )
     return output_dir

@@ -39,7 +39,13 @@ def rms(x: torch.Tensor) -> np.ndarray:
 
 def latent_mse(z_t: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
     """Mean squared distance per image between an inverted latent and the clean one (float64)."""
-    return (z_t.detach().to("cpu", torch.float64) - clean.detach().to("cpu", torch.float64)).pow(2).flatten(1).mean(dim=1).numpy()
+    return (
+        (z_t.detach().to("cpu", torch.float64) - clean.detach().to("cpu", torch.float64))
+        .pow(2)
+        .flatten(1)
+        .mean(dim=1)
+        .numpy()
+    )
 
 
 def uniform_path(timesteps: list[int]) -> tuple[int, int] | None:
@@ -124,7 +130,16 @@ def decoded_trajectory(
 ) -> dict[int, torch.Tensor]:
     """Decoded inverted latents of one image (3, h, w) at the requested timesteps (multiples of stride)."""
     trajectory = inversion_trajectory(
-        target, image[None], [caption], [image_id], ddim.path(max(timesteps), stride),
-        guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed, cache=cache,
+        target,
+        image[None],
+        [caption],
+        [image_id],
+        ddim.path(max(timesteps), stride),
+        guidance=guidance,
+        prompt=prompt,
+        encode_mode=encode_mode,
+        schedule=schedule,
+        seed=seed,
+        cache=cache,
     )
     return {t: decode_at(target, trajectory, t)[0] for t in timesteps}

@@ -150,8 +150,11 @@ def disk_full(error: OSError, path, needed: int | None = None) -> DiskFullError:
         free = "an unknown amount"
     what = "no space left on the disk" if error.errno == errno.ENOSPC else "the disk quota is exhausted"
     size = f"about {_human(needed)}" if needed else "more space"
-    return DiskFullError(error.errno, f"{what} of {folder} while writing {path.name}: it needs {size} and {free} is free there; "
-                         "free some space or write to another folder")
+    return DiskFullError(
+        error.errno,
+        f"{what} of {folder} while writing {path.name}: it needs {size} and {free} is free there; "
+        "free some space or write to another folder",
+    )
 
 
 def partial_path(path) -> Path:
@@ -195,7 +198,11 @@ def set_aside(path, error: Exception) -> None:
     path = Path(path)
     damaged = path.with_name(path.name + ".damaged")
     path.replace(damaged)
-    print(f"damaged cache file {path} ({type(error).__name__}: {str(error)[:200]}): set aside as {damaged.name}, recomputing", file=sys.stderr, flush=True)
+    print(
+        f"damaged cache file {path} ({type(error).__name__}: {str(error)[:200]}): set aside as {damaged.name}, recomputing",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 STUDY_MB = 512  # the notebooks' budget (unless MIALIB_MEMORY_MB says otherwise)

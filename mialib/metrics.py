@@ -132,7 +132,7 @@ def select_on_calibration(scores: pd.DataFrame, setting: str, allow_flip: bool =
     best = None
     for value, group in cal.groupby(setting):
         raw_auc = auc(group["label"], group["score"])
-        for direction in ((1, -1) if allow_flip else (1,)):
+        for direction in (1, -1) if allow_flip else (1,):
             directed = raw_auc if direction == 1 else 1.0 - raw_auc
             if best is None or directed > best[2]:
                 best = (value, direction, directed)
@@ -176,13 +176,18 @@ def resampled_metrics(labels, scores, weights: np.ndarray, threshold: float) -> 
     fpr = np.hstack([zero, np.cumsum(fp, axis=1)]) / negatives
     area = (np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2).sum(axis=1)
     predicted = scores >= threshold
-    accuracy = 0.5 * (weights[:, members & predicted].sum(axis=1) / positives[:, 0] + weights[:, nonmembers & ~predicted].sum(axis=1) / negatives[:, 0])
-    return pd.DataFrame({
-        "auc": area,
-        "balanced_accuracy": accuracy,
-        "tpr_at_1fpr": np.where(fpr <= 0.01, tpr, 0.0).max(axis=1),
-        "tpr_at_01fpr": np.where(fpr <= 0.001, tpr, 0.0).max(axis=1),
-    })
+    accuracy = 0.5 * (
+        weights[:, members & predicted].sum(axis=1) / positives[:, 0]
+        + weights[:, nonmembers & ~predicted].sum(axis=1) / negatives[:, 0]
+    )
+    return pd.DataFrame(
+        {
+            "auc": area,
+            "balanced_accuracy": accuracy,
+            "tpr_at_1fpr": np.where(fpr <= 0.01, tpr, 0.0).max(axis=1),
+            "tpr_at_01fpr": np.where(fpr <= 0.001, tpr, 0.0).max(axis=1),
+        }
+    )
 
 
 def bootstrap(
@@ -239,12 +244,19 @@ def metric_table(scores: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0) -
     for run, group in scores.groupby("run", sort=False):
         cal, test = group[group["subset"] == "calibration"], group[group["subset"] == "test"]
         ci = bootstrap(cal["label"], cal["score"], test["label"], test["score"], n_boot=n_bootstrap, seed=seed)
-        intervals.append({"run": run, **{f"{r.metric}_{end}": getattr(r, end) for r in ci.itertuples() for end in ("low", "high")}})
+        intervals.append(
+            {"run": run, **{f"{r.metric}_{end}": getattr(r, end) for r in ci.itertuples() for end in ("low", "high")}}
+        )
         first = group.iloc[0]
         described.append(
             {
-                "run": run, "attack": first["attack"], "display": first["display"], "setting": first["setting"], "direction": first["direction"],
-                "unet_evals": group["unet_evals"].mean(), "seconds_per_image": group["seconds_per_image"].mean(),
+                "run": run,
+                "attack": first["attack"],
+                "display": first["display"],
+                "setting": first["setting"],
+                "direction": first["direction"],
+                "unet_evals": group["unet_evals"].mean(),
+                "seconds_per_image": group["seconds_per_image"].mean(),
                 "peak_memory_mb": group["peak_memory_mb"].max(),
             }
         )

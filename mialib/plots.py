@@ -106,7 +106,10 @@ def split_pairs(split, count: int = 6):
 
 def split_examples(split, per_split: int = 8):
     """The first images of every split of 01's check, one row per split (short rows padded with white)."""
-    parts = [(name, split.frame.index[split.frame["split"] == name][:per_split]) for name in ("public", "member", "nonmember")]
+    parts = [
+        (name, split.frame.index[split.frame["split"] == name][:per_split])
+        for name in ("public", "member", "nonmember")
+    ]
     parts = [(name, index) for name, index in parts if len(index)]
     width = max(len(index) for _, index in parts)
     rows, labels, titles = [], [], []
@@ -135,8 +138,17 @@ def robustness_sweep(result: pd.DataFrame):
         id_vars=["distortion", "strength", "attack"], value_vars=["auc", "tpr_at_1fpr"], var_name="metric"
     )
     grid = sns.relplot(
-        data=sweep, x="strength", y="value", hue="attack", col="distortion", row="metric", kind="line", marker="o",
-        facet_kws=dict(sharex=False, sharey="row"), height=2.2, aspect=1.0,
+        data=sweep,
+        x="strength",
+        y="value",
+        hue="attack",
+        col="distortion",
+        row="metric",
+        kind="line",
+        marker="o",
+        facet_kws=dict(sharex=False, sharey="row"),
+        height=2.2,
+        aspect=1.0,
     )
     return grid.figure
 
@@ -168,7 +180,17 @@ def ablations(table: pd.DataFrame, training_size: int, stride: int, paper_t: int
 def training_dynamics(dynamics: pd.DataFrame):
     """AUC and TPR@1%FPR of every attack at each training checkpoint."""
     long = dynamics.melt(id_vars=["step", "attack"], value_vars=["auc", "tpr_at_1fpr"], var_name="metric")
-    grid = sns.relplot(data=long, x="step", y="value", hue="attack", col="metric", kind="line", marker="o", height=3.2, facet_kws=dict(sharey=False))
+    grid = sns.relplot(
+        data=long,
+        x="step",
+        y="value",
+        hue="attack",
+        col="metric",
+        kind="line",
+        marker="o",
+        height=3.2,
+        facet_kws=dict(sharey=False),
+    )
     return grid.figure
 
 
@@ -178,8 +200,15 @@ def audit_power(power: pd.DataFrame, level: float):
     done = power[~power["skipped"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     pure = done[done["member_fraction"] == 1.0]
-    sns.lineplot(pure, x="size", y="power_t", hue="feature_set", style="feature_set", markers=True, dashes=False, ax=axes[0])
-    axes[0].set(xscale="log", xlabel="suspect images (all members)", ylabel=f"P(detect at p < {level:g})", title="each attack and combined")
+    sns.lineplot(
+        pure, x="size", y="power_t", hue="feature_set", style="feature_set", markers=True, dashes=False, ax=axes[0]
+    )
+    axes[0].set(
+        xscale="log",
+        xlabel="suspect images (all members)",
+        ylabel=f"P(detect at p < {level:g})",
+        title="each attack and combined",
+    )
     combined = done[done["feature_set"] == "combined"]
     sns.lineplot(combined, x="size", y="power_t", hue="member_fraction", marker="o", palette="viridis", ax=axes[1])
     axes[1].set(xscale="log", xlabel="suspect images", title="combined, share of members in the suspect set")
@@ -197,7 +226,9 @@ def audit_null(null: pd.DataFrame):
     sns.pointplot(null, x="size", y="fpr_t", hue="feature_set", dodge=0.4, linestyle="none", ax=ax)
     level, se = null["level"].iloc[0], null["mc_se"].iloc[0]
     ax.axhspan(level - 3 * se, level + 3 * se, color="grey", alpha=0.2, label=f"{level:g} ± 3 MC s.e.")
-    ax.set(xlabel="suspect images (non-members only)", ylabel=f"rejection rate at {level:g}", title="audit under the null")
+    ax.set(
+        xlabel="suspect images (non-members only)", ylabel=f"rejection rate at {level:g}", title="audit under the null"
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -205,14 +236,22 @@ def audit_null(null: pd.DataFrame):
 
 def audit_scores(held_out, result):
     """The held-out scores the audit's tests compare: suspect against reference images."""
-    frame = pd.concat([
-        pd.DataFrame({"score": held_out.suspect_scores, "set": f"suspect ({len(held_out.suspect_scores)} held out)"}),
-        pd.DataFrame({"score": held_out.reference_scores, "set": f"reference ({len(held_out.reference_scores)} held out)"}),
-    ])
+    frame = pd.concat(
+        [
+            pd.DataFrame(
+                {"score": held_out.suspect_scores, "set": f"suspect ({len(held_out.suspect_scores)} held out)"}
+            ),
+            pd.DataFrame(
+                {"score": held_out.reference_scores, "set": f"reference ({len(held_out.reference_scores)} held out)"}
+            ),
+        ]
+    )
     fig, ax = plt.subplots(figsize=(6, 3.5))
     sns.histplot(frame, x="score", hue="set", stat="density", common_norm=False, element="step", ax=ax)
-    ax.set(xlabel="combined score (logistic regression fitted on the other halves)",
-           title=f"Welch p = {result.p_value_t:.2g}, permutation p = {result.p_value_permutation:.2g}, g = {result.effect_size:.2f}")
+    ax.set(
+        xlabel="combined score (logistic regression fitted on the other halves)",
+        title=f"Welch p = {result.p_value_t:.2g}, permutation p = {result.p_value_permutation:.2g}, g = {result.effect_size:.2f}",
+    )
     fig.tight_layout()
     return fig
 
@@ -238,15 +277,27 @@ def regime_audit(power: pd.DataFrame, null: pd.DataFrame, level: float):
     """The set audit in every regime: detection probability of suspect sets of members against their size
     (every attack combined; mean and sd over seeds), and the false-positive rate at 0.05 without members."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    done = power[~power["skipped"].astype(bool) & (power["feature_set"] == COMBINED) & (power["member_fraction"] == 1.0)]
+    done = power[
+        ~power["skipped"].astype(bool) & (power["feature_set"] == COMBINED) & (power["member_fraction"] == 1.0)
+    ]
     sns.lineplot(done, x="size", y="power_t", hue="regime", marker="o", errorbar="sd", ax=axes[0])
     axes[0].axhline(0.8, color="grey", lw=0.8, ls="--")
-    axes[0].set(xscale="log", xlabel="suspect images (all members)", ylabel=f"P(detect at p < {level:g})", title="power, every attack combined")
+    axes[0].set(
+        xscale="log",
+        xlabel="suspect images (all members)",
+        ylabel=f"P(detect at p < {level:g})",
+        title="power, every attack combined",
+    )
     combined = null[null["feature_set"] == COMBINED]
     sns.lineplot(combined, x="size", y="fpr_t", hue="regime", marker="o", errorbar="sd", ax=axes[1])
     rate, se = combined["level"].iloc[0], combined["mc_se"].iloc[0]
     axes[1].axhspan(rate - 3 * se, rate + 3 * se, color="grey", alpha=0.2, label=f"{rate:g} ± 3 MC s.e.")
-    axes[1].set(xscale="log", xlabel="suspect images (non-members only)", ylabel=f"rejection rate at {rate:g}", title="validity, every attack combined")
+    axes[1].set(
+        xscale="log",
+        xlabel="suspect images (non-members only)",
+        ylabel=f"rejection rate at {rate:g}",
+        title="validity, every attack combined",
+    )
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -16,7 +16,6 @@ The flow for one :class:`~mialib.attacks.registry.AttackRequest`:
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +83,9 @@ def table_digest(table) -> str:
     for name, column in zip(table.column_names, table.columns):
         digest.update(json.dumps([name, str(column.type), len(column)]).encode())
         kind = column.type
-        if column.null_count == 0 and (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+        if column.null_count == 0 and (
+            pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+        ):
             digest.update(np.ascontiguousarray(column.to_numpy()).tobytes())
         else:
             digest.update(json.dumps(column.to_pylist(), default=str).encode())
@@ -150,7 +151,15 @@ class ResultStore:
 
 
 def attack_values(
-    target, imageset, spec: AttackSpec, params: dict, settings: Settings, cache_dir, batch_size: int, size: int, progress: bool = True
+    target,
+    imageset,
+    spec: AttackSpec,
+    params: dict,
+    settings: Settings,
+    cache_dir,
+    batch_size: int,
+    size: int,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """One attack at one parameter point over a set: ``id, score`` (the method's direction), the
     attack's per-image extras, ``unet_evals`` (the registry's cost formula), and what computing the row
@@ -168,7 +177,12 @@ def attack_values(
     if spec.kind == "blind":
         began = time.perf_counter()
         frame = spec.function(imageset, size, batch_size, settings.seed)
-        return frame.assign(unet_evals=0, unet_evals_run=0, seconds_per_image=(time.perf_counter() - began) / max(len(frame), 1), peak_memory_mb=np.nan)
+        return frame.assign(
+            unet_evals=0,
+            unet_evals_run=0,
+            seconds_per_image=(time.perf_counter() - began) / max(len(frame), 1),
+            peak_memory_mb=np.nan,
+        )
     cache_dir = Path(cache_dir)
     fingerprint = target.fingerprint()
     trajectories = TrajectoryCache(cache_dir / "trajectory", fingerprint)
@@ -199,21 +213,34 @@ def attack_values(
         vouch_digests(images, [digests[j] for j in missing])  # the trajectory cache's keys need them too
         output = spec.function(target, images, sub_captions, sub_ids, **keywords)
         n = len(missing)
-        frame = pd.DataFrame({"key": [keys[j] for j in missing], "id": sub_ids, "score": np.asarray(output.scores, dtype=np.float64),
-                              **{k: np.asarray(v) for k, v in output.extras.items()},
-                              "unet_evals": np.full(n, cost), "unet_evals_run": np.full(n, (target.unet_evals - before) / n),
-                              "seconds_per_image": np.full(n, (time.perf_counter() - began) / n),
-                              "peak_memory_mb": np.full(n, peak_memory_mb(str(target.device)))})
+        frame = pd.DataFrame(
+            {
+                "key": [keys[j] for j in missing],
+                "id": sub_ids,
+                "score": np.asarray(output.scores, dtype=np.float64),
+                **{k: np.asarray(v) for k, v in output.extras.items()},
+                "unet_evals": np.full(n, cost),
+                "unet_evals_run": np.full(n, (target.unet_evals - before) / n),
+                "seconds_per_image": np.full(n, (time.perf_counter() - began) / n),
+                "peak_memory_mb": np.full(n, peak_memory_mb(str(target.device))),
+            }
+        )
         store.write(frame)
         computed.append(frame)
         have.update(frame["key"])
     memo.WRITER.flush()  # every result and trajectory of this call is on disk when it returns
     if not order:
-        return pd.DataFrame(columns=["id", "score", "unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb"])
+        return pd.DataFrame(
+            columns=["id", "score", "unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb"]
+        )
     stored = [known.reset_index()] if len(known) else []
     table = pd.concat(stored + computed, ignore_index=True).drop_duplicates("key", keep="last").set_index("key")
     values = table.loc[order].reset_index(drop=True)
-    columns = ["id", "score"] + [c for c in values.columns if c not in ("id", "score", "unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb")]
+    columns = ["id", "score"] + [
+        c
+        for c in values.columns
+        if c not in ("id", "score", "unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb")
+    ]
     return values[columns + ["unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb"]]
 
 
@@ -231,11 +258,23 @@ class RequestResult:
 
     def chosen_record(self) -> dict:
         """The choice in a form that another notebook can replay with a fixed request."""
-        return {"attack": self.request.name, "params": self.chosen, "direction": self.direction, "display": self.request.display}
+        return {
+            "attack": self.request.name,
+            "params": self.chosen,
+            "direction": self.direction,
+            "display": self.request.display,
+        }
 
 
 def run_request(
-    target, imageset, request: AttackRequest | str, settings: Settings, cache_dir, batch_size: int, size: int, progress: bool = True
+    target,
+    imageset,
+    request: AttackRequest | str,
+    settings: Settings,
+    cache_dir,
+    batch_size: int,
+    size: int,
+    progress: bool = True,
 ) -> RequestResult:
     """Score every point of the request, choose on calibration (when there is a choice), build the rows."""
     request = parse_request(request) if isinstance(request, str) else request
@@ -246,12 +285,20 @@ def run_request(
     if request.grid or request.direction == "auto":
         classes = labelled.loc[labelled["subset"] == "calibration", "label"].nunique()
         if classes < 2:
-            raise ValueError(f"{request.run}: choosing a setting needs members and non-members in the calibration split")
-        chosen_grid, direction, cal_auc = metrics.choose_setting(labelled, list(request.grid), flip=request.direction == "auto")
+            raise ValueError(
+                f"{request.run}: choosing a setting needs members and non-members in the calibration split"
+            )
+        chosen_grid, direction, cal_auc = metrics.choose_setting(
+            labelled, list(request.grid), flip=request.direction == "auto"
+        )
     else:
         chosen_grid, direction = {}, 1 if request.direction == "method" else int(request.direction)
         calibration = labelled[labelled["subset"] == "calibration"]
-        cal_auc = metrics.auc(calibration["label"], direction * calibration["score"]) if calibration["label"].nunique() == 2 else float("nan")
+        cal_auc = (
+            metrics.auc(calibration["label"], direction * calibration["score"])
+            if calibration["label"].nunique() == 2
+            else float("nan")
+        )
     chosen = spec.params({**request.fixed, **chosen_grid})
     at_choice = values
     for key, value in chosen_grid.items():
@@ -261,7 +308,14 @@ def run_request(
 
 
 def grid_values(
-    target, imageset, request: AttackRequest | str, settings: Settings, cache_dir, batch_size: int, size: int, progress: bool = True
+    target,
+    imageset,
+    request: AttackRequest | str,
+    settings: Settings,
+    cache_dir,
+    batch_size: int,
+    size: int,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Per-image values at every point of the request's grid (the grid's parameters as columns); no
     choice is made (a descriptive curve, or the input of :func:`run_request`'s choice)."""
@@ -274,18 +328,28 @@ def grid_values(
         order.sort(key=lambda i: -int(points[i].get("t", 0)))
     frames = [None] * len(points)
     for i in order:
-        values = attack_values(target, imageset, request.spec, points[i], settings, cache_dir, batch_size, size, progress)
+        values = attack_values(
+            target, imageset, request.spec, points[i], settings, cache_dir, batch_size, size, progress
+        )
         frames[i] = values.assign(**{k: points[i][k] for k in request.grid})
     return pd.concat(frames, ignore_index=True)
 
 
 def score_rows(
-    records: pd.DataFrame, values: pd.DataFrame, request: AttackRequest, params: dict, direction: int, settings: Settings, size: int
+    records: pd.DataFrame,
+    values: pd.DataFrame,
+    request: AttackRequest,
+    params: dict,
+    direction: int,
+    settings: Settings,
+    size: int,
 ) -> pd.DataFrame:
     """Scores-table rows for one request at one parameter point: ``score = direction * value``, applied
     here and nowhere else; parameters and settings as columns. Every record must have a value."""
     spec = request.spec
-    merged = records[["id", "label", "subset"]].merge(values.rename(columns={"score": "value"}), on="id", how="left", validate="one_to_one")
+    merged = records[["id", "label", "subset"]].merge(
+        values.rename(columns={"score": "value"}), on="id", how="left", validate="one_to_one"
+    )
     missing = merged["id"][merged["value"].isna()]
     if len(missing):
         raise ValueError(f"{request.run} has no score for {len(missing)} images, e.g. {list(missing)[:5]}")
@@ -305,7 +369,14 @@ def score_rows(
 
 
 def score(
-    target, imageset, requests: dict | list, settings: Settings, cache_dir, batch_size: int, size: int, progress: bool = True
+    target,
+    imageset,
+    requests: dict | list,
+    settings: Settings,
+    cache_dir,
+    batch_size: int,
+    size: int,
+    progress: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, RequestResult]]:
     """Every request over one set: (the scores table, the result of each run by its id).
 
@@ -320,7 +391,10 @@ def score(
         results[run] = run_request(target, imageset, request, settings, cache_dir, batch_size, size, progress)
         if progress:
             result = results[run]
-            print(f"{run}: {request.display} -> {result.request.spec.describe(result.chosen, result.direction) if request.spec.kind != 'blind' else 'fitted on calibration'}", flush=True)
+            print(
+                f"{run}: {request.display} -> {result.request.spec.describe(result.chosen, result.direction) if request.spec.kind != 'blind' else 'fitted on calibration'}",
+                flush=True,
+            )
     table = pd.concat([r.rows for r in results.values()], ignore_index=True)
     return table, results
 
@@ -345,11 +419,21 @@ def check_requirements(imageset, requests, metrics: bool = True) -> None:
     calibration -> test protocol's own needs are checked too (both classes in both subsets)."""
     problems = []
     counts = imageset.records.groupby(["subset", "label"]).size()
-    needs = {"calibration", "test"} if metrics else ({"calibration"} if any(r.grid or r.direction == "auto" or r.spec.kind == "blind" for r in requests) else set())
+    needs = (
+        {"calibration", "test"}
+        if metrics
+        else (
+            {"calibration"}
+            if any(r.grid or r.direction == "auto" or r.spec.kind == "blind" for r in requests)
+            else set()
+        )
+    )
     for subset in ("calibration", "test"):
         for label, name in ((1, "members"), (0, "non-members")):
             if subset in needs and counts.get((subset, label), 0) == 0:
-                problems.append(f"the {subset} split has no {name}; the protocol needs both classes in calibration and test")
+                problems.append(
+                    f"the {subset} split has no {name}; the protocol needs both classes in calibration and test"
+                )
     for request in requests:
         if request.spec.requires is not None:
             reason = request.spec.requires(imageset.records)
@@ -362,7 +446,9 @@ def check_requirements(imageset, requests, metrics: bool = True) -> None:
 def num_train_timesteps(target) -> int:
     """The length of the model's training schedule (its scheduler's ``num_train_timesteps``)."""
     config = target.scheduler.config
-    steps = config.get("num_train_timesteps") if hasattr(config, "get") else getattr(config, "num_train_timesteps", None)
+    steps = (
+        config.get("num_train_timesteps") if hasattr(config, "get") else getattr(config, "num_train_timesteps", None)
+    )
     return int(steps) if steps is not None else len(target.scheduler.alphas_cumprod)
 
 
@@ -384,4 +470,3 @@ def runnable(imageset, requests: dict) -> tuple[dict, dict]:
         else:
             keep[run] = request
     return keep, skipped
-

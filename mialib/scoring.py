@@ -39,7 +39,11 @@ def truncated_captions(target: Target, records: pd.DataFrame) -> pd.DataFrame:
     truncated = target.truncated_captions(list(records["caption"]))
     ids = records["id"].to_numpy()
     return pd.DataFrame(
-        {"id": [ids[i] for i, _ in truncated], "tokens": [n for _, n in truncated], "limit": target.tokenizer.model_max_length},
+        {
+            "id": [ids[i] for i, _ in truncated],
+            "tokens": [n for _, n in truncated],
+            "limit": target.tokenizer.model_max_length,
+        },
         columns=["id", "tokens", "limit"],
     )
 
@@ -47,8 +51,10 @@ def truncated_captions(target: Target, records: pd.DataFrame) -> pd.DataFrame:
 def target_line(target: Target, dtype: str, size: int) -> str:
     """One line saying what was loaded: family, prediction type, precision, native and attack size."""
     vae = str(target.vae.dtype).split(".")[-1]
-    return (f"{target.name}: {target.family}, predicts {target.prediction_type}, {dtype} (VAE {vae}), "
-            f"native {target.resolution} px, attacked at {size} px")
+    return (
+        f"{target.name}: {target.family}, predicts {target.prediction_type}, {dtype} (VAE {vae}), "
+        f"native {target.resolution} px, attacked at {size} px"
+    )
 
 
 @dataclass
@@ -58,9 +64,17 @@ class OpenedTarget:
     truncated: pd.DataFrame  # truncated_captions(target, records)
 
 
-def open_target(model: str | os.PathLike, records: pd.DataFrame, *, size: int | None = None, device: str = "cpu",
-                dtype: str = "float32", variant: str | None = None, config: str | os.PathLike | None = None,
-                tables: Path | None = None) -> OpenedTarget:
+def open_target(
+    model: str | os.PathLike,
+    records: pd.DataFrame,
+    *,
+    size: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    variant: str | None = None,
+    config: str | os.PathLike | None = None,
+    tables: Path | None = None,
+) -> OpenedTarget:
     """Load ``model`` for the images ``records`` (an image set's records), check the attack size (``size``,
     else the native one) and print the target line. With ``tables``, the captions that the text encoder
     cuts are written there as ``captions_truncated.csv`` (and said)."""
@@ -70,8 +84,11 @@ def open_target(model: str | os.PathLike, records: pd.DataFrame, *, size: int | 
     truncated = truncated_captions(target, records)
     if tables is not None and len(truncated):
         write_table(Path(tables) / "captions_truncated.csv", truncated)
-        print(f"{len(truncated)} captions are longer than the text encoder's {target.tokenizer.model_max_length} tokens "
-              f"and are cut there (captions_truncated.csv)", flush=True)
+        print(
+            f"{len(truncated)} captions are longer than the text encoder's {target.tokenizer.model_max_length} tokens "
+            f"and are cut there (captions_truncated.csv)",
+            flush=True,
+        )
     print(target_line(target, dtype, size), flush=True)
     return OpenedTarget(target, size, truncated)
 
@@ -97,15 +114,29 @@ def write_scores(out: Path, scores: pd.DataFrame, results: dict, n_bootstrap: in
     by another notebook), and the test metrics with bootstrap intervals, which it returns."""
     out = Path(out)
     write_table(out / "scores.parquet", scores)
-    write_text(out / "chosen_settings.json", json.dumps({run: r.chosen_record() for run, r in results.items()}, indent=2, default=int))
+    write_text(
+        out / "chosen_settings.json",
+        json.dumps({run: r.chosen_record() for run, r in results.items()}, indent=2, default=int),
+    )
     table = metrics.metric_table(scores, n_bootstrap, seed)
     write_table(out / "metrics.csv", table)
     write_text(out / "metrics.json", table.to_json(orient="records", indent=2))
     return table
 
 
-def score_run(target: Target, imageset, requests: dict, settings: Settings, out: Path, *, cache: Path, batch_size: int,
-              size: int, n_bootstrap: int, progress: bool = True) -> ScoredRun:
+def score_run(
+    target: Target,
+    imageset,
+    requests: dict,
+    settings: Settings,
+    out: Path,
+    *,
+    cache: Path,
+    batch_size: int,
+    size: int,
+    n_bootstrap: int,
+    progress: bool = True,
+) -> ScoredRun:
     """Score every request (run id -> request) over ``imageset`` (:func:`mialib.runs.score`: per-image
     results cached under ``cache``) and write the run's tables into ``out`` (:func:`write_scores`)."""
     scores, results = runs.score(target, imageset, requests, settings, cache, batch_size, size, progress)

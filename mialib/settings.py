@@ -40,7 +40,12 @@ def _shown(value) -> str:
 
 def _number(name: str, value, allowed: str, ok) -> float:
     """``value`` as a float, or a ValueError naming the setting: booleans, text and non-finite numbers are refused."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value) or not ok(value):
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not math.isfinite(value)
+        or not ok(value)
+    ):
         raise ValueError(f"{name} must be {allowed}, got {_shown(value)}")
     return float(value)
 
@@ -71,10 +76,20 @@ class Settings:
         allowed. guidance: a finite number >= 0; seed: an integer >= 0; data_range: a finite number > 0
         (integral floats such as ``3.0`` are accepted for the seed and normalised to ``3``; booleans are
         refused everywhere); prompt, encode_mode, schedule, dtype: one of their choices."""
-        object.__setattr__(self, "guidance", _number("guidance", self.guidance, "a finite number >= 0", lambda v: v >= 0))
-        object.__setattr__(self, "data_range", _number("data_range", self.data_range, "a finite number > 0", lambda v: v > 0))
+        object.__setattr__(
+            self, "guidance", _number("guidance", self.guidance, "a finite number >= 0", lambda v: v >= 0)
+        )
+        object.__setattr__(
+            self, "data_range", _number("data_range", self.data_range, "a finite number > 0", lambda v: v > 0)
+        )
         seed = self.seed
-        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, float, np.integer, np.floating)) or not math.isfinite(seed) or int(seed) != seed or seed < 0:
+        if (
+            isinstance(seed, (bool, np.bool_))
+            or not isinstance(seed, (int, float, np.integer, np.floating))
+            or not math.isfinite(seed)
+            or int(seed) != seed
+            or seed < 0
+        ):
             raise ValueError(f"seed must be an integer >= 0, got {_shown(seed)}")
         object.__setattr__(self, "seed", int(seed))
         checks = {"prompt": PROMPTS, "encode_mode": ENCODE_MODES, "schedule": SCHEDULES, "dtype": DTYPES}

@@ -58,10 +58,14 @@ def _full_float32():
     """cuDNN may run float32 convolutions in TF32 (10-bit mantissa) on recent GPUs, which would put the
     blurred moments off by about 1e-3; the similarity convolutions ask for full float32."""
     cudnn = torch.backends.cudnn
-    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False)
+    return cudnn.flags(
+        enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+    )
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, win_size: int = 7, precision: str = "reference") -> torch.Tensor:
+def ssim(
+    x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, win_size: int = 7, precision: str = "reference"
+) -> torch.Tensor:
     """SSIM per image for batches (n, c, h, w); returns a float64 CPU tensor of shape (n,).
 
     ``data_range`` defaults to 2 (images in [-1, 1]); the paper's official code passes 1.0.
@@ -108,7 +112,9 @@ def ms_ssim_scales(size: int, kernel_size: int = 11) -> int:
     raise ValueError(f"images of {size} px are too small for multi-scale SSIM with a {kernel_size}-pixel window")
 
 
-def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, kernel_size: int = 11, precision: str = "reference") -> torch.Tensor:
+def ms_ssim(
+    x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, kernel_size: int = 11, precision: str = "reference"
+) -> torch.Tensor:
     """Multi-scale SSIM per image (float64 CPU tensor, shape (n,)), computed exactly as ``torchmetrics`` computes it.
 
     Wang et al. (2003): contrast-structure terms at the finer scales, full SSIM at the coarsest, 2 x 2

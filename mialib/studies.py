@@ -62,7 +62,9 @@ def data_split(study, check_size: int = 32, near_duplicate_ssim: float = data.NE
     if study.is_emoji:
         images = emoji_rows(study)
         public = images[images["split"] == "public"].assign(subset="", label=0)
-        frame = pd.concat([public, records.merge(images[["id", "pixel_sha256"]], on="id", how="left")], ignore_index=True)
+        frame = pd.concat(
+            [public, records.merge(images[["id", "pixel_sha256"]], on="id", how="left")], ignore_index=True
+        )
         tensors = torch.cat([data.load_tensors(public["path"], check_size), study.imageset.load(check_size)])
     else:
         study.skip("public split", "a user's image set has no public (VAE-only) split")
@@ -112,11 +114,20 @@ def memorisation(study, steps: int, images_per_class: int = 0) -> Samples:
     latent = study.size // study.target.downscale
     originals, samples = [], []
     for start, (rows, pixels) in enumerate(chosen.batches(study.size, study.batch_size)):
-        latents = ddim.sample(study.target, list(rows["caption"]), steps=steps, guidance=settings.guidance, seed=settings.seed + start * study.batch_size, size=latent)
+        latents = ddim.sample(
+            study.target,
+            list(rows["caption"]),
+            steps=steps,
+            guidance=settings.guidance,
+            seed=settings.seed + start * study.batch_size,
+            size=latent,
+        )
         samples.append(study.target.decode(latents).detach().cpu().float())
         originals.append(pixels)
     originals, samples = torch.cat(originals), torch.cat(samples)
-    values = chosen.records[["id", "caption", "label"]].assign(split=lambda d: np.where(d["label"] == 1, "member", "nonmember"))
+    values = chosen.records[["id", "caption", "label"]].assign(
+        split=lambda d: np.where(d["label"] == 1, "member", "nonmember")
+    )
     values["sample_ssim"] = ssim(originals, samples, data_range=settings.data_range).numpy()
     values.groupby("split")["sample_ssim"].describe().to_csv(study.tables / "memorisation.csv")
     return Samples(values.reset_index(drop=True), originals, samples)
@@ -125,10 +136,16 @@ def memorisation(study, steps: int, images_per_class: int = 0) -> Samples:
 def observation(study, t_max: int, stride: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """SSIM (and MSE, latent MSE) between each image and its decoded inverted latent at t = 0, stride,
     ..., t_max, read off one cached inversion path. Returns (per-image curve, per-t AUC of raw SSIM)."""
-    request = AttackRequest("structural", {"stride": stride}, {"t": ddim.path(t_max, stride)}, "auto", run="observation")
-    curve = runs.grid_values(study.target, study.imageset, request, study.settings, study.cache, study.batch_size, study.size)
+    request = AttackRequest(
+        "structural", {"stride": stride}, {"t": ddim.path(t_max, stride)}, "auto", run="observation"
+    )
+    curve = runs.grid_values(
+        study.target, study.imageset, request, study.settings, study.cache, study.batch_size, study.size
+    )
     labelled = curve.merge(study.imageset.records[["id", "label"]], on="id")
-    per_t = labelled.groupby("t").apply(lambda g: pd.Series({"raw_auc_all_images": metrics.auc(g["label"], g["ssim"])}), include_groups=False)
+    per_t = labelled.groupby("t").apply(
+        lambda g: pd.Series({"raw_auc_all_images": metrics.auc(g["label"], g["ssim"])}), include_groups=False
+    )
     return curve, per_t
 
 
@@ -156,8 +173,14 @@ def decoded_examples(study, timesteps: list[int], stride: int) -> tuple[list, li
             continue
         image = study.imageset.load(study.size, record)[0]
         path = decoded_trajectory(
-            study.target, image, record["caption"].iloc[0], record["id"].iloc[0], timesteps, stride,
-            **study.settings.for_function(decoded_trajectory), cache=TrajectoryCache(study.cache / "trajectory"),
+            study.target,
+            image,
+            record["caption"].iloc[0],
+            record["id"].iloc[0],
+            timesteps,
+            stride,
+            **study.settings.for_function(decoded_trajectory),
+            cache=TrajectoryCache(study.cache / "trajectory"),
         )
         rows.append([image] + [path[t].detach().cpu().float() for t in timesteps])
         labels.append(f"{name}: {record['caption'].iloc[0][:16]}")
@@ -185,8 +208,17 @@ def compare(study, attacks: dict, n_bootstrap: int = 1000) -> Comparison:
     for run, reason in skipped.items():
         study.skip(run, reason)
     runs.check_requirements(study.imageset, requests.values(), metrics=True)  # before any compute
-    run = scoring.score_run(study.target, study.imageset, requests, study.settings, study.out, cache=study.cache,
-                            batch_size=study.batch_size, size=study.size, n_bootstrap=n_bootstrap)
+    run = scoring.score_run(
+        study.target,
+        study.imageset,
+        requests,
+        study.settings,
+        study.out,
+        cache=study.cache,
+        batch_size=study.batch_size,
+        size=study.size,
+        n_bootstrap=n_bootstrap,
+    )
     scores, results, table = run.scores, run.results, run.metrics
     paper = paper_table(table)
     paper.to_csv(study.tables / "comparison.csv", index=False)
@@ -260,13 +292,17 @@ def fair_choices(attacks: dict, fair_metrics: str = "") -> dict:
         return attacks
     path = resolve(fair_metrics).parent / "chosen_settings.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run 03_attack on the fair split first (FAIR_RESULTS={fair_metrics!r})")
+        raise FileNotFoundError(
+            f"{path} does not exist: run 03_attack on the fair split first (FAIR_RESULTS={fair_metrics!r})"
+        )
     replayed = chosen_requests(json.loads(path.read_text()))
     requests = {}
     for run, request in attacks.items():
         if run in replayed:
             requests[run] = replayed[run]
-        elif (request if isinstance(request, AttackRequest) else registry.parse_request(request, run=run)).spec.kind == "blind":
+        elif (
+            request if isinstance(request, AttackRequest) else registry.parse_request(request, run=run)
+        ).spec.kind == "blind":
             requests[run] = request
         else:
             raise ValueError(f"{run} is not in the fair run's choices ({path}); run both splits with the same ATTACKS")
@@ -281,7 +317,10 @@ def inflation(study, comparison: Comparison, fair_metrics) -> pd.DataFrame:
     table["auc_inflation"] = table["auc_biased"] - table["auc_fair"]
     table.to_csv(study.tables / "bias_inflation.csv", index=False)
     controls = table[table["run"].map(lambda r: comparison.results[r].request.spec.kind != "model")]
-    print("Model-free controls on the biased split (AUC):", dict(zip(controls["display"], controls["auc_biased"].round(3))))
+    print(
+        "Model-free controls on the biased split (AUC):",
+        dict(zip(controls["display"], controls["auc_biased"].round(3))),
+    )
     return table
 
 
@@ -297,7 +336,14 @@ def chosen_requests(chosen: dict, kinds=("model", "control")) -> dict[str, Attac
         if spec.kind not in kinds:
             continue
         direction = int(record["direction"])
-        requests[run] = AttackRequest(spec.name, dict(record["params"]), {}, direction if spec.flippable else "method", run=run, label=record["display"])
+        requests[run] = AttackRequest(
+            spec.name,
+            dict(record["params"]),
+            {},
+            direction if spec.flippable else "method",
+            run=run,
+            label=record["display"],
+        )
     return requests
 
 
@@ -310,13 +356,23 @@ def robustness(study, sweep: dict) -> tuple[pd.DataFrame, dict]:
     rows, examples = [], {}
     conditions = [("none", 0)] + [(name, s) for name, strengths in sweep.items() for s in strengths]
     for name, strength in conditions:
-        distorted = test if name == "none" else test.map(transforms.distortion(name, strength, seed=study.settings.seed))
-        examples[(name, strength)] = (first if name == "none" else first.map(transforms.distortion(name, strength, seed=study.settings.seed))).load(study.size)[0]
+        distorted = (
+            test if name == "none" else test.map(transforms.distortion(name, strength, seed=study.settings.seed))
+        )
+        examples[(name, strength)] = (
+            first if name == "none" else first.map(transforms.distortion(name, strength, seed=study.settings.seed))
+        ).load(study.size)[0]
         scores, _ = study.score(requests, imageset=distorted, progress=False)
         for run, group in scores.groupby("run", sort=False):
             rows.append(
-                {"distortion": name, "strength": strength, "run": run, "attack": group["display"].iloc[0],
-                 **test_metrics(group["label"], group["score"]), "unet_evals": group["unet_evals"].mean()}
+                {
+                    "distortion": name,
+                    "strength": strength,
+                    "run": run,
+                    "attack": group["display"].iloc[0],
+                    **test_metrics(group["label"], group["score"]),
+                    "unet_evals": group["unet_evals"].mean(),
+                }
             )
     result = pd.DataFrame(rows)
     result.to_csv(study.tables / "robustness.csv", index=False)
@@ -326,10 +382,12 @@ def robustness(study, sweep: dict) -> tuple[pd.DataFrame, dict]:
 def robustness_paper_layout(result: pd.DataFrame) -> pd.DataFrame:
     """The paper's Tables 7-8: AUC / TPR@1%FPR per attack under its four distortions at its strengths."""
     paper = result[result["distortion"].isin(["none", *transforms.PAPER_DISTORTIONS])]
-    paper = paper[(paper["distortion"] == "none") | (paper["strength"] == paper["distortion"].map(transforms.PAPER_DISTORTIONS))]
-    layout = paper.assign(cell=lambda d: d["auc"].map("{:.3f}".format) + " / " + d["tpr_at_1fpr"].map("{:.3f}".format)).pivot_table(
-        index="attack", columns="distortion", values="cell", aggfunc="first", sort=False
-    )
+    paper = paper[
+        (paper["distortion"] == "none") | (paper["strength"] == paper["distortion"].map(transforms.PAPER_DISTORTIONS))
+    ]
+    layout = paper.assign(
+        cell=lambda d: d["auc"].map("{:.3f}".format) + " / " + d["tpr_at_1fpr"].map("{:.3f}".format)
+    ).pivot_table(index="attack", columns="distortion", values="cell", aggfunc="first", sort=False)
     return layout[[c for c in ["none", *transforms.PAPER_DISTORTIONS] if c in layout.columns]]
 
 
@@ -347,21 +405,45 @@ class Ablations:
         self.per_image: list[pd.DataFrame] = []
         self.paper = registry.get("structural").defaults
 
-    def add(self, study_name: str, value, request, imageset=None, settings=None, target=None, size=None, column="score", sign=1) -> dict:
+    def add(
+        self,
+        study_name: str,
+        value,
+        request,
+        imageset=None,
+        settings=None,
+        target=None,
+        size=None,
+        column="score",
+        sign=1,
+    ) -> dict:
         """Score one variation (a request text or object, at fixed settings) and record it."""
         request = registry.parse_request(request) if isinstance(request, str) else request
         result = runs.run_request(
-            target or self.study.target, imageset if imageset is not None else self.test, request, settings or self.study.settings,
-            self.study.cache, self.study.batch_size, size or self.study.size, progress=False,
+            target or self.study.target,
+            imageset if imageset is not None else self.test,
+            request,
+            settings or self.study.settings,
+            self.study.cache,
+            self.study.batch_size,
+            size or self.study.size,
+            progress=False,
         )
         return self.record(study_name, value, result.rows if column == "score" else result.values, column, sign)
 
     def record(self, study_name: str, value, frame: pd.DataFrame, column="score", sign=1) -> dict:
         """Record a row from per-image values already computed (``sign * frame[column]`` is the score)."""
-        merged = frame.drop(columns=["label", "subset"], errors="ignore").merge(self.test.records[["id", "label"]], on="id", validate="one_to_one")
+        merged = frame.drop(columns=["label", "subset"], errors="ignore").merge(
+            self.test.records[["id", "label"]], on="id", validate="one_to_one"
+        )
         merged = merged.assign(score=sign * merged[column].astype(float))
         self.per_image.append(merged[["id", "label", "score"]].assign(study=study_name, value=str(value)))
-        row = {"study": study_name, "value": value, **test_metrics(merged["label"], merged["score"]), "unet_evals": merged["unet_evals"].mean()}
+        row = {
+            "study": study_name,
+            "value": value,
+            **test_metrics(merged["label"], merged["score"]),
+            "unet_evals": merged["unet_evals"].mean(),
+        }
         self.rows.append(row)
         return row
 
@@ -423,16 +505,31 @@ def training_dynamics(study, checkpoints: list[int]) -> pd.DataFrame | None:
     model_dir = locate_model(study.params["MODEL"])
     steps = [s for s in checkpoints if (checkpoint_dir(model_dir, s) / "unet").exists()]
     if not steps:
-        study.skip("training dynamics", f"{study.params['MODEL']} has no training checkpoints (checkpoints/step-N/unet) for steps {list(checkpoints)}")
+        study.skip(
+            "training dynamics",
+            f"{study.params['MODEL']} has no training checkpoints (checkpoints/step-N/unet) for steps {list(checkpoints)}",
+        )
         return None
     requests = chosen_requests(study.read_chosen())
     test = study.imageset.subset("test")
     rows = []
     for step in steps:
-        snapshot = load_target(model_dir, device=study.params.get("DEVICE", "cpu"), dtype=study.settings.dtype, checkpoint=checkpoint_dir(model_dir, step))
+        snapshot = load_target(
+            model_dir,
+            device=study.params.get("DEVICE", "cpu"),
+            dtype=study.settings.dtype,
+            checkpoint=checkpoint_dir(model_dir, step),
+        )
         scores, _ = study.score(requests, imageset=test, target=snapshot, progress=False)
         for run, group in scores.groupby("run", sort=False):
-            rows.append({"step": step, "run": run, "attack": group["display"].iloc[0], **test_metrics(group["label"], group["score"])})
+            rows.append(
+                {
+                    "step": step,
+                    "run": run,
+                    "attack": group["display"].iloc[0],
+                    **test_metrics(group["label"], group["score"]),
+                }
+            )
     dynamics = pd.DataFrame(rows)
     dynamics.to_csv(study.tables / "training_dynamics.csv", index=False)
     return dynamics
@@ -448,13 +545,19 @@ def audit_requests(attacks) -> dict:
     requests = runs.as_requests(attacks)
     for run, request in requests.items():
         if request.spec.kind == "blind":
-            raise ValueError(f"{run}: the blind baselines are fitted on membership labels, which an audit does not have")
+            raise ValueError(
+                f"{run}: the blind baselines are fitted on membership labels, which an audit does not have"
+            )
         if request.grid or request.direction == "auto":
-            raise ValueError(f"{run}: {request.text()} is chosen on a labelled calibration split; the audit needs fixed settings (e.g. {request.name}:t=100)")
+            raise ValueError(
+                f"{run}: {request.text()} is chosen on a labelled calibration split; the audit needs fixed settings (e.g. {request.name}:t=100)"
+            )
     return requests
 
 
-def feature_table(target, imageset, attacks, settings, cache_dir, batch_size: int, size: int, progress: bool = True) -> pd.DataFrame:
+def feature_table(
+    target, imageset, attacks, settings, cache_dir, batch_size: int, size: int, progress: bool = True
+) -> pd.DataFrame:
     """One row per image of ``imageset``: ``id``, the set's ``label`` where it has one (never used by the
     audit), and one column per run: the attack's per-image score in the method's direction (higher =
     member). Scores go through the run layer's per-image cache, so features already scored for a
@@ -464,13 +567,13 @@ def feature_table(target, imageset, attacks, settings, cache_dir, batch_size: in
         table["label"] = imageset.records["label"].to_numpy()
     for run, request in audit_requests(attacks).items():
         params = request.spec.params(request.fixed)
-        values = runs.attack_values(target, imageset, request.spec, params, settings, cache_dir, batch_size, size, progress)
+        values = runs.attack_values(
+            target, imageset, request.spec, params, settings, cache_dir, batch_size, size, progress
+        )
         direction = 1 if request.direction == "method" else int(request.direction)
         scores = values.set_index("id")["score"].astype(float) * direction
         table[run] = table["id"].map(scores).to_numpy()
     return table.reset_index(drop=True)
-
-
 
 
 def audit_features(study, attacks) -> pd.DataFrame | None:
@@ -478,15 +581,22 @@ def audit_features(study, attacks) -> pd.DataFrame | None:
     written to ``audit_features.parquet``; None (and a recorded skip) when the set has no labels, since
     the example audits and the simulations below draw suspect sets of known membership."""
     if study.imageset.records["label"].isna().any():
-        study.skip("set audit", "the simulations draw suspect sets of known membership; this set has unlabelled images (use `mialib audit`)")
+        study.skip(
+            "set audit",
+            "the simulations draw suspect sets of known membership; this set has unlabelled images (use `mialib audit`)",
+        )
         return None
-    table = feature_table(study.target, study.imageset, attacks, study.settings, study.cache, study.batch_size, study.size, progress=False)
+    table = feature_table(
+        study.target, study.imageset, attacks, study.settings, study.cache, study.batch_size, study.size, progress=False
+    )
     table.to_parquet(study.out / "audit_features.parquet")
     return table
 
 
 def _pools(features: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return features[features["label"] == 1].reset_index(drop=True), features[features["label"] == 0].reset_index(drop=True)
+    return features[features["label"] == 1].reset_index(drop=True), features[features["label"] == 0].reset_index(
+        drop=True
+    )
 
 
 def audit_examples(study, features: pd.DataFrame, level: float) -> pd.DataFrame:
@@ -497,11 +607,16 @@ def audit_examples(study, features: pd.DataFrame, level: float) -> pd.DataFrame:
     half = rng.permutation(len(nonmembers))
     cases = {
         f"{len(members)} members vs {len(nonmembers)} non-members": (members, nonmembers),
-        f"null: {len(half) // 2} non-members vs {len(half) - len(half) // 2} others": (nonmembers.iloc[half[: len(half) // 2]], nonmembers.iloc[half[len(half) // 2 :]]),
+        f"null: {len(half) // 2} non-members vs {len(half) - len(half) // 2} others": (
+            nonmembers.iloc[half[: len(half) // 2]],
+            nonmembers.iloc[half[len(half) // 2 :]],
+        ),
     }
     rows = []
     for name, (suspect, reference) in cases.items():
-        result = audit.set_audit(suspect.drop(columns="label"), reference.drop(columns="label"), level=level, seed=study.settings.seed)
+        result = audit.set_audit(
+            suspect.drop(columns="label"), reference.drop(columns="label"), level=level, seed=study.settings.seed
+        )
         rows.append({"audit": name, **result.as_dict()})
         print(f"{name}: {result.verdict}\n", flush=True)
     table = pd.DataFrame(rows)
@@ -520,13 +635,18 @@ def audit_null(study, features: pd.DataFrame, sizes, n_sets: int, level: float =
     replacement. ``tables/audit_null.csv``."""
     _, nonmembers = _pools(features)
     fitting = [int(n) for n in sizes if 2 * int(n) <= len(nonmembers)]
-    frames = [audit.null_rate(nonmembers, columns, fitting, n_sets, level, study.settings.seed).assign(feature_set=name) for name, columns in _feature_sets(features).items()]
+    frames = [
+        audit.null_rate(nonmembers, columns, fitting, n_sets, level, study.settings.seed).assign(feature_set=name)
+        for name, columns in _feature_sets(features).items()
+    ]
     table = pd.concat(frames, ignore_index=True)
     table.to_csv(study.tables / "audit_null.csv", index=False)
     return table
 
 
-def audit_power(study, features: pd.DataFrame, sizes, fractions, n_sets: int, level: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+def audit_power(
+    study, features: pd.DataFrame, sizes, fractions, n_sets: int, level: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Detection probability at ``level`` against suspect-set size: every feature alone and combined for
     suspect sets of members only, and the combination for sets that mix ``fractions`` of members; then
     the images needed for 80 % power. ``tables/audit_power.csv``, ``tables/audit_images_needed.csv``."""
@@ -536,7 +656,11 @@ def audit_power(study, features: pd.DataFrame, sizes, fractions, n_sets: int, le
     mixed = [f for f in fractions if f != 1.0]
     frames = [pure]
     if mixed:
-        frames.append(audit.power(members, nonmembers, {COMBINED: sets[COMBINED]}, sizes, tuple(mixed), n_sets, level, study.settings.seed))
+        frames.append(
+            audit.power(
+                members, nonmembers, {COMBINED: sets[COMBINED]}, sizes, tuple(mixed), n_sets, level, study.settings.seed
+            )
+        )
     table = pd.concat(frames, ignore_index=True)
     table.to_csv(study.tables / "audit_power.csv", index=False)
     needed = audit.images_for_power(table, 0.8)
@@ -572,8 +696,15 @@ def regime_comparison(study, targets: dict, attacks: dict, n_bootstrap: int = 10
     for (regime, seed), model in targets.items():
         sub = regime_study(study, regime, seed, model)
         comparison = compare(sub, attacks, n_bootstrap)
-        frames.append(comparison.table.drop(columns=["threshold"], errors="ignore").assign(regime=regime, seed=seed, model=str(model)))
-        print(f"{regime}, seed {seed}: " + ", ".join(f"{r.display} {r.auc:.3f}" for r in comparison.table.itertuples()), flush=True)
+        frames.append(
+            comparison.table.drop(columns=["threshold"], errors="ignore").assign(
+                regime=regime, seed=seed, model=str(model)
+            )
+        )
+        print(
+            f"{regime}, seed {seed}: " + ", ".join(f"{r.display} {r.auc:.3f}" for r in comparison.table.itertuples()),
+            flush=True,
+        )
     table = pd.concat(frames, ignore_index=True)
     table.to_csv(study.tables / "regime_metrics.csv", index=False)
     return table
@@ -584,9 +715,15 @@ def regime_summary(table: pd.DataFrame) -> pd.DataFrame:
     "mean ± sd" text. ``tables/regime_summary.csv``."""
     grouped = table.groupby(["regime", "run"], sort=False)
     summary = grouped.agg(
-        attack=("display", "first"), kind=("attack", lambda a: registry.get(a.iloc[0]).kind), seeds=("seed", "nunique"),
-        auc_mean=("auc", "mean"), auc_sd=("auc", "std"), tpr_mean=("tpr_at_1fpr", "mean"), tpr_sd=("tpr_at_1fpr", "std"),
-        auc_min=("auc", "min"), auc_max=("auc", "max"),
+        attack=("display", "first"),
+        kind=("attack", lambda a: registry.get(a.iloc[0]).kind),
+        seeds=("seed", "nunique"),
+        auc_mean=("auc", "mean"),
+        auc_sd=("auc", "std"),
+        tpr_mean=("tpr_at_1fpr", "mean"),
+        tpr_sd=("tpr_at_1fpr", "std"),
+        auc_min=("auc", "min"),
+        auc_max=("auc", "max"),
     ).reset_index()
     summary["AUC"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(summary["auc_mean"], summary["auc_sd"].fillna(0))]
     summary["TPR@1%FPR"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(summary["tpr_mean"], summary["tpr_sd"].fillna(0))]
@@ -596,7 +733,9 @@ def regime_summary(table: pd.DataFrame) -> pd.DataFrame:
 def regime_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The layout of docs/results.md's regimes table: one row per attack, AUC and TPR@1%FPR (mean ± sd over seeds) per regime."""
     regimes = list(dict.fromkeys(summary["regime"]))
-    wide = summary.pivot_table(index=["run", "attack"], columns="regime", values=["AUC", "TPR@1%FPR"], aggfunc="first", sort=False)
+    wide = summary.pivot_table(
+        index=["run", "attack"], columns="regime", values=["AUC", "TPR@1%FPR"], aggfunc="first", sort=False
+    )
     wide = wide[[(metric, regime) for regime in regimes for metric in ("AUC", "TPR@1%FPR")]]
     order = list(dict.fromkeys(summary["run"]))
     wide = wide.reindex(sorted(wide.index, key=lambda key: order.index(key[0])))
@@ -632,7 +771,9 @@ class RegimeAudit:
     needed: pd.DataFrame  # images for 80 % power per regime, feature set and share (power averaged over the seeds)
 
 
-def regime_audit(study, targets: dict, attacks, sizes, fractions, null_sets: int, power_sets: int, level: float) -> RegimeAudit | None:
+def regime_audit(
+    study, targets: dict, attacks, sizes, fractions, null_sets: int, power_sets: int, level: float
+) -> RegimeAudit | None:
     """06's validity and power studies on every target of the regime study (each seed's own features),
     then the images needed for 80 % power per regime from the power averaged over the seeds.
     ``tables/regime_audit_null.csv``, ``regime_audit_power.csv``, ``regime_images_needed.csv``."""
@@ -643,12 +784,17 @@ def regime_audit(study, targets: dict, attacks, sizes, fractions, null_sets: int
         if features is None:
             return None
         nulls.append(audit_null(sub, features, sizes, null_sets).assign(regime=regime, seed=seed))
-        powers.append(audit_power(sub, features, sizes, fractions, power_sets, level)[0].assign(regime=regime, seed=seed))
+        powers.append(
+            audit_power(sub, features, sizes, fractions, power_sets, level)[0].assign(regime=regime, seed=seed)
+        )
     null, power = pd.concat(nulls, ignore_index=True), pd.concat(powers, ignore_index=True)
     keys = ["regime", "feature_set", "member_fraction", "size"]
     averaged = power[~power["skipped"].astype(bool)].groupby(keys, sort=False)["power_t"].mean().reset_index()
     needed = pd.concat(
-        [audit.images_for_power(group.drop(columns="regime"), 0.8).assign(regime=regime) for regime, group in averaged.groupby("regime", sort=False)],
+        [
+            audit.images_for_power(group.drop(columns="regime"), 0.8).assign(regime=regime)
+            for regime, group in averaged.groupby("regime", sort=False)
+        ],
         ignore_index=True,
     )
     needed = needed[["regime", *[c for c in needed.columns if c != "regime"]]]
@@ -673,16 +819,25 @@ def regime_verdict(summary: pd.DataFrame, audit_result: RegimeAudit, regime: str
         + (": near chance." if best["auc_mean"] < chance else f": above the {chance:g} this text calls near chance.")
     )
     needed = audit_result.needed
-    combined = needed[(needed["regime"] == regime) & (needed["feature_set"] == COMBINED) & (needed["member_fraction"] == 1.0)]
+    combined = needed[
+        (needed["regime"] == regime) & (needed["feature_set"] == COMBINED) & (needed["member_fraction"] == 1.0)
+    ]
     power = audit_result.power
-    done = power[(power["regime"] == regime) & (power["feature_set"] == COMBINED) & (power["member_fraction"] == 1.0) & ~power["skipped"].astype(bool)]
+    done = power[
+        (power["regime"] == regime)
+        & (power["feature_set"] == COMBINED)
+        & (power["member_fraction"] == 1.0)
+        & ~power["skipped"].astype(bool)
+    ]
     largest = int(done["size"].max()) if len(done) else 0
     at_largest = done[done["size"] == largest]["power_t"].mean() if len(done) else float("nan")
     level = float(power["level"].iloc[0])
     if len(combined) and pd.notna(combined["images"].iloc[0]):
         n = int(combined["images"].iloc[0])
         audit_text = f"The set audit (every attack combined) detects a suspect set of {n} members at p < {level:g} with 80 % power (mean over seeds)"
-        audit_text += ": it detects membership where the per-image attacks are near chance." if best["auc_mean"] < chance else "."
+        audit_text += (
+            ": it detects membership where the per-image attacks are near chance." if best["auc_mean"] < chance else "."
+        )
     else:
         audit_text = (
             f"The set audit (every attack combined) does not reach 80 % power at p < {level:g} within {largest} suspect images "

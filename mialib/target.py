@@ -127,7 +127,11 @@ class Target:
     # ----------------------------------------------------------------------------------------------
     def weight_state(self) -> tuple:
         """Identity of every weight tensor (storage and version): it changes when any weight does."""
-        return tuple((t.data_ptr(), t._version) for m in self.modules().values() for t in itertools.chain(m.parameters(), m.buffers()))
+        return tuple(
+            (t.data_ptr(), t._version)
+            for m in self.modules().values()
+            for t in itertools.chain(m.parameters(), m.buffers())
+        )
 
     def fingerprint(self) -> str:
         """sha256 that identifies the model as the attacks see it (keys every cache).
@@ -176,7 +180,9 @@ class Target:
             self._tokens.append((tokenizer, known))
         new = sorted({c for c in captions if c not in known})
         if new:
-            ids = tokenizer(new, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            ids = tokenizer(
+                new, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
             known.update(zip(new, ids))
         return torch.stack([known[c] for c in captions])
 
@@ -218,7 +224,10 @@ class Target:
         if mean is None or std is None:
             return 0.0, 1.0
         shape = (1, len(mean), 1, 1)
-        return (torch.tensor(mean, device=device, dtype=dtype).view(shape), torch.tensor(std, device=device, dtype=dtype).view(shape))
+        return (
+            torch.tensor(mean, device=device, dtype=dtype).view(shape),
+            torch.tensor(std, device=device, dtype=dtype).view(shape),
+        )
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, mode: str = "mode", seeds: list[int] | None = None) -> torch.Tensor:
@@ -297,7 +306,9 @@ class Target:
             return a_t**0.5 * output + (1.0 - a_t) ** 0.5 * latents
         if prediction == "sample":
             return (latents - a_t**0.5 * output) / (1.0 - a_t) ** 0.5
-        raise UnsupportedModel(f"prediction_type {prediction!r} is not supported; supported: {', '.join(PREDICTION_TYPES)}")
+        raise UnsupportedModel(
+            f"prediction_type {prediction!r} is not supported; supported: {', '.join(PREDICTION_TYPES)}"
+        )
 
     def _unet(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning | torch.Tensor) -> torch.Tensor:
         if isinstance(cond, torch.Tensor):
@@ -305,8 +316,13 @@ class Target:
         kwargs = {}
         if self.text_encoder_2 is not None:
             if cond.pooled is None:
-                raise ValueError("an SDXL U-Net needs the pooled text embedding: build the conditioning with encode_prompts")
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": self.time_ids(latents, cond.hidden.dtype)}
+                raise ValueError(
+                    "an SDXL U-Net needs the pooled text embedding: build the conditioning with encode_prompts"
+                )
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": cond.pooled,
+                "time_ids": self.time_ids(latents, cond.hidden.dtype),
+            }
         self.unet_evals += latents.shape[0]
         return self.unet(latents, timestep, encoder_hidden_states=cond.hidden, **kwargs).sample
 
@@ -344,14 +360,50 @@ def stable_config(config) -> dict:
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 # A first part that names a usual local folder is a path (``models/sd15``, ``outputs/target``), never an owner.
 LOCAL_FOLDERS = {
-    "models", "model", "data", "datasets", "outputs", "output", "out", "checkpoints", "checkpoint", "ckpt", "ckpts",
-    "weights", "runs", "results", "experiments", "targets", "pipelines", "saved", "saved_models", "exports", "artifacts",
-    "tmp", "temp", "cache", "downloads", "workspace", "scratch", "home", "mnt", "content",
+    "models",
+    "model",
+    "data",
+    "datasets",
+    "outputs",
+    "output",
+    "out",
+    "checkpoints",
+    "checkpoint",
+    "ckpt",
+    "ckpts",
+    "weights",
+    "runs",
+    "results",
+    "experiments",
+    "targets",
+    "pipelines",
+    "saved",
+    "saved_models",
+    "exports",
+    "artifacts",
+    "tmp",
+    "temp",
+    "cache",
+    "downloads",
+    "workspace",
+    "scratch",
+    "home",
+    "mnt",
+    "content",
 }
 # A last part that names a pipeline's component folder is a path into a pipeline (``my-model/unet``).
 COMPONENT_FOLDERS = {
-    "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler", "transformer",
-    "safety_checker", "feature_extractor", "image_encoder",
+    "unet",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "scheduler",
+    "transformer",
+    "safety_checker",
+    "feature_extractor",
+    "image_encoder",
 }
 MODEL_FILE_SUFFIXES = (*PICKLE_SUFFIXES, ".safetensors", ".sft", ".json", ".yaml", ".yml", ".onnx", ".gguf")
 TRUE_WORDS = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's spelling of a true environment variable
@@ -479,7 +531,9 @@ def check_family(pipeline_class: str, scheduler_config: dict, where: str) -> Non
         )
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
-        raise UnsupportedModel(f"{where}: prediction_type {prediction!r} is not supported; supported: {', '.join(PREDICTION_TYPES)}")
+        raise UnsupportedModel(
+            f"{where}: prediction_type {prediction!r} is not supported; supported: {', '.join(PREDICTION_TYPES)}"
+        )
 
 
 def weight_files(folder: Path, component: str, variant: str | None = None) -> tuple[str | None, list[Path]]:
@@ -491,7 +545,9 @@ def weight_files(folder: Path, component: str, variant: str | None = None) -> tu
     """
     sub = folder / component
     if not sub.is_dir():
-        raise FileNotFoundError(f"{folder} has no {component}/ folder: a Stable Diffusion pipeline folder holds vae/, unet/, text_encoder/, tokenizer/ and scheduler/ (SDXL also text_encoder_2/ and tokenizer_2/)")
+        raise FileNotFoundError(
+            f"{folder} has no {component}/ folder: a Stable Diffusion pipeline folder holds vae/, unet/, text_encoder/, tokenizer/ and scheduler/ (SDXL also text_encoder_2/ and tokenizer_2/)"
+        )
     by_variant: dict[str | None, list[Path]] = {}
     for path in sorted(sub.glob("*.safetensors")):
         stem = SHARD.sub("", path.name[: -len(".safetensors")])
@@ -513,12 +569,16 @@ def weight_files(folder: Path, component: str, variant: str | None = None) -> tu
             print(f"note: {sub} has no {variant!r} variant weights; its plain files are loaded", flush=True)
             return None, by_variant[None]
         found = ", ".join(v for v in by_variant)
-        raise FileNotFoundError(f"{sub} has no {variant!r} variant weights (it has: {found}); set VARIANT / --variant accordingly")
+        raise FileNotFoundError(
+            f"{sub} has no {variant!r} variant weights (it has: {found}); set VARIANT / --variant accordingly"
+        )
     if None in by_variant:
         return None, by_variant[None]
     if len(by_variant) == 1:
         return next(iter(by_variant.items()))
-    raise FileNotFoundError(f"{sub} holds only variant weights ({', '.join(by_variant)}): choose one with VARIANT / --variant")
+    raise FileNotFoundError(
+        f"{sub} holds only variant weights ({', '.join(by_variant)}): choose one with VARIANT / --variant"
+    )
 
 
 def _load_component(cls, folder: Path, component: str, dtype: torch.dtype, variant: str | None, sources: dict):
@@ -586,28 +646,50 @@ def load_target(
     pipeline_class = _read_json(folder / "model_index.json").get("_class_name", "")
     if not (folder / "scheduler").is_dir():
         check_family(pipeline_class, {}, str(source))
-        raise FileNotFoundError(f"{source} has no scheduler/ folder: is it a diffusers pipeline folder? (a single-file checkpoint is a .safetensors file)")
+        raise FileNotFoundError(
+            f"{source} has no scheduler/ folder: is it a diffusers pipeline folder? (a single-file checkpoint is a .safetensors file)"
+        )
     scheduler_config = DDIMScheduler.load_config(str(folder), subfolder="scheduler")
     check_family(pipeline_class, scheduler_config, str(source))
     sources: dict[str, list[str]] = {}
     vae_config = AutoencoderKL.load_config(str(folder), subfolder="vae") if (folder / "vae").is_dir() else {}
     vae = _load_component(AutoencoderKL, folder, "vae", _upcast_vae(vae_config, dtype), variant, sources)
     unet_folder = Path(checkpoint) if checkpoint is not None else folder
-    unet = _load_component(UNet2DConditionModel, unet_folder, "unet", dtype, None if checkpoint is not None else variant, sources)
-    text_folder = Path(checkpoint) if checkpoint is not None and (Path(checkpoint) / "text_encoder").exists() else folder
+    unet = _load_component(
+        UNet2DConditionModel, unet_folder, "unet", dtype, None if checkpoint is not None else variant, sources
+    )
+    text_folder = (
+        Path(checkpoint) if checkpoint is not None and (Path(checkpoint) / "text_encoder").exists() else folder
+    )
     xl = pipeline_class in XL_PIPELINES or (folder / "text_encoder_2").is_dir()
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    text_encoder = _load_component(CLIPTextModel, text_folder, "text_encoder", dtype, variant if text_folder == folder else None, sources)
+    text_encoder = _load_component(
+        CLIPTextModel, text_folder, "text_encoder", dtype, variant if text_folder == folder else None, sources
+    )
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer")
     extra = {}
     if xl:
-        extra["text_encoder_2"] = _load_component(CLIPTextModelWithProjection, folder, "text_encoder_2", dtype, variant, sources)
+        extra["text_encoder_2"] = _load_component(
+            CLIPTextModelWithProjection, folder, "text_encoder_2", dtype, variant, sources
+        )
         extra["tokenizer_2"] = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer_2")
-        extra["zero_empty_prompt"] = bool(_read_json(folder / "model_index.json").get("force_zeros_for_empty_prompt", True))
+        extra["zero_empty_prompt"] = bool(
+            _read_json(folder / "model_index.json").get("force_zeros_for_empty_prompt", True)
+        )
     if checkpoint is not None:
         name = f"{name}@{Path(checkpoint).name}"
-    target = Target(vae, unet, text_encoder, tokenizer, DDIMScheduler.from_config(scheduler_config), name=name, dtype=dtype, sources=sources, **extra)
+    target = Target(
+        vae,
+        unet,
+        text_encoder,
+        tokenizer,
+        DDIMScheduler.from_config(scheduler_config),
+        name=name,
+        dtype=dtype,
+        sources=sources,
+        **extra,
+    )
     return _finish(target, device)
 
 
@@ -638,7 +720,7 @@ def check_source(model: str | os.PathLike, config: str | os.PathLike | None = No
     if suffix in PICKLE_SUFFIXES:
         raise UnsupportedModel(
             f"{file} is a pickled checkpoint ({suffix}). mialib loads safetensors only and never unpickles a file (a pickle "
-            "can run code). If you trust the file, convert it once: python -c \"import torch, safetensors.torch as s; "
+            'can run code). If you trust the file, convert it once: python -c "import torch, safetensors.torch as s; '
             f"d = torch.load('{file}', map_location='cpu', weights_only=True); d = d.get('state_dict', d); "
             f"s.save_file({{k: v.contiguous() for k, v in d.items() if isinstance(v, torch.Tensor)}}, '{file.with_suffix('.safetensors')}')\" "
             "and pass the .safetensors file"
@@ -661,7 +743,9 @@ def _load_single_file(file: Path, config, device: str, dtype: torch.dtype) -> Ta
 
     config_source = locate_model(config)
     local = Path(config_source).is_dir()
-    index = _read_json(Path(config_source) / "model_index.json") if local else DiffusionPipeline.load_config(config_source)
+    index = (
+        _read_json(Path(config_source) / "model_index.json") if local else DiffusionPipeline.load_config(config_source)
+    )
     pipeline_class = index.get("_class_name", "")
     scheduler_config = DDIMScheduler.load_config(config_source, subfolder="scheduler")
     check_family(pipeline_class, scheduler_config, str(config_source))
@@ -670,7 +754,9 @@ def _load_single_file(file: Path, config, device: str, dtype: torch.dtype) -> Ta
     if xl:
         pipeline = StableDiffusionXLPipeline.from_single_file(str(file), **kwargs)
     else:
-        pipeline = StableDiffusionPipeline.from_single_file(str(file), safety_checker=None, requires_safety_checker=False, **kwargs)
+        pipeline = StableDiffusionPipeline.from_single_file(
+            str(file), safety_checker=None, requires_safety_checker=False, **kwargs
+        )
     if _upcast_vae(pipeline.vae.config, dtype) != dtype:
         pipeline.vae.float()  # force_upcast (.float() rather than .to(dtype), which warns)
     extra = {}
@@ -681,7 +767,14 @@ def _load_single_file(file: Path, config, device: str, dtype: torch.dtype) -> Ta
             "zero_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
         }
     target = Target(
-        pipeline.vae, pipeline.unet, pipeline.text_encoder, pipeline.tokenizer, DDIMScheduler.from_config(scheduler_config),
-        name=file.name, dtype=dtype, sources={"checkpoint": [str(file)]}, **extra,
+        pipeline.vae,
+        pipeline.unet,
+        pipeline.text_encoder,
+        pipeline.tokenizer,
+        DDIMScheduler.from_config(scheduler_config),
+        name=file.name,
+        dtype=dtype,
+        sources={"checkpoint": [str(file)]},
+        **extra,
     )
     return _finish(target, device)

@@ -21,15 +21,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import memo
@@ -57,15 +56,21 @@ class TinyConfig:
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     # Memorisation regimes (07). The pool: the public split and ``filler_images`` extra catalogue images.
-    unet_data: str = "members"  # members: the U-Net trains on the members alone; members+pool: on the members mixed into the pool
-    pretrain_steps: int = 0  # > 0: the U-Net first trains this many steps on the pool, then ``unet_steps`` on its data (fine-tuning)
+    unet_data: str = (
+        "members"  # members: the U-Net trains on the members alone; members+pool: on the members mixed into the pool
+    )
+    pretrain_steps: int = (
+        0  # > 0: the U-Net first trains this many steps on the pool, then ``unet_steps`` on its data (fine-tuning)
+    )
     filler_images: int = 0  # extra catalogue images in the pool (data/emoji_filler.csv)
     shared_seed: int = -1  # seed of the VAE and the pretrained U-Net (-1: ``seed``); targets sharing it share both, as fine-tunes of one base model do
 
     def __post_init__(self):
         self.vae_channels = tuple(self.vae_channels)
         self.unet_channels = tuple(self.unet_channels)
-        self.checkpoints = tuple(sorted({int(s) for s in self.checkpoints if 0 < int(s) <= self.unet_steps} | {self.unet_steps}))
+        self.checkpoints = tuple(
+            sorted({int(s) for s in self.checkpoints if 0 < int(s) <= self.unet_steps} | {self.unet_steps})
+        )
         if self.shared_seed < 0:
             self.shared_seed = self.seed
         if self.unet_data not in UNET_DATA:
@@ -171,7 +176,13 @@ def build_components(config: TinyConfig, tokenizer: CLIPTokenizer) -> dict:
         steps_offset=1,
         prediction_type="epsilon",
     )
-    return dict(vae=vae, unet=unet, text_encoder=text_encoder.eval().requires_grad_(False), tokenizer=tokenizer, scheduler=scheduler)
+    return dict(
+        vae=vae,
+        unet=unet,
+        text_encoder=text_encoder.eval().requires_grad_(False),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,25 +271,35 @@ def train_unet(
     checkpoints and exact resume."""
     unet, scheduler = components["unet"], components["scheduler"]
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
-    tokens = tokenizer(list(captions) + [""], padding="max_length", max_length=config.max_tokens, truncation=True, return_tensors="pt").input_ids
+    tokens = tokenizer(
+        list(captions) + [""], padding="max_length", max_length=config.max_tokens, truncation=True, return_tensors="pt"
+    ).input_ids
     caption_tokens, null_tokens = tokens[:-1], tokens[-1:]
     generator = torch.Generator().manual_seed(config.seed + 2)
     modules = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.unet_lr)
     state_path = target_dir / "training" / "unet_optimizer.safetensors"
     start = 0
-    done = [s for s in config.checkpoints if (checkpoint_dir(target_dir, s) / "unet" / "diffusion_pytorch_model.safetensors").exists()]
+    done = [
+        s
+        for s in config.checkpoints
+        if (checkpoint_dir(target_dir, s) / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    ]
     if done and state_path.exists():
         start = max(done)
         folder = checkpoint_dir(target_dir, start)
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).state_dict())
-        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True).state_dict())
+        text_encoder.load_state_dict(
+            CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True).state_dict()
+        )
         _load_optimizer(optimizer, generator, state_path)
     # The generator state was restored, so the batch stream continues where the run stopped.
     batches = _batches(len(latents), config.batch_size, generator)
     losses = []
     modules.train().requires_grad_(True)
-    for step in tqdm(range(start + 1, config.unet_steps + 1), initial=start, total=config.unet_steps, desc=desc, disable=not progress):
+    for step in tqdm(
+        range(start + 1, config.unet_steps + 1), initial=start, total=config.unet_steps, desc=desc, disable=not progress
+    ):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(config.unet_lr, step - 1, config.unet_steps)
         index = next(batches)
@@ -312,7 +333,9 @@ def _digest(config: TinyConfig, fields: tuple[str, ...], *tensors: torch.Tensor,
     import hashlib
 
     values = {name: getattr(config, name) for name in fields}
-    digest = hashlib.sha256(json.dumps({**values, "threads": torch.get_num_threads(), "torch": torch.__version__}, sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps({**values, "threads": torch.get_num_threads(), "torch": torch.__version__}, sort_keys=True).encode()
+    )
     for tensor in tensors:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.contiguous().numpy().tobytes())
@@ -321,7 +344,17 @@ def _digest(config: TinyConfig, fields: tuple[str, ...], *tensors: torch.Tensor,
     return digest.hexdigest()[:16]
 
 
-VAE_FIELDS = ("image_size", "latent_channels", "vae_channels", "vae_steps", "vae_crop", "vae_lr", "vae_kl_weight", "batch_size", "shared_seed")
+VAE_FIELDS = (
+    "image_size",
+    "latent_channels",
+    "vae_channels",
+    "vae_steps",
+    "vae_crop",
+    "vae_lr",
+    "vae_kl_weight",
+    "batch_size",
+    "shared_seed",
+)
 BASE_FIELDS = (*VAE_FIELDS, "unet_channels", "text_dim", "max_tokens", "unet_lr", "caption_dropout", "pretrain_steps")
 
 
@@ -335,7 +368,15 @@ def _copy_done(source: Path, destination: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _vae(config: TinyConfig, tokenizer: CLIPTokenizer, public_images: torch.Tensor, key: str, target_dir: Path, shared: Path | None, progress: bool) -> AutoencoderKL:
+def _vae(
+    config: TinyConfig,
+    tokenizer: CLIPTokenizer,
+    public_images: torch.Tensor,
+    key: str,
+    target_dir: Path,
+    shared: Path | None,
+    progress: bool,
+) -> AutoencoderKL:
     """The target's VAE: its own training folder, else the shared copy trained with the same settings on the
     same images (``key``), else trained now (seeded by ``shared_seed``) and shared."""
     vae_dir = target_dir / "training" / "vae"
@@ -355,16 +396,33 @@ def _vae(config: TinyConfig, tokenizer: CLIPTokenizer, public_images: torch.Tens
     return AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().requires_grad_(False)
 
 
-def _pretrained(config: TinyConfig, tokenizer: CLIPTokenizer, vae_digest: str, pool_latents: torch.Tensor, pool_captions: list[str], folder: Path, progress: bool) -> Path:
+def _pretrained(
+    config: TinyConfig,
+    tokenizer: CLIPTokenizer,
+    vae_digest: str,
+    pool_latents: torch.Tensor,
+    pool_captions: list[str],
+    folder: Path,
+    progress: bool,
+) -> Path:
     """The U-Net and text encoder after ``pretrain_steps`` on the pool, seeded by ``shared_seed`` (trained
     once into ``folder``, which resumes like any training, then read by every target that shares it)."""
-    base_config = replace(config, seed=config.shared_seed, unet_steps=config.pretrain_steps, checkpoints=(config.pretrain_steps // 2, config.pretrain_steps))
+    base_config = replace(
+        config,
+        seed=config.shared_seed,
+        unet_steps=config.pretrain_steps,
+        checkpoints=(config.pretrain_steps // 2, config.pretrain_steps),
+    )
     final = checkpoint_dir(folder, config.pretrain_steps)
     if not (final / "unet" / "diffusion_pytorch_model.safetensors").exists():
         components = build_components(base_config, tokenizer)
         (folder / "training").mkdir(parents=True, exist_ok=True)
-        (folder / "training" / "config.json").write_text(json.dumps({**asdict(base_config), "vae": vae_digest}, indent=2))
-        losses = train_unet(components, pool_latents, pool_captions, base_config, folder, progress, desc="pretrain U-Net (pool)")
+        (folder / "training" / "config.json").write_text(
+            json.dumps({**asdict(base_config), "vae": vae_digest}, indent=2)
+        )
+        losses = train_unet(
+            components, pool_latents, pool_captions, base_config, folder, progress, desc="pretrain U-Net (pool)"
+        )
         (folder / "training" / "unet_loss.json").write_text(json.dumps(losses))
     return final
 
@@ -404,7 +462,9 @@ def build_tiny_target(
             return target_dir
         raise FileExistsError(f"{target_dir} holds a target built with other settings; remove it to rebuild")
     if config.uses_pool and pool_images is None:
-        raise ValueError(f"{target_dir}: this regime (unet_data={config.unet_data!r}, pretrain_steps={config.pretrain_steps}) trains on the pool; pass pool_images and pool_captions")
+        raise ValueError(
+            f"{target_dir}: this regime (unet_data={config.unet_data!r}, pretrain_steps={config.pretrain_steps}) trains on the pool; pass pool_images and pool_captions"
+        )
     if config.threads:
         torch.set_num_threads(config.threads)
     (target_dir / "training").mkdir(parents=True, exist_ok=True)
@@ -425,20 +485,42 @@ def build_tiny_target(
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([vae.encode(images[i : i + 64]).latent_dist.mode() for i in range(0, len(images), 64)]) * vae.config.scaling_factor
+            return (
+                torch.cat([vae.encode(images[i : i + 64]).latent_dist.mode() for i in range(0, len(images), 64)])
+                * vae.config.scaling_factor
+            )
 
     latents, captions = encode(member_images), list(member_captions)
     if config.uses_pool:
         pool_latents = encode(pool_images)
         if config.pretrain_steps:
-            key = _digest(config, BASE_FIELDS, public_images, pool_images, texts=[*pool_captions, *(f"{token}\t{index}" for token, index in sorted(tokenizer.get_vocab().items()))])
+            key = _digest(
+                config,
+                BASE_FIELDS,
+                public_images,
+                pool_images,
+                texts=[
+                    *pool_captions,
+                    *(f"{token}\t{index}" for token, index in sorted(tokenizer.get_vocab().items())),
+                ],
+            )
             folder = (shared / f"base-{key}") if shared is not None else target_dir / "training" / "base"
             base = _pretrained(config, tokenizer, vae_key, pool_latents, list(pool_captions), folder, progress)
-            components["unet"].load_state_dict(UNet2DConditionModel.from_pretrained(base / "unet", use_safetensors=True).state_dict())
-            components["text_encoder"].load_state_dict(CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True).state_dict())
+            components["unet"].load_state_dict(
+                UNet2DConditionModel.from_pretrained(base / "unet", use_safetensors=True).state_dict()
+            )
+            components["text_encoder"].load_state_dict(
+                CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True).state_dict()
+            )
         if config.unet_data == "members+pool":
             latents, captions = torch.cat([latents, pool_latents]), captions + list(pool_captions)
-    desc = "train U-Net (members and pool)" if config.unet_data == "members+pool" else "fine-tune U-Net (members)" if config.pretrain_steps else "train U-Net (members)"
+    desc = (
+        "train U-Net (members and pool)"
+        if config.unet_data == "members+pool"
+        else "fine-tune U-Net (members)"
+        if config.pretrain_steps
+        else "train U-Net (members)"
+    )
     losses = train_unet(components, latents, captions, config, target_dir, progress, desc=desc)
     if losses:
         log = target_dir / "training" / "unet_loss.json"

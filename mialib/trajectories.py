@@ -67,8 +67,12 @@ def _account(folder: Path, change: int) -> None:
         file.unlink(missing_ok=True)
         _FOLDER_BYTES[key] -= size
         removed += 1
-    print(f"trajectory cache {folder} reached its cap of {cap / 2**30:g} GB: removed the {removed} least recently written "
-          "trajectories (recomputed if needed)", file=sys.stderr, flush=True)
+    print(
+        f"trajectory cache {folder} reached its cap of {cap / 2**30:g} GB: removed the {removed} least recently written "
+        "trajectories (recomputed if needed)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def latents_digest(latents: dict, seconds: str, evals: str) -> str:
@@ -115,8 +119,11 @@ class TrajectoryCache:
             remembered = memo.LATENTS.get((str(path), stat.st_mtime_ns, stat.st_size))
         if remembered is not None:
             steps = [t for t in sorted(remembered["seconds"]) if t <= total]
-            return {"latents": {t: remembered["latents"][t].to(target.device, target.dtype) for t in steps},
-                    "seconds": dict(remembered["seconds"]), "evals": dict(remembered["evals"])}
+            return {
+                "latents": {t: remembered["latents"][t].to(target.device, target.dtype) for t in steps},
+                "seconds": dict(remembered["seconds"]),
+                "evals": dict(remembered["evals"]),
+            }
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata()
@@ -131,9 +138,15 @@ class TrajectoryCache:
         except Exception as error:  # a truncated or corrupted file (SafetensorError, JSON, missing keys, checksum)
             set_aside(path, error)
             return None
-        memo.LATENTS.put((str(path), stat.st_mtime_ns, stat.st_size), {"latents": everything, "seconds": seconds, "evals": evals})
+        memo.LATENTS.put(
+            (str(path), stat.st_mtime_ns, stat.st_size), {"latents": everything, "seconds": seconds, "evals": evals}
+        )
         steps = [t for t in sorted(seconds) if t <= total]
-        return {"latents": {t: everything[t].to(target.device, target.dtype) for t in steps}, "seconds": seconds, "evals": evals}
+        return {
+            "latents": {t: everything[t].to(target.device, target.dtype) for t in steps},
+            "seconds": seconds,
+            "evals": evals,
+        }
 
     @staticmethod
     def _save(path: Path, state: dict, image_id: str, fresh: dict | None = None):
@@ -142,10 +155,16 @@ class TrajectoryCache:
         from safetensors.torch import save_file
 
         fresh = fresh or {}
-        latents = {f"t={t}": fresh[t] if t in fresh else z.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
-                   for t, z in state["latents"].items()}
+        latents = {
+            f"t={t}": fresh[t] if t in fresh else z.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+            for t, z in state["latents"].items()
+        }
         metadata = {"id": image_id, "seconds": json.dumps(state["seconds"]), "evals": json.dumps(state["evals"])}
-        remembered = {"latents": {int(k[2:]): v for k, v in latents.items()}, "seconds": dict(state["seconds"]), "evals": dict(state["evals"])}
+        remembered = {
+            "latents": {int(k[2:]): v for k, v in latents.items()},
+            "seconds": dict(state["seconds"]),
+            "evals": dict(state["evals"]),
+        }
 
         def write():
             try:
@@ -174,7 +193,9 @@ class TrajectoryCache:
         for write in writes:
             write()
 
-    def trajectory(self, target, images: torch.Tensor, captions: list[str], ids: list[str], total: int, stride: int, settings: dict):
+    def trajectory(
+        self, target, images: torch.Tensor, captions: list[str], ids: list[str], total: int, stride: int, settings: dict
+    ):
         """The inversion trajectories of a batch along ``path(total, stride)``, from the cache where they are.
 
         Images whose path is not cached (or is cached only up to a smaller t) are inverted (or extended)
@@ -200,7 +221,9 @@ class TrajectoryCache:
             before, began = target.unet_evals, time.perf_counter()
             if start_t is None:
                 steps = ddim.path(total, stride)
-                new = inversion_trajectory(target, images[index].to(target.device), sub_captions, sub_ids, steps, **settings)
+                new = inversion_trajectory(
+                    target, images[index].to(target.device), sub_captions, sub_ids, steps, **settings
+                )
             else:
                 steps = list(range(start_t, total + 1, stride))
                 start = torch.cat([states[i]["latents"][start_t] for i in index])
@@ -217,7 +240,9 @@ class TrajectoryCache:
                     state["latents"][t] = new[t][position : position + 1]
                     state["seconds"].setdefault(t, base_seconds + elapsed * k / max(len(steps) - 1, 1))
                     state["evals"].setdefault(t, int(round(base_evals + per_step * k)))
-                writes.append(self._save(paths[i], state, ids[i], {t: copies[t][position : position + 1] for t in steps}))
+                writes.append(
+                    self._save(paths[i], state, ids[i], {t: copies[t][position : position + 1] for t in steps})
+                )
                 states[i] = state
             memo.WRITER.submit(self._write_all, writes)  # the batch's files in one background task, in order
         steps = ddim.path(total, stride)
@@ -227,4 +252,3 @@ class TrajectoryCache:
         seconds = {t: np.array([s["seconds"][t] for s in states]) for t in steps}
         evals = {t: np.array([s["evals"][t] for s in states]) for t in steps}
         return trajectory, seconds, evals
-

@@ -47,7 +47,9 @@ def rotation(image: torch.Tensor, degrees: float, rng: np.random.Generator) -> t
     return _from_pil(_to_pil(image).rotate(degrees, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)))
 
 
-def _enhance(kind, image: torch.Tensor, factor: float, rng: np.random.Generator, probability: float = 0.5) -> torch.Tensor:
+def _enhance(
+    kind, image: torch.Tensor, factor: float, rng: np.random.Generator, probability: float = 0.5
+) -> torch.Tensor:
     scale = rng.uniform(1 - factor, 1 + factor)
     if rng.random() >= probability:
         return image.clone()

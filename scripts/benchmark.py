@@ -55,7 +55,9 @@ class ModelClock:
         self.seconds, self.device, self._began, self.handles = 0.0, device, {}, []
         vae = target.vae
         modules = [target.unet, vae.encoder, vae.decoder, target.text_encoder]
-        modules += [m for m in (getattr(vae, "quant_conv", None), getattr(vae, "post_quant_conv", None)) if m is not None]
+        modules += [
+            m for m in (getattr(vae, "quant_conv", None), getattr(vae, "post_quant_conv", None)) if m is not None
+        ]
         modules += [m for m in (target.text_encoder_2,) if m is not None]
         for module in modules:
             self.handles.append(module.register_forward_pre_hook(self._pre))
@@ -102,12 +104,21 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="*", default=None, help="only these registry attacks")
     parser.add_argument("--sd15-images", type=int, default=2, help="images for SD 1.5-shaped random weights (0: skip)")
     parser.add_argument("--sd15-size", type=int, default=256, help="their size in pixels (SD 1.5 trains at 512)")
-    parser.add_argument("--sd15-batch-size", type=int, default=16, help="their batch size (several batches let reading overlap the model)")
-    parser.add_argument("--memory-sizes", type=int, nargs="*", default=[200, 2000], help="set sizes of the memory study (none: skip)")
+    parser.add_argument(
+        "--sd15-batch-size",
+        type=int,
+        default=16,
+        help="their batch size (several batches let reading overlap the model)",
+    )
+    parser.add_argument(
+        "--memory-sizes", type=int, nargs="*", default=[200, 2000], help="set sizes of the memory study (none: skip)"
+    )
     parser.add_argument("--determinism-images", type=int, default=128, help="images of the determinism study (0: skip)")
     parser.add_argument("--device", default=None, help="torch device (default: the preset's DEVICE)")
     parser.add_argument("--out", default="outputs/benchmark", help="folder of benchmark.csv")
-    parser.add_argument("--studies", nargs="*", default=STUDIES, choices=STUDIES, help="which studies to run (default: all)")
+    parser.add_argument(
+        "--studies", nargs="*", default=STUDIES, choices=STUDIES, help="which studies to run (default: all)"
+    )
     args = parser.parse_args()
     import pandas as pd
 
@@ -134,7 +145,17 @@ def main() -> None:
     if "paper_vs_official" in studies:
         save(paper_against_official(target, imageset, settings, size, args.batch_size, device))
     if args.determinism_images and "determinism" in studies:
-        save(determinism(target, imageset.select(list(imageset.records["id"][: args.determinism_images])), settings, size, args.batch_size, args.attacks, device))
+        save(
+            determinism(
+                target,
+                imageset.select(list(imageset.records["id"][: args.determinism_images])),
+                settings,
+                size,
+                args.batch_size,
+                args.attacks,
+                device,
+            )
+        )
     if args.memory_sizes and "memory" in studies:
         save(memory_study(model, args.memory_sizes, size, args.batch_size, device, out))
     if args.sd15_images and "sd15" in studies:
@@ -154,14 +175,18 @@ def device_name(device: str) -> str:
 HEADER = f"{'attack (registry setting)':34s} {'path':10s} {'s/image':>8s} {'img/s':>7s} {'U-Net/img':>9s} {'formula':>7s} {'overhead':>8s} {'peak MB':>8s}"
 
 
-def attack_table(target, imageset, settings: Settings, size: int, batch_size: int, repeats: int, only, device: str) -> list[dict]:
+def attack_table(
+    target, imageset, settings: Settings, size: int, batch_size: int, repeats: int, only, device: str
+) -> list[dict]:
     """Every model attack at its registry setting: the function on batches in memory, and the production
     path cold (empty caches, nothing remembered), each the median of ``repeats`` runs."""
     began = time.perf_counter()
     target.fingerprint()  # once per loaded model (hashes the weight files): reported here, not charged to the first attack
     threads = read_threads(target.device)
-    print(f"\ntarget {target.name} on {device_name(device)}, {len(imageset)} images of {size} px, batch {batch_size}, median of {repeats}, "
-          f"{threads} reader thread(s); model fingerprint {time.perf_counter() - began:.1f} s (once per model)")
+    print(
+        f"\ntarget {target.name} on {device_name(device)}, {len(imageset)} images of {size} px, batch {batch_size}, median of {repeats}, "
+        f"{threads} reader thread(s); model fingerprint {time.perf_counter() - began:.1f} s (once per model)"
+    )
     print(HEADER)
     rows = []
     batches = [(list(r["id"]), list(r["caption"]), pixels) for r, pixels in imageset.batches(size, batch_size)]
@@ -175,23 +200,48 @@ def attack_table(target, imageset, settings: Settings, size: int, batch_size: in
             with tempfile.TemporaryDirectory() as cache:
                 paths = {
                     # the attack function alone, pixels already in memory (trajectory cache off)
-                    "function": lambda: [spec.function(target, p.to(target.device), c, i, **keywords) for i, c, p in batches],
+                    "function": lambda: [
+                        spec.function(target, p.to(target.device), c, i, **keywords) for i, c, p in batches
+                    ],
                     # the production path, cold: reading and checking images, the caches, SSIM, the result store
-                    "production": lambda: runs.attack_values(target, imageset, spec, point, settings, cache, batch_size, size, progress=False),
+                    "production": lambda: runs.attack_values(
+                        target, imageset, spec, point, settings, cache, batch_size, size, progress=False
+                    ),
                 }
                 for path, run in paths.items():
                     memo.clear()  # nothing remembered from an earlier run
                     measured[path].append(measure(target, device, run))
         for path, results in measured.items():
-            wall, inside, evals, peak = sorted(results, key=lambda r: r[0] / r[1] if r[1] else 0)[len(results) // 2]  # the median run
-            row = dict(study="attacks", target=target.name, attack=name, setting=spec.describe(point), path=path, device=device_name(device),
-                       images=len(imageset), size=size, batch_size=batch_size, repeats=repeats, read_threads=threads, seconds_per_image=wall / len(imageset),
-                       images_per_second=len(imageset) / wall, unet_evals=evals / len(imageset), formula=spec.cost(point, settings),
-                       model_seconds=inside, overhead_ratio=wall / inside if inside else float("nan"), peak_memory_mb=peak)
+            wall, inside, evals, peak = sorted(results, key=lambda r: r[0] / r[1] if r[1] else 0)[
+                len(results) // 2
+            ]  # the median run
+            row = dict(
+                study="attacks",
+                target=target.name,
+                attack=name,
+                setting=spec.describe(point),
+                path=path,
+                device=device_name(device),
+                images=len(imageset),
+                size=size,
+                batch_size=batch_size,
+                repeats=repeats,
+                read_threads=threads,
+                seconds_per_image=wall / len(imageset),
+                images_per_second=len(imageset) / wall,
+                unet_evals=evals / len(imageset),
+                formula=spec.cost(point, settings),
+                model_seconds=inside,
+                overhead_ratio=wall / inside if inside else float("nan"),
+                peak_memory_mb=peak,
+            )
             rows.append(row)
             label = f"{name} {spec.describe(point)}"[:34]
-            print(f"{label:34s} {path:10s} {row['seconds_per_image']:8.4f} {row['images_per_second']:7.1f} {row['unet_evals']:9.1f} "
-                  f"{row['formula']:7d} {row['overhead_ratio']:8.2f} {peak:8.0f}", flush=True)
+            print(
+                f"{label:34s} {path:10s} {row['seconds_per_image']:8.4f} {row['images_per_second']:7.1f} {row['unet_evals']:9.1f} "
+                f"{row['formula']:7d} {row['overhead_ratio']:8.2f} {peak:8.0f}",
+                flush=True,
+            )
     return rows
 
 
@@ -202,17 +252,41 @@ def paper_against_official(target, imageset, settings: Settings, size: int, batc
     spec = REGISTRY["structural"]
     point = spec.params()
     rows = []
-    for name, chosen in (("paper (2 evaluations)", settings), ("official code (4 evaluations)", settings.replace(guidance=1.0 + 1e-9))):
+    for name, chosen in (
+        ("paper (2 evaluations)", settings),
+        ("official code (4 evaluations)", settings.replace(guidance=1.0 + 1e-9)),
+    ):
         keywords = {**point, **chosen.for_function(spec.function)}
         batches = [(list(r["id"]), list(r["caption"]), p) for r, p in imageset.batches(size, batch_size)]
-        wall, inside, evals, peak = measure(target, device, lambda: [spec.function(target, p.to(target.device), c, i, **keywords) for i, c, p in batches])
-        rows.append(dict(study="paper_vs_official", target=target.name, attack="structural", setting=name, path="function", device=device_name(device),
-                         images=len(imageset), size=size, batch_size=batch_size, seconds_per_image=wall / len(imageset),
-                         images_per_second=len(imageset) / wall, unet_evals=evals / len(imageset), model_seconds=inside, peak_memory_mb=peak))
+        wall, inside, evals, peak = measure(
+            target,
+            device,
+            lambda: [spec.function(target, p.to(target.device), c, i, **keywords) for i, c, p in batches],
+        )
+        rows.append(
+            dict(
+                study="paper_vs_official",
+                target=target.name,
+                attack="structural",
+                setting=name,
+                path="function",
+                device=device_name(device),
+                images=len(imageset),
+                size=size,
+                batch_size=batch_size,
+                seconds_per_image=wall / len(imageset),
+                images_per_second=len(imageset) / wall,
+                unet_evals=evals / len(imageset),
+                model_seconds=inside,
+                peak_memory_mb=peak,
+            )
+        )
     rows[1]["ratio_to_paper"] = rows[1]["seconds_per_image"] / rows[0]["seconds_per_image"]
     rows[0]["ratio_to_paper"] = 1.0
-    print(f"\nstructural, paper setting: {rows[0]['unet_evals']:.0f} U-Net evaluations, {rows[0]['seconds_per_image'] * 1e3:.2f} ms per image; "
-          f"the official code's {rows[1]['unet_evals']:.0f}: {rows[1]['seconds_per_image'] * 1e3:.2f} ms per image ({rows[1]['ratio_to_paper']:.2f} times)")
+    print(
+        f"\nstructural, paper setting: {rows[0]['unet_evals']:.0f} U-Net evaluations, {rows[0]['seconds_per_image'] * 1e3:.2f} ms per image; "
+        f"the official code's {rows[1]['unet_evals']:.0f}: {rows[1]['seconds_per_image'] * 1e3:.2f} ms per image ({rows[1]['ratio_to_paper']:.2f} times)"
+    )
     return rows
 
 
@@ -230,8 +304,20 @@ def determinism(target, imageset, settings: Settings, size: int, batch_size: int
 
     def record(name, comparison, a, b):
         difference = float((a - b.reindex(a.index)).abs().max())
-        rows.append(dict(study="determinism", target=target.name, attack=name, setting=comparison, path="production", device=device_name(device),
-                         images=len(imageset), size=size, batch_size=batch_size, max_abs_difference=difference))
+        rows.append(
+            dict(
+                study="determinism",
+                target=target.name,
+                attack=name,
+                setting=comparison,
+                path="production",
+                device=device_name(device),
+                images=len(imageset),
+                size=size,
+                batch_size=batch_size,
+                max_abs_difference=difference,
+            )
+        )
         print(f"{name:12s} {comparison:48s} {difference:.3g}", flush=True)
 
     # on a GPU, again with cuDNN's TF32 convolutions (PyTorch's default) turned off: full float32
@@ -243,15 +329,25 @@ def determinism(target, imageset, settings: Settings, size: int, batch_size: int
                 continue
             point = spec.params()
             with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as other:
-                record(name, f"batch 8 vs {batch_size}, both cold" + ("" if tf32 or not device.startswith("cuda") else ", TF32 off"),
-                       scores(spec, point, batch_size, one), scores(spec, point, 8, other))
+                record(
+                    name,
+                    f"batch 8 vs {batch_size}, both cold"
+                    + ("" if tf32 or not device.startswith("cuda") else ", TF32 off"),
+                    scores(spec, point, batch_size, one),
+                    scores(spec, point, 8, other),
+                )
     torch.backends.cudnn.allow_tf32 = default_tf32
     spec = REGISTRY["structural"]
     point = spec.params()
     deeper = {**point, "t": 2 * point["t"]}
     with tempfile.TemporaryDirectory() as cold, tempfile.TemporaryDirectory() as warm:
         scores(spec, deeper, batch_size, warm)  # fills the trajectory cache to 2t
-        record("structural", f"t={point['t']} warm (prefix of t={deeper['t']}) vs cold", scores(spec, point, batch_size, cold), scores(spec, point, batch_size, warm))
+        record(
+            "structural",
+            f"t={point['t']} warm (prefix of t={deeper['t']}) vs cold",
+            scores(spec, point, batch_size, cold),
+            scores(spec, point, batch_size, warm),
+        )
     return rows
 
 
@@ -268,24 +364,60 @@ def memory_study(model: str, sizes: list[int], size: int, batch_size: int, devic
     import helpers  # the test suite's structured images, as tests/test_scale.py uses
 
     rows = []
-    print(f"\nmemory of `mialib score --attack structural` (batch {batch_size}, {size} px, structured test images), each set in a fresh process")
+    print(
+        f"\nmemory of `mialib score --attack structural` (batch {batch_size}, {size} px, structured test images), each set in a fresh process"
+    )
     with tempfile.TemporaryDirectory() as folder:
         for n in sizes:
             data = helpers.write_imagefolder(Path(folder) / f"set{n}", n=n, size=size)
             result = Path(folder) / f"out{n}"
-            command = [sys.executable, "-m", "mialib", "score", "--model", model, "--data", f"imagefolder:{data}", "--attack", "structural",
-                       "--out", str(result), "--batch-size", str(batch_size), "--size", str(size), "--device", device, "--bootstrap", "10", "--quiet"]
+            command = [
+                sys.executable,
+                "-m",
+                "mialib",
+                "score",
+                "--model",
+                model,
+                "--data",
+                f"imagefolder:{data}",
+                "--attack",
+                "structural",
+                "--out",
+                str(result),
+                "--batch-size",
+                str(batch_size),
+                "--size",
+                str(size),
+                "--device",
+                device,
+                "--bootstrap",
+                "10",
+                "--quiet",
+            ]
             start = time.perf_counter()
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             _, status, usage = os.wait4(process.pid, 0)
             if status:
                 raise RuntimeError(process.stderr.read())
             scores = pd.read_parquet(result / "scores.parquet")
-            row = dict(study="memory", target=Path(model).name, attack="structural", setting="t=100, stride=50", path="production",
-                       device=device_name(device), images=n, size=size, batch_size=batch_size, seconds=time.perf_counter() - start,
-                       peak_memory_mb=float(scores["peak_memory_mb"].max()), process_peak_mb=usage.ru_maxrss / 1024)
+            row = dict(
+                study="memory",
+                target=Path(model).name,
+                attack="structural",
+                setting="t=100, stride=50",
+                path="production",
+                device=device_name(device),
+                images=n,
+                size=size,
+                batch_size=batch_size,
+                seconds=time.perf_counter() - start,
+                peak_memory_mb=float(scores["peak_memory_mb"].max()),
+                process_peak_mb=usage.ru_maxrss / 1024,
+            )
             rows.append(row)
-            print(f"{n:6d} images: attack peak {row['peak_memory_mb']:7.0f} MB, process peak {row['process_peak_mb']:7.0f} MB, {row['seconds']:.0f} s")
+            print(
+                f"{n:6d} images: attack peak {row['peak_memory_mb']:7.0f} MB, process peak {row['process_peak_mb']:7.0f} MB, {row['seconds']:.0f} s"
+            )
     for row in rows:
         row["peak_vs_smallest"] = row["process_peak_mb"] / rows[0]["process_peak_mb"]
     return rows
@@ -300,15 +432,17 @@ def sd15_table(n: int, size: int, batch_size: int, only, device: str, out: Path)
     from benchmark_sd import build_sd15
 
     sys.path.insert(0, str(experiment.ROOT / "tests"))
-    from mialib import imagesets
     import helpers
+    from mialib import imagesets
 
     folder = experiment.ROOT / "outputs" / "benchmark_sd" / "sd15-random"
     if not (folder / "model_index.json").exists():
         build_sd15(folder)
     target = load_target(str(folder), device=device, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as data:
-        imageset = imagesets.open_imageset(f"imagefolder:{helpers.write_imagefolder(Path(data) / 'set', n=n, size=size)}")
+        imageset = imagesets.open_imageset(
+            f"imagefolder:{helpers.write_imagefolder(Path(data) / 'set', n=n, size=size)}"
+        )
         return attack_table(target, imageset, Settings(), size, min(batch_size, n), 1, only, device)
 
 
@@ -332,7 +466,9 @@ def trajectory_cache(target, imageset, params: dict, settings: Settings, batch_s
             print(f"{name:40s} {seconds:9.4f} {(target.unet_evals - before) / len(imageset):10.1f}")
         files = list((Path(cache) / "trajectory").glob("*.safetensors"))
         per_image = sum(f.stat().st_size for f in files) / len(files)
-        print(f"disk: {len(files)} trajectory files, {per_image / 1024:.1f} KiB per image ({t_max // stride + 1} latents)")
+        print(
+            f"disk: {len(files)} trajectory files, {per_image / 1024:.1f} KiB per image ({t_max // stride + 1} latents)"
+        )
 
 
 if __name__ == "__main__":

@@ -44,26 +44,57 @@ def build_sd15(folder: Path) -> None:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8,
+        cross_attention_dim=768,
+        attention_head_dim=8,
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=512,
+        scaling_factor=0.18215,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
     scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
     )
     pipeline = StableDiffusionPipeline(
-        vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=build_tokenizer(CAPTIONS, 77), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=build_tokenizer(CAPTIONS, 77),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
 
@@ -91,7 +122,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="dtypes of the load and fingerprint probe")
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], help="dtypes of the load and fingerprint probe"
+    )
     parser.add_argument("--score-dtype", default="float32", help="dtype of the scoring runs")
     args = parser.parse_args()
 
@@ -113,7 +146,13 @@ def main() -> None:
     # 1. load and fingerprint, one fresh process per dtype
     loads = []
     for dtype in args.dtypes:
-        result = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(model), dtype, args.device], env=env, capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", LOAD_PROBE, str(model), dtype, args.device],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         loads.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(loads[-1], flush=True)
     pd.DataFrame(loads).to_csv(out / "sd15_load.csv", index=False)
@@ -123,9 +162,29 @@ def main() -> None:
     for size in args.sizes:
         images = helpers.write_imagefolder(out / f"images-{size}", n=args.images, size=size)
         for run in ("cold", "warm"):
-            argv = [sys.executable, "-m", "mialib", "score", "--model", str(model), "--data", f"imagefolder:{images}",
-                    "--out", str(out / f"scored-{size}-{args.score_dtype}"), "--size", str(size), "--batch-size", "4",
-                    "--device", args.device, "--dtype", args.score_dtype, "--bootstrap", "10", "--quiet"]
+            argv = [
+                sys.executable,
+                "-m",
+                "mialib",
+                "score",
+                "--model",
+                str(model),
+                "--data",
+                f"imagefolder:{images}",
+                "--out",
+                str(out / f"scored-{size}-{args.score_dtype}"),
+                "--size",
+                str(size),
+                "--batch-size",
+                "4",
+                "--device",
+                args.device,
+                "--dtype",
+                args.score_dtype,
+                "--bootstrap",
+                "10",
+                "--quiet",
+            ]
             for attack in ATTACKS:
                 argv += ["--attack", attack]
             began = time.perf_counter()
@@ -133,9 +192,20 @@ def main() -> None:
             wall = time.perf_counter() - began
             scores = pd.read_parquet(out / f"scored-{size}-{args.score_dtype}" / "scores.parquet")
             for attack, group in scores.groupby("run", sort=False):
-                rows.append(dict(size=size, dtype=args.score_dtype, run=run, attack=attack, images=len(group), seconds_per_image=group["seconds_per_image"].mean(),
-                                 unet_evals=group["unet_evals"].iloc[0], unet_evals_run=group["unet_evals_run"].mean(),
-                                 peak_memory_mb=group["peak_memory_mb"].max(), wall_s=wall))
+                rows.append(
+                    dict(
+                        size=size,
+                        dtype=args.score_dtype,
+                        run=run,
+                        attack=attack,
+                        images=len(group),
+                        seconds_per_image=group["seconds_per_image"].mean(),
+                        unet_evals=group["unet_evals"].iloc[0],
+                        unet_evals_run=group["unet_evals_run"].mean(),
+                        peak_memory_mb=group["peak_memory_mb"].max(),
+                        wall_s=wall,
+                    )
+                )
             print(pd.DataFrame(rows).query("size == @size and run == @run").to_string(index=False), flush=True)
     frame = pd.DataFrame(rows)
     frame.to_csv(out / f"sd15_score_{args.score_dtype}.csv", index=False)
@@ -154,7 +224,12 @@ def plot(frame, loads, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     sns.barplot(data=cold, x="attack", y="seconds_per_image", hue="size", ax=axes[0])
     axes[0].set(title="SD 1.5 shape, random weights: seconds per image (cold)", ylabel="s / image", xlabel="")
-    melted = loads.melt(id_vars="dtype", value_vars=["weights_mb", "rss_after_load_mb", "rss_after_fingerprint_mb", "peak_rss_mb"], var_name="memory", value_name="MB")
+    melted = loads.melt(
+        id_vars="dtype",
+        value_vars=["weights_mb", "rss_after_load_mb", "rss_after_fingerprint_mb", "peak_rss_mb"],
+        var_name="memory",
+        value_name="MB",
+    )
     sns.barplot(data=melted, x="dtype", y="MB", hue="memory", ax=axes[1])
     axes[1].set(title="host memory: load and fingerprint", xlabel="")
     figure.tight_layout()

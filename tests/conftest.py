@@ -22,9 +22,13 @@ IMAGEFOLDER_NOTEBOOKS = ("01_data_split", "03_attack", "03_attack_biased", "04_r
 def pytest_configure(config):
     # `make test` runs these once more with ATEN_CPU_CAPABILITY=default (other float32 kernels): every
     # comparison across batch sizes, batch composition, the cache, and against skimage / hand-computed DDIM
-    config.addinivalue_line("markers", "numerics: numerically sensitive comparisons, rerun under ATEN_CPU_CAPABILITY=default")
+    config.addinivalue_line(
+        "markers", "numerics: numerically sensitive comparisons, rerun under ATEN_CPU_CAPABILITY=default"
+    )
     # `make test-fast` (pytest -m "not slow") leaves these out; `make test` runs them. Marked automatically below.
-    config.addinivalue_line("markers", "slow: trains the smoke target, executes notebooks, or takes over ~3 s; skipped by `make test-fast`")
+    config.addinivalue_line(
+        "markers", "slow: trains the smoke target, executes notebooks, or takes over ~3 s; skipped by `make test-fast`"
+    )
 
 
 # Session and module fixtures that train the smoke target or execute notebooks with papermill (a minute or
@@ -49,8 +53,12 @@ SLOW_TESTS = {
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.path.name
-        if (SLOW_FIXTURES.intersection(item.fixturenames) or module in SLOW_MODULES
-                or f"{module}::{item.name}" in SLOW_TESTS or f"{module}::{item.originalname}" in SLOW_TESTS):
+        if (
+            SLOW_FIXTURES.intersection(item.fixturenames)
+            or module in SLOW_MODULES
+            or f"{module}::{item.name}" in SLOW_TESTS
+            or f"{module}::{item.originalname}" in SLOW_TESTS
+        ):
             item.add_marker(pytest.mark.slow)
 
 
@@ -106,7 +114,15 @@ def user_imagefolder(smoke_params, tmp_path_factory) -> Path:
         name = f"{'members' if record.label == 1 else 'nonmembers'}/{record.id}.png"
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(record.location, folder / name)
-        rows.append({"file_name": name, "id": record.id, "caption": record.caption, "label": record.label, "subset": record.subset})
+        rows.append(
+            {
+                "file_name": name,
+                "id": record.id,
+                "caption": record.caption,
+                "label": record.label,
+                "subset": record.subset,
+            }
+        )
     pd.DataFrame(rows).to_csv(folder / "metadata.csv", index=False)
     return folder
 
@@ -119,8 +135,13 @@ def imagefolder_outputs(smoke_outputs, smoke_params, user_imagefolder, tmp_path_
     from mialib import experiment
 
     folder = tmp_path_factory.mktemp("imagefolder_run")
-    params = dict(smoke_params, DATA=f"imagefolder:{user_imagefolder}", OUTPUT_DIR=str(folder / "outputs"),
-                  CACHE_DIR=str(smoke_outputs / "cache"), BUILD_TINY_TARGET=False)
+    params = dict(
+        smoke_params,
+        DATA=f"imagefolder:{user_imagefolder}",
+        OUTPUT_DIR=str(folder / "outputs"),
+        CACHE_DIR=str(smoke_outputs / "cache"),
+        BUILD_TINY_TARGET=False,
+    )
     path = folder / "preset.yaml"
     path.write_text(yaml.safe_dump(params))
     return experiment.run_notebooks(path, IMAGEFOLDER_NOTEBOOKS)

@@ -29,7 +29,11 @@ def tiny_config():
     from mialib.tiny import TinyConfig
 
     return TinyConfig(
-        image_size=IMAGE_SIZE, vae_channels=VAE_CHANNELS, unet_channels=UNET_CHANNELS, text_dim=32, max_tokens=MAX_TOKENS
+        image_size=IMAGE_SIZE,
+        vae_channels=VAE_CHANNELS,
+        unet_channels=UNET_CHANNELS,
+        text_dim=32,
+        max_tokens=MAX_TOKENS,
     )
 
 
@@ -81,7 +85,9 @@ def reference_image_seed(image_id: str, seed: int = 0) -> int:
 
 
 def reference_text_embeddings(pipeline, captions: list[str]) -> torch.Tensor:
-    tokens = pipeline.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    tokens = pipeline.tokenizer(
+        captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    )
     with torch.no_grad():
         return pipeline.text_encoder(tokens.input_ids)[0]
 
@@ -127,7 +133,9 @@ class one_thread:
         torch.set_num_threads(self.previous)
 
 
-def write_imagefolder(folder: Path, n: int = 8, size: int = IMAGE_SIZE, seed: int = 0, subsets: bool = True, captions=None):
+def write_imagefolder(
+    folder: Path, n: int = 8, size: int = IMAGE_SIZE, seed: int = 0, subsets: bool = True, captions=None
+):
     """An imagefolder (metadata.csv) of ``n`` structured PNG images, alternating members and non-members,
     and (with ``subsets``) calibration / test in both classes. Returns the folder."""
     import numpy as np
@@ -136,7 +144,16 @@ def write_imagefolder(folder: Path, n: int = 8, size: int = IMAGE_SIZE, seed: in
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     images = make_images(n, size, seed)
-    names = ["red apple", "grinning face", "man farmer", "cat face", "blue car", "green tree", "old house", "small boat"]
+    names = [
+        "red apple",
+        "grinning face",
+        "man farmer",
+        "cat face",
+        "blue car",
+        "green tree",
+        "old house",
+        "small boat",
+    ]
     rows = ["file_name,caption,label" + (",subset" if subsets else "")]
     for i in range(n):
         array = ((images[i].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)

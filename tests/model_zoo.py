@@ -192,7 +192,9 @@ def _sd_pipeline(folder, **components):
     """A ``StableDiffusionPipeline`` of these components (no safety checker), saved to ``folder``."""
     from diffusers import StableDiffusionPipeline
 
-    pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     return _finish(pipeline, folder)
 
 

@@ -91,7 +91,12 @@ def test_structural_attack_equals_hand_computation(pipeline_and_target, images):
     # (eps at the target timestep instead, or the official linear schedule, moves these scores by > 3e-4)
     np.testing.assert_allclose(out.scores, expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose(out.extras["ssim"], expected, rtol=0, atol=1e-6)
-    assert counter.images == target.unet_evals - before == _cost("structural", t=100, stride=50) * len(images) == 2 * len(images)
+    assert (
+        counter.images
+        == target.unet_evals - before
+        == _cost("structural", t=100, stride=50) * len(images)
+        == 2 * len(images)
+    )
     assert [int(t.flatten()[0]) for t, _ in counter.calls] == [0, 50]
     # the scores genuinely depend on the inversion: SSIM after inversion differs from the VAE round trip
     with torch.no_grad():
@@ -99,8 +104,12 @@ def test_structural_attack_equals_hand_computation(pipeline_and_target, images):
     assert np.abs(roundtrip - expected).max() > 1e-3
 
     # the same decoded image gives the pixel MSE and the latent distance in the extras
-    np.testing.assert_allclose(out.extras["mse"], ((images.double() - decoded.double()) ** 2).flatten(1).mean(1).numpy(), rtol=1e-5)
-    np.testing.assert_allclose(out.extras["latent_mse"], ((z100.double() - z0.double()) ** 2).flatten(1).mean(1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        out.extras["mse"], ((images.double() - decoded.double()) ** 2).flatten(1).mean(1).numpy(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        out.extras["latent_mse"], ((z100.double() - z0.double()) ** 2).flatten(1).mean(1).numpy(), rtol=1e-5
+    )
     with pytest.raises(ValueError, match="measure"):
         structural_attack(target, images, CAPTIONS, IDS, measure="psnr")
 
@@ -151,7 +160,9 @@ def test_structural_attack_cost_with_guidance_and_empty_prompt(target, images):
     with helpers.UNetCallCounter(target.unet) as counter:
         structural_attack(target, images, CAPTIONS, IDS, t=100, stride=25, guidance=3.0, prompt="empty")
     counted = (target.unet_evals - before) / len(images)
-    assert counted == _cost("structural", Settings(guidance=3.0, prompt="empty"), t=100, stride=25) == 8  # 4 steps, two branches each
+    assert (
+        counted == _cost("structural", Settings(guidance=3.0, prompt="empty"), t=100, stride=25) == 8
+    )  # 4 steps, two branches each
     assert counter.images == 8 * len(images) == target.unet_evals - before
     assert all(torch.equal(hidden, null) for _, hidden in counter.calls)  # empty prompt: both branches are ""
 
@@ -177,7 +188,9 @@ def test_loss_attack_equals_hand_computation(pipeline_and_target, images, t):
         z0 = pipeline.vae.encode(images).latent_dist.mode() * pipeline.vae.config.scaling_factor
         noise = torch.stack(
             [
-                torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(helpers.reference_image_seed(f"{i}@t{t}")))
+                torch.randn(
+                    z0.shape[1:], generator=torch.Generator().manual_seed(helpers.reference_image_seed(f"{i}@t{t}"))
+                )
                 for i in IDS
             ]
         )
@@ -193,7 +206,13 @@ def test_loss_attack_equals_hand_computation(pipeline_and_target, images, t):
     assert counter.images == target.unet_evals - before == _cost("loss", t=t) * len(images) == len(images)
     # the same image gets the same noise in another batch and run; another seed gives other noise
     alone = loss_attack(target, images[1:], CAPTIONS[1:], IDS[1:], t=t)
-    assert_within_tolerance(REGISTRY["loss"], REGISTRY["loss"].params({"t": t}), alone.scores, out.scores[1:], {"mse": out.extras["mse"][1:]})
+    assert_within_tolerance(
+        REGISTRY["loss"],
+        REGISTRY["loss"].params({"t": t}),
+        alone.scores,
+        out.scores[1:],
+        {"mse": out.extras["mse"][1:]},
+    )
     reseeded = loss_attack(target, images, CAPTIONS, IDS, t=t, seed=1)
     assert np.abs(reseeded.scores - out.scores).max() > 1e-6
 
@@ -229,7 +248,9 @@ def test_encode_images_sample_mode_is_seeded(pipeline_and_target, images):
     # by hand: mean + std * N(0, 1) drawn from a generator seeded with the image's seed, times the scaling factor
     with torch.no_grad():
         posterior = pipeline.vae.encode(images).latent_dist
-    noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
+    noise = torch.stack(
+        [torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    )
     expected = (posterior.mean + posterior.std * noise) * pipeline.vae.config.scaling_factor
     torch.testing.assert_close(first, expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError):

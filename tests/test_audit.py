@@ -20,7 +20,14 @@ from mialib import audit
 from mialib.audit import set_audit
 
 
-def feature_table(n: int, shifts: dict[str, float], rng: np.random.Generator, start: int = 0, label: int | None = None, prefix: str = "img") -> pd.DataFrame:
+def feature_table(
+    n: int,
+    shifts: dict[str, float],
+    rng: np.random.Generator,
+    start: int = 0,
+    label: int | None = None,
+    prefix: str = "img",
+) -> pd.DataFrame:
     """``n`` images with ids ``{prefix}-{start + i}`` and one N(shift, 1) column per feature."""
     table = pd.DataFrame({"id": [f"{prefix}-{start + i:04d}" for i in range(n)]})
     for name, shift in shifts.items():
@@ -51,7 +58,12 @@ def by_hand_scores(suspect, reference, split):
     scorer = Pipeline(
         [
             ("scale", StandardScaler()),
-            ("logistic", LogisticRegression(C=1.0, class_weight="balanced", solver="lbfgs", tol=1e-10, max_iter=1000, random_state=0)),
+            (
+                "logistic",
+                LogisticRegression(
+                    C=1.0, class_weight="balanced", solver="lbfgs", tol=1e-10, max_iter=1000, random_state=0
+                ),
+            ),
         ]
     ).fit(x, y)
     return (
@@ -97,8 +109,13 @@ def test_set_audit_statistics_equal_scipy_and_sklearn_on_the_held_out_scores(set
     assert result.auc == pytest.approx(roc_auc_score(np.r_[np.ones(len(s)), np.zeros(len(r))], np.r_[s, r]), abs=1e-15)
     # the permutation p-value: a multiple of 1 / 10,000, within Monte Carlo error of scipy with many resamples
     reference_p = stats.permutation_test(
-        (s, r), lambda x, y, axis: x.mean(axis) - y.mean(axis), permutation_type="independent",
-        vectorized=True, n_resamples=99_999, alternative="greater", rng=123,
+        (s, r),
+        lambda x, y, axis: x.mean(axis) - y.mean(axis),
+        permutation_type="independent",
+        vectorized=True,
+        n_resamples=99_999,
+        alternative="greater",
+        rng=123,
     ).pvalue
     assert result.p_value_permutation * 10_000 == pytest.approx(round(result.p_value_permutation * 10_000), abs=1e-6)
     assert abs(result.p_value_permutation - reference_p) < 4 * math.sqrt(max(reference_p, 1e-3) / 9_999)
@@ -112,7 +129,9 @@ def test_hedges_g_against_hand_computation():
     assert float(audit.hedges_g(x, y)) == pytest.approx(1.2075914344859366, rel=1e-12)
     rng = np.random.default_rng(0)
     xs, ys = rng.normal(0.5, 1, (5, 13)), rng.normal(0, 2, (5, 8))
-    np.testing.assert_allclose(audit.hedges_g(xs, ys), [hand_hedges_g(list(a), list(b)) for a, b in zip(xs, ys)], rtol=1e-12)
+    np.testing.assert_allclose(
+        audit.hedges_g(xs, ys), [hand_hedges_g(list(a), list(b)) for a, b in zip(xs, ys)], rtol=1e-12
+    )
 
 
 def test_welch_test_is_scipy_row_by_row_and_constant_scores_give_no_evidence():
@@ -132,7 +151,12 @@ def test_label_column_is_never_used(sets):
     rng = np.random.default_rng(2)
     relabelled = (suspect.assign(label=rng.permutation(np.r_[np.ones(30), np.zeros(30)])), reference.assign(label=1))
     assert audit.set_audit(*relabelled, seed=1, permutations=999).as_dict() == base
-    assert audit.set_audit(suspect.drop(columns="label"), reference.drop(columns="label"), seed=1, permutations=999).as_dict() == base
+    assert (
+        audit.set_audit(
+            suspect.drop(columns="label"), reference.drop(columns="label"), seed=1, permutations=999
+        ).as_dict()
+        == base
+    )
     with pytest.raises(ValueError, match="never used"):
         audit.set_audit(suspect, reference, ["a", "label"])
 
@@ -180,7 +204,9 @@ def test_same_seed_same_result_any_row_order_and_another_seed_another_split(sets
     suspect, reference = sets
     first = audit.set_audit(suspect, reference, seed=11, permutations=999)
     assert audit.set_audit(suspect, reference, seed=11, permutations=999) == first
-    shuffled = audit.set_audit(suspect.sample(frac=1, random_state=0), reference.sample(frac=1, random_state=1), seed=11, permutations=999)
+    shuffled = audit.set_audit(
+        suspect.sample(frac=1, random_state=0), reference.sample(frac=1, random_state=1), seed=11, permutations=999
+    )
     assert shuffled == first
     a, b = audit.held_out_scores(suspect, reference, seed=11), audit.held_out_scores(suspect, reference, seed=12)
     assert set(a.suspect_test_ids) != set(b.suspect_test_ids)
@@ -213,16 +239,23 @@ def test_errors_name_the_offending_ids_columns_and_sizes(sets):
     broken = suspect.copy()
     broken.loc[7, "b"] = np.nan
     broken.loc[9, "a"] = np.inf
-    with pytest.raises(ValueError, match=r"suspect set has NaN or infinite values in \['a', 'b'\] for 2 images, ids \['img-0007', 'img-0009'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"suspect set has NaN or infinite values in \['a', 'b'\] for 2 images, ids \['img-0007', 'img-0009'\]",
+    ):
         audit.set_audit(broken, reference)
     overlapping = pd.concat([reference, suspect.iloc[[4, 5]]])
-    with pytest.raises(ValueError, match=r"2 ids are in both the suspect and the reference set, e.g. \['img-0004', 'img-0005'\]"):
+    with pytest.raises(
+        ValueError, match=r"2 ids are in both the suspect and the reference set, e.g. \['img-0004', 'img-0005'\]"
+    ):
         audit.set_audit(suspect, overlapping)
     with pytest.raises(ValueError, match=r"reference set lacks the feature columns \['extra'\]"):
         audit.set_audit(suspect.assign(extra=1.0), reference)
     with pytest.raises(ValueError, match="has 2 images; with fit_fraction=0.5 each set needs at least 3 images"):
         audit.set_audit(suspect, reference.iloc[:2])
-    assert audit.minimum_set_size(0.5) == 3 and audit.minimum_set_size(0.8) == 6  # 1 fit image, 2 held out; 4 fit, 2 held out
+    assert (
+        audit.minimum_set_size(0.5) == 3 and audit.minimum_set_size(0.8) == 6
+    )  # 1 fit image, 2 held out; 4 fit, 2 held out
     small = audit.set_audit(suspect.iloc[:3], reference.iloc[:3], permutations=99)  # the smallest sets that work
     assert (small.n_suspect_test, small.n_reference_test) == (2, 2)
 
@@ -238,7 +271,9 @@ def test_fit_scorers_equals_the_sklearn_pipeline_on_every_set():
     scorers = audit.fit_scorers(suspect_fit, reference_fit)
     scores = audit.score_with(scorers, held_out)
     for i in range(25):
-        pipeline = audit.make_scorer().fit(np.vstack([suspect_fit[i], reference_fit[i]]), np.r_[np.ones(15), np.zeros(22)])
+        pipeline = audit.make_scorer().fit(
+            np.vstack([suspect_fit[i], reference_fit[i]]), np.r_[np.ones(15), np.zeros(22)]
+        )
         np.testing.assert_allclose(scorers[2][i], pipeline["logistic"].coef_[0], atol=1e-7)
         np.testing.assert_allclose(scores[i], pipeline.decision_function(held_out[i]), atol=1e-7)
 
@@ -248,12 +283,22 @@ def test_batched_permutation_test_agrees_with_scipy():
     # exact agreement at the extremes: no relabelling reaches the observed difference, or all do
     low, high = np.arange(20.0), np.arange(20.0) + 100
     for s, r, expected in [(high, low, 1 / 1000), (low, high, 1.0)]:
-        scipy_p = stats.permutation_test((s, r), greater, permutation_type="independent", vectorized=True, n_resamples=999, alternative="greater", rng=0).pvalue
+        scipy_p = stats.permutation_test(
+            (s, r),
+            greater,
+            permutation_type="independent",
+            vectorized=True,
+            n_resamples=999,
+            alternative="greater",
+            rng=0,
+        ).pvalue
         ours = audit.permutation_pvalues(s, r, 999, np.random.default_rng(0))
         assert scipy_p == pytest.approx(expected) and ours[0] == pytest.approx(expected)
     # small samples with ties: scipy's exact test (70 relabellings) against 40,000 random ones
     s, r = np.array([3.0, 2.0, 2.0, 5.0]), np.array([1.0, 2.0, 0.0, 2.0])
-    exact = stats.permutation_test((s, r), greater, permutation_type="independent", vectorized=True, n_resamples=10_000, alternative="greater").pvalue
+    exact = stats.permutation_test(
+        (s, r), greater, permutation_type="independent", vectorized=True, n_resamples=10_000, alternative="greater"
+    ).pvalue
     assert exact == pytest.approx(6 / 70)  # 6 of the 70 splits have a difference of means >= the observed 1.75
     ours = audit.permutation_pvalues(s, r, 40_000, np.random.default_rng(1))[0]
     assert abs(ours - exact) < 4 * math.sqrt(exact * (1 - exact) / 40_000)
@@ -262,7 +307,15 @@ def test_batched_permutation_test_agrees_with_scipy():
     xs, ys = rng.normal(0.4, 1, (4, 25)), rng.normal(0, 1, (4, 30))
     ours = audit.permutation_pvalues(xs, ys, 20_000, np.random.default_rng(3))
     for i in range(4):
-        theirs = stats.permutation_test((xs[i], ys[i]), greater, permutation_type="independent", vectorized=True, n_resamples=20_000, alternative="greater", rng=i).pvalue
+        theirs = stats.permutation_test(
+            (xs[i], ys[i]),
+            greater,
+            permutation_type="independent",
+            vectorized=True,
+            n_resamples=20_000,
+            alternative="greater",
+            rng=i,
+        ).pvalue
         assert abs(ours[i] - theirs) < 4 * math.sqrt(2 * max(theirs, 1e-3) / 20_000)
 
 
@@ -315,13 +368,31 @@ def test_power_near_one_for_a_clear_shift_and_combined_features_beat_single_and_
 
 def test_power_of_a_member_free_suspect_set_is_the_level_and_cells_have_their_own_streams(pools):
     members, nonmembers = pools
-    frame = audit.power(members, nonmembers, {"combined": FEATURE_SETS["combined"]}, sizes=(40, 60), member_fractions=(0.0, 0.5), n_sets=200, level=0.05, seed=1)
+    frame = audit.power(
+        members,
+        nonmembers,
+        {"combined": FEATURE_SETS["combined"]},
+        sizes=(40, 60),
+        member_fractions=(0.0, 0.5),
+        n_sets=200,
+        level=0.05,
+        seed=1,
+    )
     none = frame[frame["member_fraction"] == 0.0]
     assert (none["n_members"] == 0).all()
     assert (none["power_t"] <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 200)).all()
     half = frame[frame["member_fraction"] == 0.5].set_index("size")
     assert list(half["n_members"]) == [20, 30] and half.loc[60, "power_t"] > 0.2
-    alone = audit.power(members, nonmembers, {"combined": FEATURE_SETS["combined"]}, sizes=(60,), member_fractions=(0.5,), n_sets=200, level=0.05, seed=1)
+    alone = audit.power(
+        members,
+        nonmembers,
+        {"combined": FEATURE_SETS["combined"]},
+        sizes=(60,),
+        member_fractions=(0.5,),
+        n_sets=200,
+        level=0.05,
+        seed=1,
+    )
     assert alone["power_t"].iloc[0] == half.loc[60, "power_t"]
     with pytest.raises(ValueError, match="in both the member and the non-member set"):
         audit.power(members, pd.concat([nonmembers, members.iloc[:3]]), FEATURE_SETS, sizes=(20,), n_sets=5)
@@ -348,8 +419,16 @@ def test_images_for_power_on_a_handcrafted_table():
     assert np.isnan(result.loc[("combined", 0.5), "images"])
     assert result.loc[("combined", 0.5), "note"] == "not reached up to 100"
     assert result.loc[("noise", 1.0), "note"] == "not reached up to 50"
-    assert np.isnan(result.loc[("tiny pools", 1.0), "images"]) and result.loc[("tiny pools", 1.0), "note"] == "no size evaluated"
-    assert audit.images_for_power(frame, target=0.75).set_index(["feature_set", "member_fraction"]).loc[("combined", 0.5), "images"] == 100
+    assert (
+        np.isnan(result.loc[("tiny pools", 1.0), "images"])
+        and result.loc[("tiny pools", 1.0), "note"] == "no size evaluated"
+    )
+    assert (
+        audit.images_for_power(frame, target=0.75)
+        .set_index(["feature_set", "member_fraction"])
+        .loc[("combined", 0.5), "images"]
+        == 100
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,15 +449,37 @@ def _unlabelled_folder(folder, records):
     return folder
 
 
-def test_mialib_audit_writes_the_verdict_p_values_and_figure_of_the_audit(smoke_params, smoke_target_dir, tmp_path, capsys):
+def test_mialib_audit_writes_the_verdict_p_values_and_figure_of_the_audit(
+    smoke_params, smoke_target_dir, tmp_path, capsys
+):
     from mialib import cli, experiment
 
     records = experiment.open_data(smoke_params).records
     suspect = _unlabelled_folder(tmp_path / "suspect", records[records["label"] == 1])
     reference = _unlabelled_folder(tmp_path / "reference", records[records["label"] == 0])
     out = tmp_path / "audit"
-    cli.main(["audit", "--model", str(smoke_target_dir), "--suspect", f"imagefolder:{suspect}", "--reference", f"imagefolder:{reference}",
-              "--out", str(out), "--attack", "loss", "--attack", "structural", "--attack", "secmi", "--quiet", "--permutations", "999"])
+    cli.main(
+        [
+            "audit",
+            "--model",
+            str(smoke_target_dir),
+            "--suspect",
+            f"imagefolder:{suspect}",
+            "--reference",
+            f"imagefolder:{reference}",
+            "--out",
+            str(out),
+            "--attack",
+            "loss",
+            "--attack",
+            "structural",
+            "--attack",
+            "secmi",
+            "--quiet",
+            "--permutations",
+            "999",
+        ]
+    )
     features = pd.read_parquet(out / "features.parquet")
     assert len(features) == len(records) and set(features["set"]) == {"suspect", "reference"}
     table = pd.read_csv(out / "audit.csv").set_index("feature_set")
@@ -388,9 +489,13 @@ def test_mialib_audit_writes_the_verdict_p_values_and_figure_of_the_audit(smoke_
         again = set_audit(tables["suspect"], tables["reference"], columns, permutations=999, level=0.01)
         assert table.loc[name, "p_value_t"] == pytest.approx(again.p_value_t, rel=1e-12)
         assert table.loc[name, "effect_size"] == pytest.approx(again.effect_size, rel=1e-12)
-    combined = set_audit(tables["suspect"], tables["reference"], ["loss", "structural", "secmi"], permutations=999, level=0.01)
+    combined = set_audit(
+        tables["suspect"], tables["reference"], ["loss", "structural", "secmi"], permutations=999, level=0.01
+    )
     assert combined.detected and (out / "verdict.txt").read_text().strip() == combined.verdict
-    assert json.loads((out / "audit.json").read_text())["result"]["p_value_t"] == pytest.approx(combined.p_value_t, rel=1e-12)
+    assert json.loads((out / "audit.json").read_text())["result"]["p_value_t"] == pytest.approx(
+        combined.p_value_t, rel=1e-12
+    )
     assert (out / "held_out_scores.png").stat().st_size > 1000
     assert "evidence that the suspect set" in capsys.readouterr().out
 
@@ -401,7 +506,16 @@ def test_mialib_audit_refuses_label_chosen_settings_and_shared_images(smoke_para
     records = experiment.open_data(smoke_params).records
     suspect = _unlabelled_folder(tmp_path / "suspect", records.iloc[:6])
     reference = _unlabelled_folder(tmp_path / "reference", records.iloc[4:12])
-    common = ["audit", "--model", str(smoke_target_dir), "--suspect", f"imagefolder:{suspect}", "--reference", f"imagefolder:{reference}", "--quiet"]
+    common = [
+        "audit",
+        "--model",
+        str(smoke_target_dir),
+        "--suspect",
+        f"imagefolder:{suspect}",
+        "--reference",
+        f"imagefolder:{reference}",
+        "--quiet",
+    ]
     for extra, message in (
         (["--attack", "loss:t=[50,100]", "--out", str(tmp_path / "a")], "fixed settings"),
         (["--attack", "blind_image", "--out", str(tmp_path / "b")], "labels"),

@@ -179,7 +179,9 @@ def test_pia_official_rescale_applies_2z_minus_1_to_the_latent(pipeline_and_targ
     np.testing.assert_allclose(rescaled.extras["distance"], distance, rtol=1e-5, atol=1e-12)
     assert evals == _cost(pia_attack, official_rescale=True) == 2
     default = pia_attack(target, images, CAPTIONS, IDS)
-    np.testing.assert_array_equal(pia_attack(target, images, CAPTIONS, IDS, official_rescale=False).scores, default.scores)
+    np.testing.assert_array_equal(
+        pia_attack(target, images, CAPTIONS, IDS, official_rescale=False).scores, default.scores
+    )
     assert np.abs(rescaled.scores - default.scores).max() > 1e-3 * np.abs(default.scores).max()
     with pytest.raises(ValueError, match="official_rescale"):
         pia_attack(target, images, CAPTIONS, IDS, official_rescale=1)

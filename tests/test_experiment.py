@@ -19,7 +19,9 @@ from mialib.settings import Settings
 from mialib.target import load_target
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted({"01_data_split", "02_observation", "03_attack", "04_robustness", "05_ablations", "06_set_audit", "07_regimes"})
+SOURCES = sorted(
+    {"01_data_split", "02_observation", "03_attack", "04_robustness", "05_ablations", "06_set_audit", "07_regimes"}
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,7 +87,9 @@ def test_notebook_parameter_comments_are_the_default_presets_verbatim(name):
     comments = _cell_comments(cell.source, sync)
     assert comments, name
     for key, comment in comments.items():
-        assert comment == preset.get(key), f"{name}: {key}'s comment is {comment!r}; configs/default.yaml says {preset.get(key)!r}"
+        assert comment == preset.get(key), (
+            f"{name}: {key}'s comment is {comment!r}; configs/default.yaml says {preset.get(key)!r}"
+        )
     assert {k for k in preset if k.split(".")[0] in comments} == set(comments), f"{name}: entries without their comment"
 
 
@@ -120,7 +124,9 @@ def test_every_preset_key_is_used_and_its_attacks_parse(preset):
     # complete: a key left out would silently take the notebooks' default (the tiny target's 32 px, CPU, ...)
     assert set(experiment.load_preset(ROOT / "configs" / "default.yaml")) - set(params) == set()
     uncommented = _uncommented_keys(path)
-    assert not uncommented, "every key of a preset says what it is in a # comment; these do not:\n" + "\n".join(uncommented)
+    assert not uncommented, "every key of a preset says what it is in a # comment; these do not:\n" + "\n".join(
+        uncommented
+    )
     imagesets.parse_spec(params["DATA"])  # kind and ?options are known (the files themselves may not exist yet)
     from mialib import runs
 
@@ -140,7 +146,9 @@ def test_notebooks_are_thin():
         for cell in notebook.cells:
             if cell.cell_type == "code":
                 nodes = ast.walk(ast.parse(cell.source))
-                defined = [n for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))]
+                defined = [
+                    n for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+                ]
                 assert not defined, (name, cell.source)
                 assert not cell.get("outputs"), f"{name} is committed with outputs"
 
@@ -170,7 +178,9 @@ def test_a_small_set_runs_the_attacks_and_skips_the_blind_baselines_with_a_reaso
     attacks still run (the old notebook failed after all the attack compute)."""
     small = helpers.write_imagefolder(tmp_path / "small", n=8)
     study = experiment.setup(_study_params(tmp_path, f"imagefolder:{small}", model), "03_attack")
-    comparison = studies.compare(study, {"paper": "structural", "loss": "loss:t=[50,100]", "blind_image": "blind_image"}, n_bootstrap=20)
+    comparison = studies.compare(
+        study, {"paper": "structural", "loss": "loss:t=[50,100]", "blind_image": "blind_image"}, n_bootstrap=20
+    )
     assert list(comparison.table["run"]) == ["paper", "loss"]
     assert "at least 5 calibration images" in comparison.skipped["blind_image"]
     notes = pd.read_csv(study.tables / "skipped_studies_03_attack.csv")
@@ -200,14 +210,28 @@ def test_the_runner_goes_on_after_a_failure_and_reports_it(tmp_path, monkeypatch
     preset.write_text(yaml.safe_dump(params))
     with pytest.raises(experiment.NotebookFailures, match="02_observation: boom in 02"):
         experiment.run_notebooks(preset)
-    assert [n for n, _ in executed] == ["01_data_split", "02_observation", "03_attack", "04_robustness", "05_ablations", "06_set_audit"]
+    assert [n for n, _ in executed] == [
+        "01_data_split",
+        "02_observation",
+        "03_attack",
+        "04_robustness",
+        "05_ablations",
+        "06_set_audit",
+    ]
     outcomes = json.loads((tmp_path / "out" / "notebook_runs.json").read_text())
     assert outcomes["02_observation"]["status"] == "failed" and outcomes["05_ablations"]["status"] == "ok"
     assert outcomes["03_attack_biased"]["status"] == "skipped"
     # the HTML report lists every run: a page for each executed notebook, the failure and the skip with their reasons
     index = (tmp_path / "out" / "html" / "index.html").read_text()
-    assert 'href="05_ablations.html"' in index and "05_ablations ran" in (tmp_path / "out" / "html" / "05_ablations.html").read_text()
-    assert "boom in 02" in index and 'href="02_observation.html"' not in index and "only for the embedded emoji set" in index
+    assert (
+        'href="05_ablations.html"' in index
+        and "05_ablations ran" in (tmp_path / "out" / "html" / "05_ablations.html").read_text()
+    )
+    assert (
+        "boom in 02" in index
+        and 'href="02_observation.html"' not in index
+        and "only for the embedded emoji set" in index
+    )
     # each notebook received exactly the keys its parameters cell declares
     for name, parameters in executed:
         assert set(parameters) <= set(experiment.declared_parameters(ROOT / "notebooks" / f"{name}.ipynb"))
@@ -220,17 +244,40 @@ def test_the_runner_goes_on_after_a_failure_and_reports_it(tmp_path, monkeypatch
 
 def test_notebooks_receive_paths_relative_to_the_repository(tmp_path):
     params = {
-        "OUTPUT_DIR": str(tmp_path / "out"), "CACHE_DIR": "", "FAIR_RESULTS": str(tmp_path / "out" / "metrics.csv"),
-        "MODEL": str(ROOT / "data" / "targets" / "tiny"), "MANIFEST": "data/emoji_split.csv", "IMAGE_DIR": str(ROOT / "data" / "images"),
-        "DATA": f"imagefolder:{ROOT / 'data' / 'mine'}?seed=1", "MODEL_CONFIG": "owner/name", "SEED": 0,
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "CACHE_DIR": "",
+        "FAIR_RESULTS": str(tmp_path / "out" / "metrics.csv"),
+        "MODEL": str(ROOT / "data" / "targets" / "tiny"),
+        "MANIFEST": "data/emoji_split.csv",
+        "IMAGE_DIR": str(ROOT / "data" / "images"),
+        "DATA": f"imagefolder:{ROOT / 'data' / 'mine'}?seed=1",
+        "MODEL_CONFIG": "owner/name",
+        "SEED": 0,
     }
     shown = experiment.shown_parameters(params)
-    for key in ("OUTPUT_DIR", "FAIR_RESULTS"):  # the output folder: relative wherever it is, read back to the same place
-        assert not Path(shown[key]).is_absolute() and experiment.resolve(shown[key]).resolve() == Path(params[key]).resolve()
-    assert shown["MODEL"] == "data/targets/tiny" and shown["IMAGE_DIR"] == "data/images" and shown["DATA"] == "imagefolder:data/mine?seed=1"
-    assert {k: shown[k] for k in ("CACHE_DIR", "MANIFEST", "MODEL_CONFIG", "SEED")} == {k: params[k] for k in ("CACHE_DIR", "MANIFEST", "MODEL_CONFIG", "SEED")}
-    elsewhere = experiment.shown_parameters({"MODEL": str(tmp_path / "model"), "DATA": f"imagefolder:{tmp_path / 'set'}"})
-    assert elsewhere == {"MODEL": str(tmp_path / "model"), "DATA": f"imagefolder:{tmp_path / 'set'}"}  # a user's inputs outside the repository stay
+    for key in (
+        "OUTPUT_DIR",
+        "FAIR_RESULTS",
+    ):  # the output folder: relative wherever it is, read back to the same place
+        assert (
+            not Path(shown[key]).is_absolute()
+            and experiment.resolve(shown[key]).resolve() == Path(params[key]).resolve()
+        )
+    assert (
+        shown["MODEL"] == "data/targets/tiny"
+        and shown["IMAGE_DIR"] == "data/images"
+        and shown["DATA"] == "imagefolder:data/mine?seed=1"
+    )
+    assert {k: shown[k] for k in ("CACHE_DIR", "MANIFEST", "MODEL_CONFIG", "SEED")} == {
+        k: params[k] for k in ("CACHE_DIR", "MANIFEST", "MODEL_CONFIG", "SEED")
+    }
+    elsewhere = experiment.shown_parameters(
+        {"MODEL": str(tmp_path / "model"), "DATA": f"imagefolder:{tmp_path / 'set'}"}
+    )
+    assert elsewhere == {
+        "MODEL": str(tmp_path / "model"),
+        "DATA": f"imagefolder:{tmp_path / 'set'}",
+    }  # a user's inputs outside the repository stay
 
 
 def test_headless_kernels_leave_no_progress_bar_widget_or_warning(tmp_path, capfd, caplog):
@@ -242,14 +289,24 @@ def test_headless_kernels_leave_no_progress_bar_widget_or_warning(tmp_path, capf
     import papermill
 
     source, executed = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
-    parameters = nbformat.v4.new_code_cell("X = {  # as ATTACKS: name: attack[:param=value,...] (see --help)\n    'a': 1,\n}", metadata={"tags": ["parameters"]})
+    parameters = nbformat.v4.new_code_cell(
+        "X = {  # as ATTACKS: name: attack[:param=value,...] (see --help)\n    'a': 1,\n}",
+        metadata={"tags": ["parameters"]},
+    )
     code = "from tqdm.auto import tqdm\nlist(tqdm(range(3), disable=False, leave=False))\nlist(tqdm(range(3)))\nprint('done', X)"
     notebook = nbformat.v4.new_notebook(cells=[parameters, nbformat.v4.new_code_cell(code)])
     notebook.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(notebook, source)
     before = {key: os.environ.get(key) for key in experiment.HEADLESS_ENV}
     with experiment.headless_kernels():
-        papermill.execute_notebook(str(source), str(executed), parameters={"X": {"a": 2}}, kernel_name="python3", progress_bar=False, **experiment.kernel_options())
+        papermill.execute_notebook(
+            str(source),
+            str(executed),
+            parameters={"X": {"a": 2}},
+            kernel_name="python3",
+            progress_bar=False,
+            **experiment.kernel_options(),
+        )
     assert {key: os.environ.get(key) for key in experiment.HEADLESS_ENV} == before
     result = nbformat.read(str(executed), as_version=4)
     outputs = [output for cell in result.cells for output in cell.get("outputs", [])]
@@ -273,12 +330,39 @@ def test_a_typo_in_a_preset_key_is_refused(tmp_path):
 # --------------------------------------------------------------------------------------------------
 def test_score_on_a_users_imagefolder_equals_the_attack_functions(tmp_path, model, user_set, capsys):
     out = tmp_path / "scored"
-    argv = ["score", "--model", str(model), "--data", f"imagefolder:{user_set}", "--out", str(out), "--batch-size", "5",
-            "--attack", "structural", "--attack", "structural:t=50:150:50", "--attack", "loss:t=[50,100]", "--attack", "clid", "--quiet", "--bootstrap", "50"]
+    argv = [
+        "score",
+        "--model",
+        str(model),
+        "--data",
+        f"imagefolder:{user_set}",
+        "--out",
+        str(out),
+        "--batch-size",
+        "5",
+        "--attack",
+        "structural",
+        "--attack",
+        "structural:t=50:150:50",
+        "--attack",
+        "loss:t=[50,100]",
+        "--attack",
+        "clid",
+        "--quiet",
+        "--bootstrap",
+        "50",
+    ]
     cli.main(argv)
     printed = capsys.readouterr().out
     assert "structural:t=[50, 100, 150]" in printed and "AUC" in printed
-    for name in ("scores.parquet", "metrics.csv", "skipped.csv", "parameters.json", "image_set.csv", "chosen_settings.json"):
+    for name in (
+        "scores.parquet",
+        "metrics.csv",
+        "skipped.csv",
+        "parameters.json",
+        "image_set.csv",
+        "chosen_settings.json",
+    ):
         assert (out / name).exists(), name
     scores = pd.read_parquet(out / "scores.parquet")
     imageset = imagesets.open_imageset(f"imagefolder:{user_set}")
@@ -287,18 +371,24 @@ def test_score_on_a_users_imagefolder_equals_the_attack_functions(tmp_path, mode
     chosen = json.loads((out / "chosen_settings.json").read_text())
     for run, record in chosen.items():
         spec = REGISTRY[record["attack"]]
-        direct = spec.function(target, pixels, captions, ids, **record["params"], **Settings().for_function(spec.function))
+        direct = spec.function(
+            target, pixels, captions, ids, **record["params"], **Settings().for_function(spec.function)
+        )
         got = scores[scores["run"] == run].set_index("id").loc[ids]
         # batches of 5 against one of 12: float32 rounding differs by batch size, within the registry's tolerance
-        assert_within_tolerance(spec, record["params"], got["score"].to_numpy(), record["direction"] * direct.scores, direct.extras)
+        assert_within_tolerance(
+            spec, record["params"], got["score"].to_numpy(), record["direction"] * direct.scores, direct.extras
+        )
     parameters = json.loads((out / "parameters.json").read_text())
     assert parameters["images"] == 12 and parameters["settings"]["guidance"] == 1.0
     # a rerun resumes from the cache: no U-Net evaluation, the same table
     before = sorted(p.name for p in (out / "cache").rglob("*.parquet"))
     cli.main(argv)
     assert sorted(p.name for p in (out / "cache").rglob("*.parquet")) == before
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "scores.parquet").drop(columns=["seconds_per_image", "peak_memory_mb", "unet_evals_run"]),
-                                  scores.drop(columns=["seconds_per_image", "peak_memory_mb", "unet_evals_run"]))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out / "scores.parquet").drop(columns=["seconds_per_image", "peak_memory_mb", "unet_evals_run"]),
+        scores.drop(columns=["seconds_per_image", "peak_memory_mb", "unet_evals_run"]),
+    )
     capsys.readouterr()
     cli.main(["report", str(out)])
     report = capsys.readouterr().out
@@ -310,8 +400,23 @@ def test_the_command_line_and_the_notebooks_write_the_same_run(tmp_path, model, 
     attacks and settings write the same scores, chosen settings and metrics, bit for bit (timings aside)."""
     attacks = ["structural", "loss:t=[50, 100]", "vae_control"]  # as the command line names its runs
     out = tmp_path / "cli"
-    cli.main(["score", "--model", str(model), "--data", f"imagefolder:{user_set}", "--out", str(out), "--batch-size", "4",
-              "--quiet", "--bootstrap", "50", *[a for attack in attacks for a in ("--attack", attack)]])
+    cli.main(
+        [
+            "score",
+            "--model",
+            str(model),
+            "--data",
+            f"imagefolder:{user_set}",
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--quiet",
+            "--bootstrap",
+            "50",
+            *[a for attack in attacks for a in ("--attack", attack)],
+        ]
+    )
     params = _study_params(tmp_path, f"imagefolder:{user_set}", model, N_BOOTSTRAP=50)
     assert params["SEED"] == 0 and params["IMAGE_SIZE"] == 32  # what the command line used
     study = experiment.setup(params, "03_attack")
@@ -321,14 +426,22 @@ def test_the_command_line_and_the_notebooks_write_the_same_run(tmp_path, model, 
         read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
         ours, theirs = read(out / name), read(study.out / name)
         assert len(ours) and list(ours.columns) == list(theirs.columns), name
-        pd.testing.assert_frame_equal(ours.drop(columns=timings, errors="ignore"), theirs.drop(columns=timings, errors="ignore"), check_exact=True)
-    assert json.loads((out / "chosen_settings.json").read_text()) == json.loads((study.out / "chosen_settings.json").read_text())
+        pd.testing.assert_frame_equal(
+            ours.drop(columns=timings, errors="ignore"), theirs.drop(columns=timings, errors="ignore"), check_exact=True
+        )
+    assert json.loads((out / "chosen_settings.json").read_text()) == json.loads(
+        (study.out / "chosen_settings.json").read_text()
+    )
     for folder in (out, study.out):
         as_json, as_csv = pd.read_json(folder / "metrics.json"), pd.read_csv(folder / "metrics.csv")
-        assert list(as_json["run"]) == list(as_csv["run"]) and as_json["auc"].to_numpy() == pytest.approx(as_csv["auc"].to_numpy(), abs=1e-9)  # JSON keeps 10 digits
+        assert list(as_json["run"]) == list(as_csv["run"]) and as_json["auc"].to_numpy() == pytest.approx(
+            as_csv["auc"].to_numpy(), abs=1e-9
+        )  # JSON keeps 10 digits
     assert set(comparison.table["run"]) == set(attacks)
     printed = capsys.readouterr().out
-    assert printed.count("predicts epsilon") == 2 and printed.count("attacked at 32 px") == 2  # one target line each way
+    assert (
+        printed.count("predicts epsilon") == 2 and printed.count("attacked at 32 px") == 2
+    )  # one target line each way
 
 
 def test_score_refuses_before_reading_or_writing(tmp_path, model, user_set, capsys):
@@ -346,7 +459,19 @@ def test_score_refuses_before_reading_or_writing(tmp_path, model, user_set, caps
         cli.main([*base, "--model", str(model), "--out", str(users)])
     assert "refusing to write" in capsys.readouterr().err and (users / "notes.txt").read_text() == "mine"
     with pytest.raises(SystemExit):
-        cli.main(["score", "--data", f"imagefolder:{user_set}", "--attack", "nope", "--model", str(model), "--out", str(tmp_path / "b")])
+        cli.main(
+            [
+                "score",
+                "--data",
+                f"imagefolder:{user_set}",
+                "--attack",
+                "nope",
+                "--model",
+                str(model),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
     assert "unknown attack 'nope'" in capsys.readouterr().err
 
 
@@ -362,7 +487,10 @@ def test_freeze_then_verify(tmp_path, user_set, capsys):
     manifest = tmp_path / "frozen.csv"
     cli.main(["freeze", "--data", f"imagefolder:{user_set}?seed=3", "--out", str(manifest)])
     frozen = pd.read_csv(manifest, dtype=str)
-    assert list(frozen.columns)[:7] == ["id", "caption", "label", "subset", "source", "sha256", "subset_rule"] and len(frozen) == 12
+    assert (
+        list(frozen.columns)[:7] == ["id", "caption", "label", "subset", "source", "sha256", "subset_rule"]
+        and len(frozen) == 12
+    )
     with pytest.raises(SystemExit):
         cli.main(["freeze", "--data", f"imagefolder:{user_set}", "--out", str(manifest)])
     assert "never overwrites" in capsys.readouterr().err
@@ -380,7 +508,22 @@ def test_captions_longer_than_the_text_encoder_are_recorded(tmp_path, model):
     assert list(truncated["id"]) == ["img000"] and (truncated["tokens"] > truncated["limit"]).all()
     assert truncated["limit"].iloc[0] == helpers.MAX_TOKENS
     out = tmp_path / "scored"
-    cli.main(["score", "--model", str(model), "--data", f"imagefolder:{folder}", "--out", str(out), "--attack", "vae_control", "--quiet", "--bootstrap", "10"])
+    cli.main(
+        [
+            "score",
+            "--model",
+            str(model),
+            "--data",
+            f"imagefolder:{folder}",
+            "--out",
+            str(out),
+            "--attack",
+            "vae_control",
+            "--quiet",
+            "--bootstrap",
+            "10",
+        ]
+    )
     assert list(pd.read_csv(out / "captions_truncated.csv")["id"]) == ["img000"]
 
 
@@ -444,17 +587,42 @@ def test_a_killed_run_resumes_and_two_processes_give_the_one_process_tables(tmp_
     import time
 
     def command(out):
-        return ["score", "--model", str(model), "--data", f"imagefolder:{user_set}", "--out", str(out), "--batch-size", "1",
-                "--bootstrap", "20", "--quiet", "--attack", "structural:t=50:150:50", "--attack", "secmi", "--attack", "loss"]
+        return [
+            "score",
+            "--model",
+            str(model),
+            "--data",
+            f"imagefolder:{user_set}",
+            "--out",
+            str(out),
+            "--batch-size",
+            "1",
+            "--bootstrap",
+            "20",
+            "--quiet",
+            "--attack",
+            "structural:t=50:150:50",
+            "--attack",
+            "secmi",
+            "--attack",
+            "loss",
+        ]
 
     def tables(name):
-        scores = pd.read_parquet(tmp_path / name / "scores.parquet").drop(columns=["seconds_per_image", "peak_memory_mb"])
+        scores = pd.read_parquet(tmp_path / name / "scores.parquet").drop(
+            columns=["seconds_per_image", "peak_memory_mb"]
+        )
         metrics = pd.read_csv(tmp_path / name / "metrics.csv").drop(columns=["seconds_per_image", "peak_memory_mb"])
         return scores, metrics, (tmp_path / name / "chosen_settings.json").read_text()
 
     cli.main(command(tmp_path / "whole"))  # in this process, one thread, like the others
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    killed = subprocess.Popen([sys.executable, "-m", "mialib", *command(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "mialib", *command(tmp_path / "killed")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list((tmp_path / "killed" / "cache").rglob("*.parquet"))) < 8:
         time.sleep(0.05)
@@ -463,7 +631,13 @@ def test_a_killed_run_resumes_and_two_processes_give_the_one_process_tables(tmp_
     assert not (tmp_path / "killed" / "scores.parquet").exists()  # killed part-way
     cli.main(command(tmp_path / "killed"))
     torchrun = Path(sys.executable).with_name("torchrun")
-    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mialib", *command(tmp_path / "two")], env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mialib", *command(tmp_path / "two")],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert json.loads((tmp_path / "two" / "parameters.json").read_text())["processes"] == 2
     shards = [pd.read_parquet(p) for p in (tmp_path / "two" / "cache" / "secmi").rglob("*.parquet")]
     assert sum(len(s) for s in shards) == len(shards) == 12  # every image computed once, by one of the processes

@@ -62,7 +62,18 @@ def imageset(user_set):
 
 
 def _score(model, data, out, *extra, attacks=("loss",)):
-    argv = ["score", "--model", str(model), "--data", f"imagefolder:{data}", "--out", str(out), "--quiet", "--bootstrap", "10"]
+    argv = [
+        "score",
+        "--model",
+        str(model),
+        "--data",
+        f"imagefolder:{data}",
+        "--out",
+        str(out),
+        "--quiet",
+        "--bootstrap",
+        "10",
+    ]
     for attack in attacks:
         argv += ["--attack", attack]
     return [*argv, *extra]
@@ -100,7 +111,9 @@ def test_a_users_file_inside_an_earlier_runs_folder_is_never_written_over(tmp_pa
 # --------------------------------------------------------------------------------------------------
 # 2 · one run per folder; tables that belong together
 # --------------------------------------------------------------------------------------------------
-def test_another_run_into_an_existing_out_is_refused_and_report_checks_the_tables(tmp_path, model, user_set, other_set, capsys, monkeypatch):
+def test_another_run_into_an_existing_out_is_refused_and_report_checks_the_tables(
+    tmp_path, model, user_set, other_set, capsys, monkeypatch
+):
     out = tmp_path / "run"
     cli.main(_score(model, user_set, out))
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -113,7 +126,12 @@ def test_another_run_into_an_existing_out_is_refused_and_report_checks_the_table
     err = _refused(_score(model, user_set, out, "--guidance", "3"), capsys)  # other settings
     assert "the settings (guidance 1.0 -> 3.0)" in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing touched
-    assert json.loads((out / "run.json").read_text())["files"].keys() >= {"scores.parquet", "metrics.csv", "parameters.json", "image_set.csv"}
+    assert json.loads((out / "run.json").read_text())["files"].keys() >= {
+        "scores.parquet",
+        "metrics.csv",
+        "parameters.json",
+        "image_set.csv",
+    }
 
     cli.main(_score(model, user_set, out, attacks=("loss", "vae_control")))  # the same run, one attack more
     capsys.readouterr()
@@ -135,7 +153,9 @@ def test_another_run_into_an_existing_out_is_refused_and_report_checks_the_table
     with pytest.raises(KeyboardInterrupt):
         cli.main(_score(model, user_set, out))
     monkeypatch.undo()
-    assert (out / "parameters.json").exists() and not (out / "scores.parquet").exists() and not (out / "run.json").exists()
+    assert (
+        (out / "parameters.json").exists() and not (out / "scores.parquet").exists() and not (out / "run.json").exists()
+    )
     err = _refused(["report", str(out)], capsys)
     assert "incomplete" in err
     cli.main(_score(model, user_set, out))  # the same run resumes and finishes
@@ -158,7 +178,9 @@ def test_report_refuses_a_folder_without_a_manifest(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 def _values(target, imageset, cache, name="loss", batch_size=8, **params):
     spec = REGISTRY[name]
-    return runs.attack_values(target, imageset, spec, spec.params(params), Settings(), cache, batch_size, 32, progress=False)
+    return runs.attack_values(
+        target, imageset, spec, spec.params(params), Settings(), cache, batch_size, 32, progress=False
+    )
 
 
 def test_a_result_shard_with_one_changed_byte_is_set_aside_and_recomputed(target, imageset, tmp_path, capfd):
@@ -185,8 +207,10 @@ def test_a_result_shard_with_one_changed_byte_is_set_aside_and_recomputed(target
     assert "damaged cache file" in capfd.readouterr().err and shard.with_name(shard.name + ".damaged").exists()
     assert target.unet_evals - before == len(imageset)  # recomputed
     np.testing.assert_array_equal(again["score"], first["score"])
-    pd.testing.assert_frame_equal(again.drop(columns=["unet_evals_run", "seconds_per_image", "peak_memory_mb"]),
-                                  first.drop(columns=["unet_evals_run", "seconds_per_image", "peak_memory_mb"]))
+    pd.testing.assert_frame_equal(
+        again.drop(columns=["unet_evals_run", "seconds_per_image", "peak_memory_mb"]),
+        first.drop(columns=["unet_evals_run", "seconds_per_image", "peak_memory_mb"]),
+    )
 
 
 def test_a_trajectory_with_one_changed_byte_is_set_aside_and_recomputed(target, imageset, tmp_path, capfd):
@@ -209,7 +233,9 @@ def test_a_trajectory_with_one_changed_byte_is_set_aside_and_recomputed(target, 
     capfd.readouterr()
     before = target.unet_evals
     again = _values(target, imageset, tmp_path, "structural", batch_size=1, t=100)
-    assert capfd.readouterr().err.count("damaged cache file") == 1 and victim.with_name(victim.name + ".damaged").exists()
+    assert (
+        capfd.readouterr().err.count("damaged cache file") == 1 and victim.with_name(victim.name + ".damaged").exists()
+    )
     assert target.unet_evals - before == 2  # that image's two inversion steps, no other
     np.testing.assert_array_equal(again["score"], first["score"])
 
@@ -234,7 +260,9 @@ def test_atomic_write_on_a_full_disk_says_so_and_removes_the_partial_file(tmp_pa
 
 
 @pytest.mark.parametrize("where", ["result cache", "trajectory cache", "tables"])
-def test_a_full_disk_is_one_sentence_and_nothing_half_written_is_trusted(tmp_path, model, user_set, capsys, monkeypatch, where):
+def test_a_full_disk_is_one_sentence_and_nothing_half_written_is_trusted(
+    tmp_path, model, user_set, capsys, monkeypatch, where
+):
     import pyarrow.parquet
     import safetensors.torch
 
@@ -247,7 +275,12 @@ def test_a_full_disk_is_one_sentence_and_nothing_half_written_is_trusted(tmp_pat
         monkeypatch.setattr(pd.DataFrame, "to_parquet", _enospc)  # scores.parquet
     err = _refused(_score(model, user_set, out, attacks=("structural",)), capsys)
     said = [line for line in err.splitlines() if line.startswith("mialib score: error:")]
-    assert len(said) == 1 and "no space left on the disk" in said[0] and "needs about" in said[0] and "free there" in said[0]
+    assert (
+        len(said) == 1
+        and "no space left on the disk" in said[0]
+        and "needs about" in said[0]
+        and "free there" in said[0]
+    )
     assert not list(out.rglob("*.partial")) and not (out / "run.json").exists()
     monkeypatch.undo()
     cli.main(_score(model, user_set, out, attacks=("structural",)))
@@ -283,7 +316,9 @@ def test_a_second_run_on_the_same_out_is_refused_at_once(tmp_path, model, user_s
     out = tmp_path / "run"
     argv = _score(model, user_set, out, "--batch-size", "1", attacks=("structural:t=300", "secmi", "pia"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "mialib", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mialib", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline and not list((out / "cache").rglob("*.parquet")) and first.poll() is None:
@@ -334,7 +369,18 @@ BAD_OTHERS = [
 
 @pytest.mark.parametrize("extra, message", BAD_OTHERS)
 def test_bad_audit_options_are_refused(tmp_path, user_set, capsys, extra, message):
-    argv = ["audit", "--model", "m", "--suspect", f"imagefolder:{user_set}", "--reference", f"imagefolder:{user_set}", "--out", str(tmp_path / "a"), *extra]
+    argv = [
+        "audit",
+        "--model",
+        "m",
+        "--suspect",
+        f"imagefolder:{user_set}",
+        "--reference",
+        f"imagefolder:{user_set}",
+        "--out",
+        str(tmp_path / "a"),
+        *extra,
+    ]
     assert message in _refused(argv, capsys)
     assert not (tmp_path / "a").exists()
 
@@ -357,14 +403,18 @@ def test_an_out_that_is_a_file_is_refused(tmp_path, model, user_set, capsys):
     assert taken.read_text() == "mine"
 
 
-def test_a_timestep_outside_the_schedule_is_refused_before_anything_is_written(tmp_path, model, user_set, target, imageset, capsys):
+def test_a_timestep_outside_the_schedule_is_refused_before_anything_is_written(
+    tmp_path, model, user_set, target, imageset, capsys
+):
     out = tmp_path / "run"
     err = _refused(_score(model, user_set, out, attacks=("loss:t=1000",)), capsys)
     assert "loss" in err and "1000" in err
     assert not out.exists()
     before = target.unet_evals
     with pytest.raises(ValueError, match="1000"):
-        runs.score(target, imageset, ["structural", "loss:t=1000"], Settings(), tmp_path / "cache", 4, 32, progress=False)
+        runs.score(
+            target, imageset, ["structural", "loss:t=1000"], Settings(), tmp_path / "cache", 4, 32, progress=False
+        )
     assert target.unet_evals == before and not (tmp_path / "cache").exists()
 
 
@@ -378,8 +428,20 @@ def test_an_audit_and_a_score_run_never_share_a_folder_and_an_interrupted_audit_
 
     scored, audited = tmp_path / "scored", tmp_path / "audited"
     cli.main(_score(model, user_set, scored))
-    audit = ["audit", "--model", str(model), "--suspect", f"imagefolder:{user_set}", "--reference", f"imagefolder:{other_set}",
-             "--attack", "loss", "--permutations", "99", "--quiet"]
+    audit = [
+        "audit",
+        "--model",
+        str(model),
+        "--suspect",
+        f"imagefolder:{user_set}",
+        "--reference",
+        f"imagefolder:{other_set}",
+        "--attack",
+        "loss",
+        "--permutations",
+        "99",
+        "--quiet",
+    ]
     assert "holds a `mialib score` run" in _refused([*audit, "--out", str(scored)], capsys)
     assert not (scored / "audit.json").exists()
     cli.main([*audit, "--out", str(audited)])

@@ -70,7 +70,12 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
     """A valid PNG header claiming ``width x height`` RGB pixels, with a few bytes of data."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\0" * 16)) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def with_chunk(png_bytes: bytes, kind: bytes, body: bytes) -> bytes:
@@ -153,21 +158,37 @@ def write_set(root: Path, layout: str, rows: list[Row]) -> str:
         if layout == "folders" and caption is not None:
             file.with_suffix(".txt").write_bytes(caption if isinstance(caption, bytes) else caption.encode("utf-8"))
     if layout == "folders":
-        assert all(r.path is None and r.label == AUTO and r.subset is None and r.group is None for r in rows), "not expressible in folders"
+        assert all(r.path is None and r.label == AUTO and r.subset is None and r.group is None for r in rows), (
+            "not expressible in folders"
+        )
         return f"imagefolder:{root}"
     key = "path" if layout == "csv" else "file_name"
     columns = (["id"] if layout == "csv" else []) + [key, "caption", "label"]
     columns += [c for c in ("subset", "group") if any(getattr(r, c) is not None for r in rows)]
     records = []
     for row in rows:
-        record = {"id": row.id, key: row.path or row.rel, "caption": row.caption_value(), "label": row.label_value(), "subset": row.subset, "group": row.group}
+        record = {
+            "id": row.id,
+            key: row.path or row.rel,
+            "caption": row.caption_value(),
+            "label": row.label_value(),
+            "subset": row.subset,
+            "group": row.group,
+        }
         records.append({c: record[c] for c in columns})
     table = root / TABLE_FILE[layout]
     if layout == "imagefolder-jsonl":
-        lines = [b"{" + b", ".join(json.dumps(c).encode() + b": " + _json_value(v) for c, v in r.items() if v is not None) + b"}" for r in records]
+        lines = [
+            b"{"
+            + b", ".join(json.dumps(c).encode() + b": " + _json_value(v) for c, v in r.items() if v is not None)
+            + b"}"
+            for r in records
+        ]
         table.write_bytes(b"\n" + b"\n".join(lines) + b"\n")  # a leading blank line: line numbers = CSV row numbers
     else:
-        lines = [b",".join(c.encode() for c in columns)] + [b",".join(_csv_cell(v) for v in r.values()) for r in records]
+        lines = [b",".join(c.encode() for c in columns)] + [
+            b",".join(_csv_cell(v) for v in r.values()) for r in records
+        ]
         table.write_bytes(b"\n".join(lines) + b"\n")
     return f"csv:{table}" if layout == "csv" else f"imagefolder:{root}"
 
@@ -290,7 +311,12 @@ def test_empty_and_whitespace_captions_are_skipped(tmp_path, layout):
 
 
 def test_caption_that_is_not_utf8_skips_only_its_row(tmp_path, layout):
-    rows = [Row("broken", caption=b"caf\xff\xfe bytes"), Row("accent", caption="caf\u00e9 au lait \u2615"), Row("m1"), *good("n1", member=False)]
+    rows = [
+        Row("broken", caption=b"caf\xff\xfe bytes"),
+        Row("accent", caption="caf\u00e9 au lait \u2615"),
+        Row("m1"),
+        *good("n1", member=False),
+    ]
     imageset = opened(tmp_path / "set", layout, rows)  # never a UnicodeDecodeError
     assert kept(imageset) == ["members/accent", "members/m1", "nonmembers/n1"]
     assert "not valid UTF-8" in reasons(imageset)["members/broken"]
@@ -320,7 +346,17 @@ def test_label_other_than_0_or_1_is_refused_naming_file_and_row(tmp_path, layout
 
 @pytest.mark.parametrize("layout", TABLE_LAYOUTS)
 def test_accepted_label_forms(tmp_path, layout):
-    forms = {"a": 1, "b": 0, "c": "1.0", "d": "0.0", "e": "member", "f": "non-member", "g": " Member ", "h": "nonmember", "i": 1.0}
+    forms = {
+        "a": 1,
+        "b": 0,
+        "c": "1.0",
+        "d": "0.0",
+        "e": "member",
+        "f": "non-member",
+        "g": " Member ",
+        "h": "nonmember",
+        "i": 1.0,
+    }
     expected = {"a": 1, "b": 0, "c": 1, "d": 0, "e": 1, "f": 0, "g": 1, "h": 0, "i": 1}
     rows = [Row(name, member=bool(expected[name]), label=value) for name, value in forms.items()]
     imageset = opened(tmp_path / "set", layout, rows)
@@ -334,7 +370,12 @@ def test_metadata_without_a_label_takes_the_folder(tmp_path, layout):
     """An empty label cell (CSV) and an absent label key (JSON) mean the same: the folder decides."""
     rows = [Row("m1"), Row("m2", label=None), Row("n1", member=False, label=None), Row("n2", member=False)]
     imageset = opened(tmp_path / "set", layout, rows)
-    assert dict(zip(imageset.records["id"], imageset.records["label"])) == {"members/m1": 1, "members/m2": 1, "nonmembers/n1": 0, "nonmembers/n2": 0}
+    assert dict(zip(imageset.records["id"], imageset.records["label"])) == {
+        "members/m1": 1,
+        "members/m2": 1,
+        "nonmembers/n1": 0,
+        "nonmembers/n2": 0,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,8 +384,12 @@ def test_metadata_without_a_label_takes_the_folder(tmp_path, layout):
 def test_same_bytes_across_the_split_skips_every_copy_and_within_a_label_the_later(tmp_path, layout):
     shared, twice = png("shared"), png("twice")
     rows = [
-        Row("m1"), Row("leak", image=shared), Row("first", image=twice), Row("second", image=twice),
-        Row("n1", member=False), Row("leak2", member=False, image=shared),
+        Row("m1"),
+        Row("leak", image=shared),
+        Row("first", image=twice),
+        Row("second", image=twice),
+        Row("n1", member=False),
+        Row("leak2", member=False, image=shared),
     ]
     imageset = opened(tmp_path / "set", layout, rows)
     assert kept(imageset) == ["members/first", "members/m1", "nonmembers/n1"]
@@ -426,7 +471,9 @@ def test_unreadable_files_are_skipped_with_reasons(tmp_path, layout):
         assert skipped[image_id].startswith(start), (image_id, skipped[image_id])
     assert "truncated" in skipped["members/truncated"]
     for image_id in ("members/empty", "members/truncated", "members/garbage"):  # the file, and what to do
-        assert f"{image_id}.png" in skipped[image_id] and ("re-download" in skipped[image_id] or "move it out" in skipped[image_id])
+        assert f"{image_id}.png" in skipped[image_id] and (
+            "re-download" in skipped[image_id] or "move it out" in skipped[image_id]
+        )
     assert imageset.given == len(problem_rows())
 
 
@@ -434,13 +481,21 @@ def test_unreadable_files_are_skipped_with_reasons(tmp_path, layout):
 def test_unreadable_paths_in_a_table_are_skipped(tmp_path, layout):
     (tmp_path / "set" / "members" / "folder.png").mkdir(parents=True)
     rows = [
-        Row("m1"), Row("absent", image=None), Row("folder", image=None), Row("through", path="members/m1.png/inner.png"),
-        Row("nopath", path=" "), *good("n1", member=False),
+        Row("m1"),
+        Row("absent", image=None),
+        Row("folder", image=None),
+        Row("through", path="members/m1.png/inner.png"),
+        Row("nopath", path=" "),
+        *good("n1", member=False),
     ]
     if layout != "csv":  # without an id column the id comes from the path: keep it
         rows[-2] = Row("m2")
     imageset = opened(tmp_path / "set", layout, rows)
-    assert kept(imageset) == ["members/m1", "members/m2", "nonmembers/n1"] if layout != "csv" else ["members/m1", "nonmembers/n1"]
+    assert (
+        kept(imageset) == ["members/m1", "members/m2", "nonmembers/n1"]
+        if layout != "csv"
+        else ["members/m1", "nonmembers/n1"]
+    )
     by_source = dict(zip(imageset.skipped["source"], imageset.skipped["reason"]))
     assert by_source["members/absent.png"] == "file not found: members/absent.png"
     assert by_source["members/folder.png"] == "not a file: members/folder.png"
@@ -453,9 +508,15 @@ def test_same_outcome_in_every_layout_and_on_every_opening(tmp_path):
     """The mixed set of problems gives identical records and skips in all four layouts; opening a set
     again (after opening others) gives the same again."""
     rows = problem_rows() + [
-        Row("bomb", image=bomb_png()), Row("dot", image=encode(Image.new("RGB", (1, 1)))), Row("blank", caption=" "),
-        Row("broken", caption=b"\xff\xfe"), Row("zcopy", image=png("m1")), Row("leak", image=png("n1")),
-        Row("deep", image=sixteen_bit()[0]), Row("sideways", image=oriented("PNG", 6)), *good("n3", "n4", "n5", member=False),
+        Row("bomb", image=bomb_png()),
+        Row("dot", image=encode(Image.new("RGB", (1, 1)))),
+        Row("blank", caption=" "),
+        Row("broken", caption=b"\xff\xfe"),
+        Row("zcopy", image=png("m1")),
+        Row("leak", image=png("n1")),
+        Row("deep", image=sixteen_bit()[0]),
+        Row("sideways", image=oriented("PNG", 6)),
+        *good("n3", "n4", "n5", member=False),
     ]
     columns = ["id", "caption", "label", "subset", "source", "sha256", "subset_rule", "group", "width", "height"]
     outcomes = {}
@@ -463,21 +524,44 @@ def test_same_outcome_in_every_layout_and_on_every_opening(tmp_path):
     for layout in LAYOUTS:
         imageset = opened(tmp_path / layout, layout, rows)
         assert list(imageset.records.columns[: len(RECORD_COLUMNS)]) == RECORD_COLUMNS
-        outcomes[layout] = (imageset.records[columns].sort_values("id", ignore_index=True), imageset.skipped[["id", "reason"]].sort_values("id", ignore_index=True), imageset.given)
+        outcomes[layout] = (
+            imageset.records[columns].sort_values("id", ignore_index=True),
+            imageset.skipped[["id", "reason"]].sort_values("id", ignore_index=True),
+            imageset.given,
+        )
         specs[layout] = imageset.spec
     for layout in LAYOUTS:
         again = open_imageset(specs[layout])
         reconciles(again)
         pd.testing.assert_frame_equal(again.records[columns].sort_values("id", ignore_index=True), outcomes[layout][0])
-        pd.testing.assert_frame_equal(again.skipped[["id", "reason"]].sort_values("id", ignore_index=True), outcomes[layout][1])
+        pd.testing.assert_frame_equal(
+            again.skipped[["id", "reason"]].sort_values("id", ignore_index=True), outcomes[layout][1]
+        )
         assert again.given == outcomes[layout][2] == len(rows)
     first = outcomes["csv"]
     for layout in LAYOUTS[1:]:
         pd.testing.assert_frame_equal(outcomes[layout][0], first[0], obj=layout)
         pd.testing.assert_frame_equal(outcomes[layout][1], first[1], obj=layout)
     skipped = dict(zip(first[1]["id"], first[1]["reason"]))
-    assert set(skipped) == set(EXPECTED_PROBLEMS) | {"members/bomb", "members/dot", "members/blank", "members/broken", "members/zcopy", "members/leak", "nonmembers/n1"}
-    assert list(first[0]["id"]) == ["members/deep", "members/m1", "members/m2", "members/sideways", "nonmembers/n2", "nonmembers/n3", "nonmembers/n4", "nonmembers/n5"]
+    assert set(skipped) == set(EXPECTED_PROBLEMS) | {
+        "members/bomb",
+        "members/dot",
+        "members/blank",
+        "members/broken",
+        "members/zcopy",
+        "members/leak",
+        "nonmembers/n1",
+    }
+    assert list(first[0]["id"]) == [
+        "members/deep",
+        "members/m1",
+        "members/m2",
+        "members/sideways",
+        "nonmembers/n2",
+        "nonmembers/n3",
+        "nonmembers/n4",
+        "nonmembers/n5",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,7 +589,9 @@ def test_subsets_assigned_when_the_source_has_none(tmp_path, layout):
 @pytest.mark.parametrize("layout", TABLE_LAYOUTS)
 def test_groups_never_straddle_subsets(tmp_path, layout):
     groups = ["g1", "g1", "g1", "g2", "g2", None, None, None]
-    rows = [Row(f"m{i}", group=g) for i, g in enumerate(groups)] + [Row(f"n{i}", member=False, group="g3" if i < 2 else None) for i in range(6)]
+    rows = [Row(f"m{i}", group=g) for i, g in enumerate(groups)] + [
+        Row(f"n{i}", member=False, group="g3" if i < 2 else None) for i in range(6)
+    ]
     spec = write_set(tmp_path / "set", layout, rows)
     for seed in range(8):
         imageset = open_imageset(f"{spec}?seed={seed}")
@@ -521,17 +607,23 @@ def test_groups_never_straddle_subsets(tmp_path, layout):
 
 @pytest.mark.parametrize("layout", TABLE_LAYOUTS)
 def test_rows_without_a_group_each_form_their_own(tmp_path, layout):
-    rows = [Row("m0", group="solo")] + [Row(f"m{i}") for i in range(1, 6)] + [Row(f"n{i}", member=False) for i in range(4)]
+    rows = (
+        [Row("m0", group="solo")] + [Row(f"m{i}") for i in range(1, 6)] + [Row(f"n{i}", member=False) for i in range(4)]
+    )
     for seed in range(6):
         imageset = opened(tmp_path / f"set{seed}", layout, rows, f"?seed={seed}")
-        calibration = imageset.records.groupby("label")["subset"].apply(lambda s: int((s == "calibration").sum())).to_dict()
+        calibration = (
+            imageset.records.groupby("label")["subset"].apply(lambda s: int((s == "calibration").sum())).to_dict()
+        )
         assert calibration == {1: 3, 0: 2}, seed
 
 
 @pytest.mark.parametrize("layout", TABLE_LAYOUTS)
 def test_given_subsets_are_kept(tmp_path, layout):
     given = ["test", " Calibration ", "TEST", "calibration", "test", "test"]
-    rows = [Row(f"m{i}", subset=s) for i, s in enumerate(given[:3])] + [Row(f"n{i}", member=False, subset=s) for i, s in enumerate(given[3:])]
+    rows = [Row(f"m{i}", subset=s) for i, s in enumerate(given[:3])] + [
+        Row(f"n{i}", member=False, subset=s) for i, s in enumerate(given[3:])
+    ]
     imageset = opened(tmp_path / "set", layout, rows, "?seed=3")
     assert list(imageset.records["subset"]) == ["test", "calibration", "test", "calibration", "test", "test"]
     assert set(imageset.records["subset_rule"]) == {"given"}
@@ -571,7 +663,10 @@ def test_freeze_writes_the_manifest_and_never_overwrites(tmp_path, layout):
     (tmp_path / "frozen" / "other.skipped.csv").write_text("mine\n")
     with pytest.raises(FileExistsError):
         freeze(imageset, tmp_path / "frozen" / "other.csv")
-    assert not (tmp_path / "frozen" / "other.csv").exists() and (tmp_path / "frozen" / "other.skipped.csv").read_text() == "mine\n"
+    assert (
+        not (tmp_path / "frozen" / "other.csv").exists()
+        and (tmp_path / "frozen" / "other.skipped.csv").read_text() == "mine\n"
+    )
 
 
 def test_manifest_verifies_and_reports_changed_missing_and_extra_files(tmp_path, layout):
@@ -581,12 +676,20 @@ def test_manifest_verifies_and_reports_changed_missing_and_extra_files(tmp_path,
     same = open_imageset(f"{original.spec}&manifest={manifest}")
     reconciles(same)
     assert same.skipped.empty and same.info["manifest"]["counts"] == {"verified": 8}
-    assert list(same.records["subset"]) == list(original.records["subset"]) and set(same.records["subset_rule"]) == {"hash(seed=7)"}
+    assert list(same.records["subset"]) == list(original.records["subset"]) and set(same.records["subset_rule"]) == {
+        "hash(seed=7)"
+    }
 
     # the set changes: m0's bytes, n0 deleted from the listing, n1's file gone, a new image, m1's caption
     changed = [
-        Row("m0", image=png("something else")), Row("m1", caption="a new caption"), Row("m2"), Row("m3"),
-        Row("n1", member=False, link=Path("gone.png")), Row("n2", member=False), Row("n3", member=False), Row("m9"),
+        Row("m0", image=png("something else")),
+        Row("m1", caption="a new caption"),
+        Row("m2"),
+        Row("m3"),
+        Row("n1", member=False, link=Path("gone.png")),
+        Row("n2", member=False),
+        Row("n3", member=False),
+        Row("m9"),
     ]
     spec = write_set(tmp_path / "v2", layout, changed)
     reopened = open_imageset(f"{spec}?seed=99&manifest={manifest}")
@@ -640,8 +743,11 @@ def test_broken_manifests_are_refused(tmp_path):
 def test_batches_and_load_give_the_preprocessed_original_files(tmp_path, layout):
     rgba = np.dstack([pixels("alpha", (40, 56)), np.linspace(0, 255, 40 * 56).astype(np.uint8).reshape(56, 40)])
     rows = [
-        Row("m0"), Row("m1", image=png("wide", (80, 36))), Row("m2", image=encode(Image.fromarray(rgba, "RGBA"))),
-        Row("n0", member=False, image=encode(Image.fromarray(pixels("grey")[..., 0], "L"))), Row("n1", member=False),
+        Row("m0"),
+        Row("m1", image=png("wide", (80, 36))),
+        Row("m2", image=encode(Image.fromarray(rgba, "RGBA"))),
+        Row("n0", member=False, image=encode(Image.fromarray(pixels("grey")[..., 0], "L"))),
+        Row("n1", member=False),
     ]
     root = tmp_path / "set"
     imageset = opened(root, layout, rows)
@@ -705,7 +811,9 @@ def test_spec_errors_are_clear(tmp_path):
     (tmp_path / "json" / "metadata.jsonl").write_text('{"file_name": "a.png", "caption": "a", "label": 1}\n\n[1, 2]\n')
     with pytest.raises(DataError, match="line 3 is not a JSON object"):
         open_imageset(f"imagefolder:{tmp_path / 'json'}")
-    (tmp_path / "json" / "metadata.jsonl").write_text('{"file_name": "a.png", "caption": "a", "label": 1}\n{"file_name": \n')
+    (tmp_path / "json" / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "caption": "a", "label": 1}\n{"file_name": \n'
+    )
     with pytest.raises(DataError, match="line 2 is not JSON"):
         open_imageset(f"imagefolder:{tmp_path / 'json'}")
 
@@ -764,7 +872,9 @@ def test_claim_folder_refuses_a_users_folder(tmp_path):
     (user / "holiday.png").write_bytes(b"my photo")
     with pytest.raises(DataError, match="refusing to write into it"):
         claim_folder(user)
-    assert sorted(p.name for p in user.iterdir()) == ["holiday.png"] and (user / "holiday.png").read_bytes() == b"my photo"
+    assert (
+        sorted(p.name for p in user.iterdir()) == ["holiday.png"] and (user / "holiday.png").read_bytes() == b"my photo"
+    )
     assert claim_folder(tmp_path / "new" / "renders") == tmp_path / "new" / "renders"
     assert (tmp_path / "new" / "renders" / data.OWNED_MARKER).exists()
     empty = tmp_path / "empty"
@@ -814,7 +924,6 @@ def test_emoji_never_overwrites_a_users_file_named_like_a_render(tmp_path):
     assert (user / f"{chosen}.png").read_bytes() == mine
 
 
-
 def test_an_unlabelled_set_opens_for_the_audit_with_its_labels_missing_never_guessed(tmp_path):
     """The set-level audit takes sets without membership labels: a csv without the column, an imagefolder
     whose metadata lacks it, a plain folder of images with .txt captions. A given label must still be valid."""
@@ -837,7 +946,11 @@ def test_an_unlabelled_set_opens_for_the_audit_with_its_labels_missing_never_gue
     for i in range(3):
         (folder / f"{i}.txt").write_text(f"caption {i}")
     plain = open_imageset(f"imagefolder:{folder}", require_labels=False)
-    assert sorted(plain.records["id"]) == ["0", "1", "2"] and list(plain.records.sort_values("id")["caption"]) == ["caption 0", "caption 1", "caption 2"]
+    assert sorted(plain.records["id"]) == ["0", "1", "2"] and list(plain.records.sort_values("id")["caption"]) == [
+        "caption 0",
+        "caption 1",
+        "caption 2",
+    ]
 
 
 @pytest.mark.parametrize("threads", [2, 3])
@@ -900,7 +1013,9 @@ def hidden_and_system_files(folder: Path) -> None:
     (folder / ".ipynb_checkpoints" / "x.png").write_bytes(png("checkpoint"))
 
 
-def check_accounted(imageset, expected_used: set[str], expected_skipped: dict[str, tuple], unnamed=()) -> dict[str, str]:
+def check_accounted(
+    imageset, expected_used: set[str], expected_skipped: dict[str, tuple], unnamed=()
+) -> dict[str, str]:
     """Counts reconcile, exactly the expected sources are used / skipped, and each reason names its file
     (or, for a missing caption, the caption file; not for ``unnamed``) and holds the expected words.
     Returns source -> reason."""
@@ -932,7 +1047,9 @@ def test_every_file_of_a_members_nonmembers_folder_is_used_or_skipped(tmp_path):
     hidden_and_system_files(root / "members")
     hidden_and_system_files(root)
     imageset = open_imageset(f"imagefolder:{root}")
-    used = {r.rel for r in good("m1", "m2") + good("n1", "n2", member=False)} | {f"members/{n}" for n, (_, ok, _) in ODD_FILES.items() if ok}
+    used = {r.rel for r in good("m1", "m2") + good("n1", "n2", member=False)} | {
+        f"members/{n}" for n, (_, ok, _) in ODD_FILES.items() if ok
+    }
     skipped = {f"members/{n}": words for n, (_, ok, words) in ODD_FILES.items() if not ok}
     skipped["nonmembers/report.pdf"] = ("not a readable image", "PDF")
     skipped["nonmembers/notes.txt"] = ("caption file without an image",)
@@ -958,7 +1075,9 @@ def test_every_file_of_a_metadata_imagefolder_is_used_or_skipped(tmp_path, layou
     for name, (payload, _, _) in ODD_FILES.items():
         (root / "members" / name).write_bytes(payload)
     (root / "members" / "forgotten.png").write_bytes(png("forgotten"))  # an image no row names
-    (root / "members" / "m1.txt").write_text("a caption of the folder form")  # a caption beside an image: the other form's
+    (root / "members" / "m1.txt").write_text(
+        "a caption of the folder form"
+    )  # a caption beside an image: the other form's
     (root / "notes.pdf").write_bytes(PDF)
     hidden_and_system_files(root)
     imageset = open_imageset(f"imagefolder:{root}")
@@ -1010,7 +1129,9 @@ def test_a_csv_set_reads_its_files_by_content_and_names_the_unreadable_ones(tmp_
     check_accounted(imageset, used, {n: words for n, (_, ok, words) in ODD_FILES.items() if not ok})
 
 
-def _img2dataset_sample(files: dict, key: str, image: tuple[str, bytes] | None, label: int, caption: bool = True) -> None:
+def _img2dataset_sample(
+    files: dict, key: str, image: tuple[str, bytes] | None, label: int, caption: bool = True
+) -> None:
     """One sample's files (name -> bytes) as img2dataset writes them."""
     if image is not None:
         files[f"{key}{image[0]}"] = image[1]
@@ -1048,10 +1169,14 @@ def test_every_file_of_an_img2dataset_output_is_used_or_skipped(tmp_path, kind):
                 archive.addfile(info, io.BytesIO(payload))
         prefix = "00000.tar:"
     keys = [f"00000000{i}" for i in range(6)]
-    pd.DataFrame({
-        "key": keys, "status": ["success"] * 5 + ["failed_to_download"], "error_message": [None] * 5 + ["HTTP Error 404"],
-        "label": ["1", "0", "1", "0", "1", "0"],
-    }).to_parquet(out / "00000.parquet", index=False)
+    pd.DataFrame(
+        {
+            "key": keys,
+            "status": ["success"] * 5 + ["failed_to_download"],
+            "error_message": [None] * 5 + ["HTTP Error 404"],
+            "label": ["1", "0", "1", "0", "1", "0"],
+        }
+    ).to_parquet(out / "00000.parquet", index=False)
     (out / "00000_stats.json").write_text("{}")
     (out / "urls.csv").write_text("url\nhttp://example.invalid/a.jpg\n")  # not img2dataset's: a stray
     imageset = open_imageset(f"img2dataset:{out}?label=label")

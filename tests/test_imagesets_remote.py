@@ -18,8 +18,7 @@ import torch
 from PIL import Image
 
 from mialib.data import DataError, preprocess
-from mialib.imagesets import open_imageset
-from mialib.imagesets import laion_mi
+from mialib.imagesets import laion_mi, open_imageset
 
 SIZE = 32
 
@@ -30,7 +29,9 @@ def image_bytes(seed: int, size=(48, 40), fmt="PNG", mode="RGB") -> bytes:
     channels = len(mode)
     pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels if channels > 1 else pixels[..., 0], mode).save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    Image.fromarray(pixels if channels > 1 else pixels[..., 0], mode).save(
+        buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {})
+    )
     return buffer.getvalue()
 
 
@@ -61,8 +62,13 @@ def sample_meta(key: str, as_key: str | None = None) -> dict:
     """img2dataset's metadata of one sample (``as_key``: the key it has in this output)."""
     payload, caption, label, uid, error = SAMPLES[key]
     return {
-        "uid": uid, "label": label, "caption": caption.decode("latin-1"), "url": f"http://example.invalid/{uid}",
-        "key": as_key or key, "status": "success" if payload else "failed_to_download", "error_message": error,
+        "uid": uid,
+        "label": label,
+        "caption": caption.decode("latin-1"),
+        "url": f"http://example.invalid/{uid}",
+        "key": as_key or key,
+        "status": "success" if payload else "failed_to_download",
+        "error_message": error,
     }
 
 
@@ -102,7 +108,11 @@ def tar_output(folder: Path) -> Path:
         for key, (payload, caption, *_) in SAMPLES.items():
             if payload is None:
                 continue
-            for name, data in ((f"{key}{extension(payload)}", payload), (f"{key}.txt", caption), (f"{key}.json", json.dumps(sample_meta(key)).encode())):
+            for name, data in (
+                (f"{key}{extension(payload)}", payload),
+                (f"{key}.txt", caption),
+                (f"{key}.json", json.dumps(sample_meta(key)).encode()),
+            ):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))
@@ -246,9 +256,13 @@ def server():
 def test_laion_mi_listing_ids_and_duplicates(tmp_path):
     write_lists(tmp_path, "http://127.0.0.1:9")
     # a URL on both sides of the split, in a nested folder; the download folder's parquet files are ignored
-    pd.DataFrame([("http://127.0.0.1:9/n1.png", "both")], columns=["url", "caption"]).to_parquet(tmp_path / "data" / "members-extra.parquet")
+    pd.DataFrame([("http://127.0.0.1:9/n1.png", "both")], columns=["url", "caption"]).to_parquet(
+        tmp_path / "data" / "members-extra.parquet"
+    )
     (tmp_path / "download").mkdir()
-    pd.DataFrame([("http://x/y", "z")], columns=["url", "caption"]).to_parquet(tmp_path / "download" / "members-stray.parquet")
+    pd.DataFrame([("http://x/y", "z")], columns=["url", "caption"]).to_parquet(
+        tmp_path / "download" / "members-stray.parquet"
+    )
     rows = laion_mi.listing(tmp_path).set_index("id")
     assert len(rows) == 10
     first = laion_mi.url_id("http://127.0.0.1:9/m1.png", 1)
@@ -262,7 +276,10 @@ def test_laion_mi_listing_ids_and_duplicates(tmp_path):
     imageset = open_imageset(f"laion-mi:{tmp_path}")
     assert len(imageset) == 0 and imageset.given == 10
     reasons = imageset.skipped.set_index("id")["reason"]
-    assert reasons[laion_mi.url_id("http://127.0.0.1:9/m2.jpg", 1)] == f"not downloaded yet: run `mialib download --data laion-mi:{tmp_path}`"
+    assert (
+        reasons[laion_mi.url_id("http://127.0.0.1:9/m2.jpg", 1)]
+        == f"not downloaded yet: run `mialib download --data laion-mi:{tmp_path}`"
+    )
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no LAION-mi parquet files"):
@@ -289,10 +306,17 @@ def test_laion_mi_download_end_to_end(tmp_path, server):
         pytest.skip(str(error))
     base, served, requests = server
     write_lists(tmp_path, base)
-    ids = {name: laion_mi.url_id(f"{base}/{name}", 1 if name.startswith(("m", "gone-a", "page")) else 0) for name in (
-        "m1.png", "m2.jpg", "gone-a.png", "page.html", "n1.png", "n2.jpg", "gone-b.jpg", "n3.png")}
-    arrived = {"m1.png": ("member one", 1), "m2.jpg": ("member two", 1), "n1.png": ("non-member one", 0),
-               "n2.jpg": ("non-member two", 0), "n3.png": ("a transparent non-member", 0)}
+    ids = {
+        name: laion_mi.url_id(f"{base}/{name}", 1 if name.startswith(("m", "gone-a", "page")) else 0)
+        for name in ("m1.png", "m2.jpg", "gone-a.png", "page.html", "n1.png", "n2.jpg", "gone-b.jpg", "n3.png")
+    }
+    arrived = {
+        "m1.png": ("member one", 1),
+        "m2.jpg": ("member two", 1),
+        "n1.png": ("non-member one", 0),
+        "n2.jpg": ("non-member two", 0),
+        "n3.png": ("a transparent non-member", 0),
+    }
 
     # a trial run: at most 4 rows (2 members, 2 non-members); the rest is listed as not downloaded yet
     lines = []
@@ -339,5 +363,7 @@ def test_laion_mi_download_end_to_end(tmp_path, server):
     before = len(requests)
     again = laion_mi.download(tmp_path, threads=4, timeout=5, log=None)
     assert again["requested"] == 0 and len(requests) == before
-    assert {k: v for k, v in again.items() if k != "requested"} == {k: v for k, v in summary.items() if k != "requested"}
+    assert {k: v for k, v in again.items() if k != "requested"} == {
+        k: v for k, v in summary.items() if k != "requested"
+    }
     assert Path(again["manifest"]).read_text() == text

@@ -128,8 +128,6 @@ def test_balanced_accuracy_hand_numbers():
     assert metrics.balanced_accuracy_at(LABELS_A, SCORES_A, 0.8) == pytest.approx((0.5 + 5 / 6) / 2)  # 0.6667
 
 
-
-
 @pytest.mark.parametrize(
     "target, expected",
     [(0.0, 0.9), (0.1, 0.9), (0.2, 0.7), (0.5, 0.5), (0.7, 0.4)],
@@ -242,7 +240,9 @@ def test_select_on_calibration_flips_direction():
 
 
 def test_select_on_calibration_without_flip():
-    value, direction, cal_auc = metrics.select_on_calibration(_selection_table(MISLEADING_TEST_ROWS), "t", allow_flip=False)
+    value, direction, cal_auc = metrics.select_on_calibration(
+        _selection_table(MISLEADING_TEST_ROWS), "t", allow_flip=False
+    )
     assert (value, direction) == (50, 1)
     assert cal_auc == pytest.approx(0.75)
 
@@ -307,4 +307,6 @@ def test_every_bootstrap_resample_equals_sklearn_on_the_resampled_arrays():
         assert row.auc == pytest.approx(roc_auc_score(drawn_labels, drawn_scores), abs=1e-12)
         assert row.tpr_at_1fpr == metrics.tpr_at_fpr(drawn_labels, drawn_scores, 0.01)
         assert row.tpr_at_01fpr == metrics.tpr_at_fpr(drawn_labels, drawn_scores, 0.001)
-        assert row.balanced_accuracy == pytest.approx(metrics.balanced_accuracy_at(drawn_labels, drawn_scores, threshold), abs=1e-12)
+        assert row.balanced_accuracy == pytest.approx(
+            metrics.balanced_accuracy_at(drawn_labels, drawn_scores, threshold), abs=1e-12
+        )

@@ -17,7 +17,12 @@ import model_zoo
 from mialib import cli, ddim
 from mialib.target import UnsupportedModel, load_target
 
-FAMILIES = {"sd1": model_zoo.build_sd1, "sd2_v": model_zoo.build_sd2_v, "sdxl": model_zoo.build_sdxl, "sample": model_zoo.build_sample}
+FAMILIES = {
+    "sd1": model_zoo.build_sd1,
+    "sd2_v": model_zoo.build_sd2_v,
+    "sdxl": model_zoo.build_sdxl,
+    "sample": model_zoo.build_sample,
+}
 PREDICTION = {"sd1": "epsilon", "sd2_v": "v_prediction", "sdxl": "epsilon", "sample": "sample"}
 ATTACKS = ["structural", "loss:t=[100,300]", "pia", "secmi", "clid"]
 
@@ -57,7 +62,21 @@ def folder_runs(tmp_path_factory):
 
 
 def _score(model, user_set, out, *extra, attacks=ATTACKS):
-    argv = ["score", "--model", str(model), "--data", f"imagefolder:{user_set}", "--out", str(out), "--bootstrap", "20", "--quiet", "--batch-size", "4", *extra]
+    argv = [
+        "score",
+        "--model",
+        str(model),
+        "--data",
+        f"imagefolder:{user_set}",
+        "--out",
+        str(out),
+        "--bootstrap",
+        "20",
+        "--quiet",
+        "--batch-size",
+        "4",
+        *extra,
+    ]
     for attack in attacks:
         argv += ["--attack", attack]
     cli.main(argv)
@@ -80,7 +99,9 @@ def test_every_family_and_file_form_scores(zoo, user_set, tmp_path, family, fold
     folder_scores = folder_scores.sort_values(key).reset_index(drop=True)
 
     # the single original-layout file, converted by diffusers with the folder as its config: the same model
-    single_scores, parameters = _score(model["single"], user_set, tmp_path / "single", "--model-config", str(model["folder"]))
+    single_scores, parameters = _score(
+        model["single"], user_set, tmp_path / "single", "--model-config", str(model["folder"])
+    )
     assert parameters["prediction_type"] == PREDICTION[family] and parameters["model_config"] == str(model["folder"])
     single_scores = single_scores.sort_values(key).reset_index(drop=True)
     np.testing.assert_allclose(single_scores["score"], folder_scores["score"], rtol=1e-4, atol=1e-6)
@@ -101,7 +122,9 @@ def test_the_variant_can_be_named_a_missing_one_falls_back_or_is_refused(zoo, tm
     plain = load_target(zoo["sd1"]["folder"], variant="fp16")
     assert not any(".fp16." in p for files in plain.sources.values() for p in files)
     assert "has no 'fp16' variant weights; its plain files are loaded" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match=r"has no 'bf16' variant weights \(it has: fp16\); set VARIANT / --variant accordingly"):
+    with pytest.raises(
+        FileNotFoundError, match=r"has no 'bf16' variant weights \(it has: fp16\); set VARIANT / --variant accordingly"
+    ):
         load_target(zoo["sd1"]["fp16"], variant="bf16")
 
 
@@ -109,7 +132,9 @@ def test_bfloat16_scores_close_to_float32(zoo, user_set, tmp_path, folder_runs):
     fp32, fp32_parameters = folder_runs.get("sd2_v") or _score(zoo["sd2_v"]["folder"], user_set, tmp_path / "fp32")
     # bf16 on the CPU is slow, so two attacks; SecMI's step-wise error is small enough that bf16 rounding
     # reorders it (correlation 0.78 with fp32 here), so it is not expected to agree this closely
-    bf16, parameters = _score(zoo["sd2_v"]["folder"], user_set, tmp_path / "bf16", "--dtype", "bfloat16", attacks=["structural", "pia"])
+    bf16, parameters = _score(
+        zoo["sd2_v"]["folder"], user_set, tmp_path / "bf16", "--dtype", "bfloat16", attacks=["structural", "pia"]
+    )
     assert set(bf16["dtype"]) == {"bfloat16"} and parameters["settings"]["dtype"] == "bfloat16"
     assert parameters["fingerprint"] != fp32_parameters["fingerprint"]  # bf16 results never read fp32 caches
     both = fp32.merge(bf16, on=["run", "id"], suffixes=("_fp32", "_bf16"))
@@ -128,7 +153,9 @@ def test_one_ddim_step_matches_diffusers_scheduler_for_each_prediction_type(zoo,
 
     target = load_target(zoo[family]["folder"])
     pipeline = zoo[family]["pipeline"]
-    scheduler = DDIMScheduler.from_config({**pipeline.scheduler.config, "clip_sample": False})  # the walk never clips x0
+    scheduler = DDIMScheduler.from_config(
+        {**pipeline.scheduler.config, "clip_sample": False}
+    )  # the walk never clips x0
     scheduler.set_timesteps(50)  # 1000 / 50: t = 501 -> 481 (steps_offset 1)
     t, t_prev = 501, 481
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -148,17 +175,30 @@ def test_sdxl_conditioning_matches_the_sdxl_pipeline(zoo):
     assert target.family == "sdxl" and target.zero_empty_prompt
     captions = ["red apple", "man farmer"]
     with torch.no_grad():
-        hidden, negative, pooled, negative_pooled = pipeline.encode_prompt(captions, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+        hidden, negative, pooled, negative_pooled = pipeline.encode_prompt(
+            captions, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
     cond = target.encode_prompts(captions)
     torch.testing.assert_close(cond.hidden, hidden, rtol=0, atol=1e-6)
     torch.testing.assert_close(cond.pooled, pooled, rtol=0, atol=1e-6)
     null = target.encode_prompts(["", ""])  # force_zeros_for_empty_prompt: the pipeline's negative conditioning
     assert torch.equal(null.hidden, negative) and torch.equal(null.pooled, negative_pooled) and not negative.any()
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    time_ids = pipeline._get_add_time_ids((32, 32), (0, 0), (32, 32), dtype=hidden.dtype, text_encoder_projection_dim=pipeline.text_encoder_2.config.projection_dim)
+    time_ids = pipeline._get_add_time_ids(
+        (32, 32),
+        (0, 0),
+        (32, 32),
+        dtype=hidden.dtype,
+        text_encoder_projection_dim=pipeline.text_encoder_2.config.projection_dim,
+    )
     assert torch.equal(target.time_ids(latents, hidden.dtype), time_ids.repeat(2, 1))
     with torch.no_grad():
-        expected = pipeline.unet(latents, 300, encoder_hidden_states=hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(2, 1)}).sample
+        expected = pipeline.unet(
+            latents,
+            300,
+            encoder_hidden_states=hidden,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(2, 1)},
+        ).sample
     torch.testing.assert_close(target.eps(latents, 300, cond), expected, rtol=1e-4, atol=1e-5)
     assert target.resolution == 32
 
@@ -168,7 +208,10 @@ def test_sdxl_conditioning_matches_the_sdxl_pipeline(zoo):
 # --------------------------------------------------------------------------------------------------
 def test_flow_matching_families_are_refused_by_name(tmp_path):
     folder = model_zoo.build_flow(tmp_path / "sd3")
-    with pytest.raises(UnsupportedModel, match=r"is Stable Diffusion 3 \(StableDiffusion3Pipeline\), a flow-matching model.*Supported: Stable Diffusion 1.x and 2.x"):
+    with pytest.raises(
+        UnsupportedModel,
+        match=r"is Stable Diffusion 3 \(StableDiffusion3Pipeline\), a flow-matching model.*Supported: Stable Diffusion 1.x and 2.x",
+    ):
         load_target(folder)
     (folder / "model_index.json").unlink()  # the scheduler alone gives it away
     with pytest.raises(UnsupportedModel, match=r"a flow-matching model \(FlowMatchEulerDiscreteScheduler\)"):
@@ -178,16 +221,25 @@ def test_flow_matching_families_are_refused_by_name(tmp_path):
 @pytest.mark.parametrize("component", ["unet", "text_encoder"])
 def test_pickled_components_are_refused_with_a_conversion_hint(zoo, tmp_path, component):
     folder = model_zoo.pickle_copy(zoo["sd1"]["folder"], tmp_path / "pickled", component=component)
-    with pytest.raises(UnsupportedModel, match=rf"{component} in .* has only pickled weights \(.*\.bin\).*never unpickles.*save_pretrained\("):
+    with pytest.raises(
+        UnsupportedModel,
+        match=rf"{component} in .* has only pickled weights \(.*\.bin\).*never unpickles.*save_pretrained\(",
+    ):
         load_target(folder)
 
 
 def test_single_files_need_a_config_and_must_be_safetensors(zoo, tmp_path, user_set, capsys):
-    with pytest.raises(ValueError, match=r"is a single-file checkpoint.*MODEL_CONFIG / --model-config: stable-diffusion-v1-5/stable-diffusion-v1-5 \(SD 1.x\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"is a single-file checkpoint.*MODEL_CONFIG / --model-config: stable-diffusion-v1-5/stable-diffusion-v1-5 \(SD 1.x\)",
+    ):
         load_target(zoo["sd1"]["single"])
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"not read")
-    with pytest.raises(UnsupportedModel, match=r"model.ckpt is a pickled checkpoint \(.ckpt\).*never unpickles.*weights_only=True.*model.safetensors"):
+    with pytest.raises(
+        UnsupportedModel,
+        match=r"model.ckpt is a pickled checkpoint \(.ckpt\).*never unpickles.*weights_only=True.*model.safetensors",
+    ):
         load_target(ckpt, config=zoo["sd1"]["folder"])
     with pytest.raises(SystemExit):
         _score(zoo["sd1"]["single"], user_set, tmp_path / "out")
@@ -202,12 +254,33 @@ def test_a_hub_id_is_checked_then_downloaded_safetensors_only(zoo, monkeypatch):
 
     calls = []
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the fake hub is online (offline, an uncached id is refused at once)
-    monkeypatch.setattr(DiffusionPipeline, "load_config", classmethod(lambda cls, name, **kw: {"_class_name": "StableDiffusionXLPipeline"}))
-    monkeypatch.setattr(DiffusionPipeline, "download", classmethod(lambda cls, name, **kw: calls.append((name, kw)) or str(zoo["sdxl"]["fp16"])))
+    monkeypatch.setattr(
+        DiffusionPipeline,
+        "load_config",
+        classmethod(lambda cls, name, **kw: {"_class_name": "StableDiffusionXLPipeline"}),
+    )
+    monkeypatch.setattr(
+        DiffusionPipeline,
+        "download",
+        classmethod(lambda cls, name, **kw: calls.append((name, kw)) or str(zoo["sdxl"]["fp16"])),
+    )
     target = load_target("stabilityai/stable-diffusion-xl-base-1.0", variant="fp16")
     assert target.family == "sdxl" and target.name == "stabilityai/stable-diffusion-xl-base-1.0"
-    assert calls == [("stabilityai/stable-diffusion-xl-base-1.0", {"variant": "fp16", "use_safetensors": True, "safety_checker": None, "feature_extractor": None, "image_encoder": None})]
-    monkeypatch.setattr(DiffusionPipeline, "load_config", classmethod(lambda cls, name, **kw: {"_class_name": "FluxPipeline"}))
+    assert calls == [
+        (
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            {
+                "variant": "fp16",
+                "use_safetensors": True,
+                "safety_checker": None,
+                "feature_extractor": None,
+                "image_encoder": None,
+            },
+        )
+    ]
+    monkeypatch.setattr(
+        DiffusionPipeline, "load_config", classmethod(lambda cls, name, **kw: {"_class_name": "FluxPipeline"})
+    )
     with pytest.raises(UnsupportedModel, match="is FLUX"):
         load_target("black-forest-labs/FLUX.1-dev")
     assert len(calls) == 1  # refused before any download

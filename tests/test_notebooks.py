@@ -25,12 +25,24 @@ FIGURES = (
     "robustness_sweep", "robustness_examples", "ablation_t_and_stride", "training_dynamics", "audit_null", "audit_power",
 )  # fmt: skip
 # U-Net evaluations per image at the smoke preset's fixed settings (the registry's formulas are checked for every run below)
-FIXED_COSTS = {"structural_paper": 2, "pixel_paper": 2, "backward": 4, "secmi": 12, "pia": 2, "clid": 3, "vae_control": 0, "blind_image": 0, "blind_caption": 0}
+FIXED_COSTS = {
+    "structural_paper": 2,
+    "pixel_paper": 2,
+    "backward": 4,
+    "secmi": 12,
+    "pia": 2,
+    "clid": 3,
+    "vae_control": 0,
+    "blind_image": 0,
+    "blind_caption": 0,
+}
 
 
 def _errors(notebook) -> list:
     cells = json.loads(notebook.read_text())["cells"]
-    return [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    return [
+        o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
 
 
 def test_all_notebooks_executed(smoke_outputs):
@@ -66,7 +78,9 @@ def test_02_observation_curve(smoke_outputs, smoke_params):
     assert list(observation.index) == list(range(0, smoke_params["CURVE_T_MAX"] + 1, smoke_params["CURVE_STRIDE"]))
     np.testing.assert_allclose(observation["difference"], observation["member"] - observation["nonmember"], atol=1e-12)
     assert observation[["member", "nonmember"]].abs().le(1).all().all()
-    assert (observation["member"].iloc[-1] < observation["member"].iloc[0]) and (observation["nonmember"].iloc[-1] < observation["nonmember"].iloc[0])
+    assert (observation["member"].iloc[-1] < observation["member"].iloc[0]) and (
+        observation["nonmember"].iloc[-1] < observation["nonmember"].iloc[0]
+    )
     # t = 0 is the VAE round trip, which 03 reports as its own control
     scores = pd.read_parquet(smoke_outputs / "scores.parquet")
     vae = scores[scores["run"] == "vae_control"]
@@ -134,7 +148,9 @@ def test_executed_notebooks_and_pages_hold_only_what_the_notebooks_say(smoke_out
         assert not [o for o in outputs if any("widget" in kind for kind in o.get("data", {}))], name
         assert "widgets" not in notebook["metadata"], name
         sources = "".join("".join(c["source"]) for c in notebook["cells"])
-        assert not absolute.search(sources + json.dumps(outputs)) and str(experiment.ROOT) not in sources + json.dumps(outputs), name
+        assert not absolute.search(sources + json.dumps(outputs)) and str(experiment.ROOT) not in sources + json.dumps(
+            outputs
+        ), name
         page = (smoke_outputs / "html" / f"{name}.html").read_text()
         assert 'data-mime-type="application/vnd.jupyter.stderr"' not in page and "vnd.jupyter.widget" not in page, name
         assert not absolute.search(page) and str(experiment.ROOT) not in page, name
@@ -151,11 +167,22 @@ def test_index_opens_with_the_headline_that_03_and_06_wrote(smoke_outputs, smoke
     soup = BeautifulSoup(index, "html.parser")
     assert not soup.find_all("script") and soup.title.get_text() == "mialib run: smoke"
     assert [t.name for t in soup.body.find_all(["h1", "p", "h2", "table"])][:4] == ["h1", "p", "h2", "table"]
-    assert f"{smoke_params['N_MEMBERS']} members and {smoke_params['N_NONMEMBERS']} non-members" in soup.find("p", class_="run").get_text()
+    assert (
+        f"{smoke_params['N_MEMBERS']} members and {smoke_params['N_NONMEMBERS']} non-members"
+        in soup.find("p", class_="run").get_text()
+    )
     table = soup.find("table")
     assert "headline" in table["class"] and index.index("<table") < index.index('href="01_data_split.html"')
     header = [th.get_text() for th in table.find("thead").find_all("th")]
-    assert header == ["attack", "setting", "AUC [95% CI]", "TPR@1%FPR [95% CI]", "test FPR at the calibration's 1% threshold", "U-Net evals / image", "beats blind baselines"]
+    assert header == [
+        "attack",
+        "setting",
+        "AUC [95% CI]",
+        "TPR@1%FPR [95% CI]",
+        "test FPR at the calibration's 1% threshold",
+        "U-Net evals / image",
+        "beats blind baselines",
+    ]
     rows = [[td.get_text() for td in tr.find_all("td")] for tr in table.find("tbody").find_all("tr")]
     metrics = pd.read_csv(smoke_outputs / "metrics.csv")
     beats = pd.read_csv(smoke_outputs / "tables" / "beats_blind.csv").set_index("run")["beats blind baselines"]
@@ -163,9 +190,15 @@ def test_index_opens_with_the_headline_that_03_and_06_wrote(smoke_outputs, smoke
     numbers = re.compile(r"-?\d+(?:\.\d+)?")
     for row, metric in zip(rows, metrics.itertuples()):
         assert row[1] == metric.setting
-        assert [float(x) for x in numbers.findall(row[2])] == pytest.approx([metric.auc, metric.auc_low, metric.auc_high], abs=5e-4)
-        assert [float(x) for x in numbers.findall(row[3])] == pytest.approx([metric.tpr_at_1fpr, metric.tpr_at_1fpr_low, metric.tpr_at_1fpr_high], abs=5e-4)
-        assert float(row[4]) == pytest.approx(metric.transfer_fpr_at_1fpr, abs=5e-4) and float(row[5]) == pytest.approx(metric.unet_evals, abs=0.05)
+        assert [float(x) for x in numbers.findall(row[2])] == pytest.approx(
+            [metric.auc, metric.auc_low, metric.auc_high], abs=5e-4
+        )
+        assert [float(x) for x in numbers.findall(row[3])] == pytest.approx(
+            [metric.tpr_at_1fpr, metric.tpr_at_1fpr_low, metric.tpr_at_1fpr_high], abs=5e-4
+        )
+        assert float(row[4]) == pytest.approx(metric.transfer_fpr_at_1fpr, abs=5e-4) and float(row[5]) == pytest.approx(
+            metric.unet_evals, abs=0.05
+        )
         assert row[6] == ({True: "yes", False: "no"}[bool(beats[metric.run])] if metric.run in beats.index else "")
     verdicts = soup.find("ul", class_="verdicts").get_text(" ")
     assert "Best blind baseline (model-free) test AUC: " in verdicts
@@ -180,7 +213,12 @@ def test_06_features_are_the_registry_scores_of_03(smoke_outputs, smoke_params):
     features = pd.read_parquet(smoke_outputs / "audit_features.parquet").set_index("id")
     assert list(features.columns) == ["label", *smoke_params["AUDIT_ATTACKS"]]
     scores = pd.read_parquet(smoke_outputs / "scores.parquet")
-    for feature, run in (("structural", "structural_paper"), ("pixel", "pixel_paper"), ("secmi", "secmi"), ("clid", "clid")):
+    for feature, run in (
+        ("structural", "structural_paper"),
+        ("pixel", "pixel_paper"),
+        ("secmi", "secmi"),
+        ("clid", "clid"),
+    ):
         paper = scores[scores["run"] == run].set_index("id")
         np.testing.assert_array_equal(features.loc[paper.index, feature].to_numpy(), paper["score"].to_numpy())
         np.testing.assert_array_equal(features.loc[paper.index, "label"].to_numpy(), paper["label"].to_numpy())
@@ -198,14 +236,32 @@ def test_06_null_rate_power_and_images_needed_are_what_the_audit_gives(smoke_out
     sizes = [n for n in smoke_params["AUDIT_SIZES"] if 2 * n <= len(nonmembers)]
     assert list(combined["size"]) == sizes and set(combined["n_sets"]) == {smoke_params["AUDIT_NULL_SETS"]}
     again = audit.null_rate(nonmembers, runs, sizes, smoke_params["AUDIT_NULL_SETS"], 0.05, seed)
-    np.testing.assert_allclose(combined[["fpr_t", "fpr_permutation"]].to_numpy(), again[["fpr_t", "fpr_permutation"]].to_numpy(), rtol=0, atol=0)
+    np.testing.assert_allclose(
+        combined[["fpr_t", "fpr_permutation"]].to_numpy(),
+        again[["fpr_t", "fpr_permutation"]].to_numpy(),
+        rtol=0,
+        atol=0,
+    )
     # validity: at level 0.05 no feature set rejects more often than 0.05 + 3 Monte Carlo standard errors
-    assert (null["fpr_t"] <= 0.05 + 3 * null["mc_se"]).all() and (null["fpr_permutation"] <= 0.05 + 3 * null["mc_se"]).all()
+    assert (null["fpr_t"] <= 0.05 + 3 * null["mc_se"]).all() and (
+        null["fpr_permutation"] <= 0.05 + 3 * null["mc_se"]
+    ).all()
     power = pd.read_csv(smoke_outputs / "tables" / "audit_power.csv")
     level = smoke_params["AUDIT_LEVEL"]
-    pure = audit.power(members, nonmembers, {"combined": runs}, smoke_params["AUDIT_SIZES"], (1.0,), smoke_params["AUDIT_POWER_SETS"], level, seed)
+    pure = audit.power(
+        members,
+        nonmembers,
+        {"combined": runs},
+        smoke_params["AUDIT_SIZES"],
+        (1.0,),
+        smoke_params["AUDIT_POWER_SETS"],
+        level,
+        seed,
+    )
     written = power[(power["feature_set"] == "combined") & (power["member_fraction"] == 1.0)]
-    np.testing.assert_allclose(written["power_t"].to_numpy(), pure["power_t"].to_numpy(), rtol=0, atol=0, equal_nan=True)
+    np.testing.assert_allclose(
+        written["power_t"].to_numpy(), pure["power_t"].to_numpy(), rtol=0, atol=0, equal_nan=True
+    )
     assert set(power["member_fraction"]) == set(smoke_params["AUDIT_FRACTIONS"])
     # the smoke target memorises its 24 members: the combination detects a members-only set of 10 nearly always
     assert written.set_index("size").loc[10, "power_t"] >= 0.8
@@ -216,7 +272,10 @@ def test_06_null_rate_power_and_images_needed_are_what_the_audit_gives(smoke_out
     examples = pd.read_csv(smoke_outputs / "tables" / "audit_examples.csv")
     detected = examples[examples["audit"].str.contains("members vs")].iloc[0]
     result = audit.set_audit(members.drop(columns="label"), nonmembers.drop(columns="label"), level=level, seed=seed)
-    assert detected["p_value_t"] == pytest.approx(result.p_value_t, rel=1e-12) and bool(detected["detected"]) == result.detected
+    assert (
+        detected["p_value_t"] == pytest.approx(result.p_value_t, rel=1e-12)
+        and bool(detected["detected"]) == result.detected
+    )
 
 
 def test_03_biased_split_inflation(smoke_outputs):
@@ -235,7 +294,9 @@ def test_03_biased_split_inflation(smoke_outputs):
     fair_chosen = json.loads((smoke_outputs / "chosen_settings.json").read_text())
     biased_chosen = json.loads((smoke_outputs / "biased" / "chosen_settings.json").read_text())
     for run in model_runs:
-        assert {k: biased_chosen[run][k] for k in ("attack", "params", "direction")} == {k: fair_chosen[run][k] for k in ("attack", "params", "direction")}
+        assert {k: biased_chosen[run][k] for k in ("attack", "params", "direction")} == {
+            k: fair_chosen[run][k] for k in ("attack", "params", "direction")
+        }
     # the source shift is visible without the model: the image-only blind classifier catches it
     assert inflation.loc["blind_image", "auc_biased"] > 0.9
 
@@ -258,14 +319,22 @@ def test_03_structural_score_equals_hand_computation(smoke_outputs, smoke_target
         x = imageset.load(smoke_params["IMAGE_SIZE"], rows)
         with torch.no_grad():
             z = target.vae.encode(x).latent_dist.mean * target.vae.config.scaling_factor
-            tokens = target.tokenizer(list(rows["caption"]), padding="max_length", max_length=target.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+            tokens = target.tokenizer(
+                list(rows["caption"]),
+                padding="max_length",
+                max_length=target.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
             cond = target.text_encoder(tokens.input_ids)[0]
             for t_from, t_to in ((0, 50), (50, 100)):
                 eps = target.unet(z, torch.tensor([t_from]), encoder_hidden_states=cond).sample
                 x0 = (z - (1 - abar[t_from]).sqrt().float() * eps) / abar[t_from].sqrt().float()
                 z = abar[t_to].sqrt().float() * x0 + (1 - abar[t_to]).sqrt().float() * eps
             decoded = target.vae.decode(z / target.vae.config.scaling_factor).sample
-        reference = structural_similarity(x[0].double().numpy(), decoded[0].double().numpy(), data_range=2.0, channel_axis=0)
+        reference = structural_similarity(
+            x[0].double().numpy(), decoded[0].double().numpy(), data_range=2.0, channel_axis=0
+        )
         assert expected == pytest.approx(reference, abs=1e-5)
 
 
@@ -303,9 +372,16 @@ def test_05_ablations_agree_with_03_and_count_evaluations(smoke_outputs, smoke_p
     def row(study, value):
         return _ablation_row(ablations, study, value)
 
-    for study, value in [("T (+SSIM)", 100), ("stride at T=100", 50), ("guidance", 1.0), ("prompt", "true caption"),
-                         ("encoding", "posterior mode"), ("schedule", "model alphas_cumprod"), ("path", "forward only (invert)"),
-                         ("similarity", "SSIM, data range 2.0")]:
+    for study, value in [
+        ("T (+SSIM)", 100),
+        ("stride at T=100", 50),
+        ("guidance", 1.0),
+        ("prompt", "true caption"),
+        ("encoding", "posterior mode"),
+        ("schedule", "model alphas_cumprod"),
+        ("path", "forward only (invert)"),
+        ("similarity", "SSIM, data range 2.0"),
+    ]:
         assert row(study, value)["auc"] == pytest.approx(paper_auc, abs=1e-9)
     assert row("path", "invert then denoise")["auc"] == pytest.approx(fair.loc["backward", "auc"], abs=1e-9)
     assert row("similarity", "-MSE")["auc"] == pytest.approx(fair.loc["pixel_paper", "auc"], abs=1e-9)
@@ -352,11 +428,21 @@ def test_05_training_dynamics_end_at_the_final_model(smoke_outputs, smoke_params
 def test_imagefolder_notebooks_ran_and_the_biased_split_was_skipped(imagefolder_outputs):
     runs = json.loads((imagefolder_outputs / "notebook_runs.json").read_text())
     assert runs["03_attack_biased"]["status"] == "skipped" and "emoji" in runs["03_attack_biased"]["reason"]
-    assert {n: r["status"] for n, r in runs.items() if n != "03_attack_biased"} == {n: "ok" for n in IMAGEFOLDER_NOTEBOOKS if n != "03_attack_biased"}
+    assert {n: r["status"] for n, r in runs.items() if n != "03_attack_biased"} == {
+        n: "ok" for n in IMAGEFOLDER_NOTEBOOKS if n != "03_attack_biased"
+    }
     for name, run in runs.items():
         if run["status"] == "ok":
             assert not _errors(imagefolder_outputs / "notebooks" / f"{name}.ipynb")
-    for figure in ("examples", "closest_cross_split_pairs", "roc", "robustness_sweep", "robustness_examples", "ablation_t_and_stride", "training_dynamics"):
+    for figure in (
+        "examples",
+        "closest_cross_split_pairs",
+        "roc",
+        "robustness_sweep",
+        "robustness_examples",
+        "ablation_t_and_stride",
+        "training_dynamics",
+    ):
         assert (imagefolder_outputs / "figures" / f"{figure}.png").stat().st_size > 1000
     skipped = pd.read_csv(imagefolder_outputs / "tables" / "skipped_studies_01_data_split.csv")
     assert list(skipped["study"]) == ["public split"]
@@ -381,13 +467,21 @@ def test_imagefolder_scores_equal_the_embedded_runs_image_for_image(imagefolder_
     assert sorted(user.index) == sorted(emoji.index)
     model_runs = [r for r in user.index.get_level_values("run").unique() if not r.startswith("blind")]
     for run in model_runs:
-        np.testing.assert_allclose(user.loc[run, "score"].sort_index(), emoji.loc[run, "score"].sort_index(), rtol=0, atol=2e-5, err_msg=run)
-    assert json.loads((imagefolder_outputs / "chosen_settings.json").read_text()) == json.loads((smoke_outputs / "chosen_settings.json").read_text())
+        np.testing.assert_allclose(
+            user.loc[run, "score"].sort_index(), emoji.loc[run, "score"].sort_index(), rtol=0, atol=2e-5, err_msg=run
+        )
+    assert json.loads((imagefolder_outputs / "chosen_settings.json").read_text()) == json.loads(
+        (smoke_outputs / "chosen_settings.json").read_text()
+    )
     table = pd.read_csv(imagefolder_outputs / "metrics.csv").set_index("run")
     fair = pd.read_csv(smoke_outputs / "metrics.csv").set_index("run")
     np.testing.assert_allclose(table.loc[model_runs, "auc"], fair.loc[model_runs, "auc"], atol=0.02)
     # 04 and 05 ran on the imagefolder too and their clean rows reproduce its own 03
-    clean = pd.read_csv(imagefolder_outputs / "tables" / "robustness.csv").query("distortion == 'none'").set_index("run")
+    clean = (
+        pd.read_csv(imagefolder_outputs / "tables" / "robustness.csv").query("distortion == 'none'").set_index("run")
+    )
     np.testing.assert_allclose(clean["auc"], table.loc[clean.index, "auc"], atol=1e-9)
     ablations = pd.read_csv(imagefolder_outputs / "tables" / "ablations.csv")
-    assert _ablation_row(ablations, "T (+SSIM)", 100)["auc"] == pytest.approx(table.loc["structural_paper", "auc"], abs=1e-9)
+    assert _ablation_row(ablations, "T (+SSIM)", 100)["auc"] == pytest.approx(
+        table.loc["structural_paper", "auc"], abs=1e-9
+    )

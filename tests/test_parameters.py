@@ -38,7 +38,10 @@ from mialib.settings import Settings
         ("structural:t=[50,true]", r"structural: t must be an integer .*, got true \(a boolean\)$"),
         ("structural:t=75", r"structural: t must be a multiple of stride .*, got t=75, stride=50$"),
         ("structural:t=[50,75],stride=50", r"structural: t must be a multiple of stride .*, got t=75, stride=50$"),
-        ("structural:t=50:200:50,stride=[50,100]", r"structural: t must be a multiple of stride .*, got t=50, stride=100$"),
+        (
+            "structural:t=50:200:50,stride=[50,100]",
+            r"structural: t must be a multiple of stride .*, got t=50, stride=100$",
+        ),
         ("structural:measure=psnr", r"structural: measure must be one of ssim, ms_ssim, got 'psnr' \(text\)$"),
         ("pixel:metric=ssim", r"pixel: metric must be one of mse, psnr, got 'ssim' \(text\)$"),
         ("latent:t=100,stride=1.5", r"latent: stride must be an integer >= 1, got 1.5$"),
@@ -110,13 +113,19 @@ def test_requests_built_directly_are_checked_too():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("structural:t=1000", r"structural: t must be an integer in \[0, 1000\) \(this model has 1000 training timesteps\), got 1000$"),
+        (
+            "structural:t=1000",
+            r"structural: t must be an integer in \[0, 1000\) \(this model has 1000 training timesteps\), got 1000$",
+        ),
         ("structural:t=[500,1000]", r"structural: t must be an integer in \[0, 1000\) .*, got 1000$"),
         ("loss:t=1500", r"loss: t must be an integer in \[0, 1000\) .*, got 1500$"),
         ("pia:t=1000", r"pia: t must be an integer in \[1, 1000\) .*, got 1000$"),
         ("clid:t=[450,999,1000]", r"clid: t must be an integer in \[0, 1000\) .*, got 1000$"),
         ("backward:t=1000", r"backward: t must be an integer in \[1, 1000\) .*, got 1000$"),
-        ("secmi:t_sec=990", r"secmi: t_sec \+ interval = 990 \+ 10 \(the inversion goes one interval past t_sec\) must be below 1000 .*, got 1000$"),
+        (
+            "secmi:t_sec=990",
+            r"secmi: t_sec \+ interval = 990 \+ 10 \(the inversion goes one interval past t_sec\) must be below 1000 .*, got 1000$",
+        ),
     ],
 )
 def test_check_schedule_refuses_a_timestep_outside_the_model_s_schedule(text, message):
@@ -145,7 +154,9 @@ def test_check_schedule_accepts_every_registry_setting_and_grid():
 def test_valid_requests_keep_their_parameters_and_types():
     for name, spec in REGISTRY.items():
         params = spec.params()
-        assert params == spec.defaults and [type(v) for v in params.values()] == [type(v) for v in spec.defaults.values()]
+        assert params == spec.defaults and [type(v) for v in params.values()] == [
+            type(v) for v in spec.defaults.values()
+        ]
         assert AttackRequest(name).points() == [spec.defaults]
         if spec.grid:
             for point in parse_request(f"{name}:calibrate").points():
@@ -158,7 +169,16 @@ def test_score_rows_record_the_parameters_with_their_types():
     request = parse_request("structural:t=100.0")
     params = request.points()[0]
     records = pd.DataFrame({"id": ["a", "b"], "label": [1, 0], "subset": ["test", "test"]})
-    values = pd.DataFrame({"id": ["a", "b"], "score": [0.5, 0.25], "unet_evals": 2, "unet_evals_run": 2.0, "seconds_per_image": 0.1, "peak_memory_mb": 1.0})
+    values = pd.DataFrame(
+        {
+            "id": ["a", "b"],
+            "score": [0.5, 0.25],
+            "unet_evals": 2,
+            "unet_evals_run": 2.0,
+            "seconds_per_image": 0.1,
+            "peak_memory_mb": 1.0,
+        }
+    )
     rows = runs.score_rows(records, values, request, params, 1, Settings(), 32)
     assert rows["t"].tolist() == [100, 100] and rows["t"].dtype == np.int64
     assert json.loads(rows["params"][0]) == {"t": 100, "stride": 50, "measure": "ssim"}
@@ -171,7 +191,9 @@ def test_pia_official_rescale_is_a_registered_default_that_changes_nothing_by_de
     assert spec.describe(spec.params()) == "t=200, p=4, -l4"  # the default is not shown
     rescaled = parse_request("pia:official_rescale=true")
     assert spec.describe(rescaled.points()[0]) == "t=200, p=4, official_rescale, -l4"
-    assert rescaled.text() == "pia:official_rescale=True" and parse_request(rescaled.text()).points() == rescaled.points()
+    assert (
+        rescaled.text() == "pia:official_rescale=True" and parse_request(rescaled.text()).points() == rescaled.points()
+    )
     settings = Settings()
     assert spec.cost(rescaled.points()[0], settings) == spec.cost(spec.params(), settings) == 2
     assert spec.measure(rescaled.points()[0]) == "-l4"
@@ -210,5 +232,7 @@ def test_valid_settings_keep_their_values_and_types():
     settings = Settings(guidance=3, seed=4.0, data_range=1)
     assert (settings.guidance, settings.seed, settings.data_range) == (3.0, 4, 1.0)
     assert (type(settings.guidance), type(settings.seed), type(settings.data_range)) == (float, int, float)
-    assert Settings().columns() == dict(guidance=1.0, prompt="caption", encode_mode="mode", schedule="model", seed=0, data_range=2.0, dtype="float32")
+    assert Settings().columns() == dict(
+        guidance=1.0, prompt="caption", encode_mode="mode", schedule="model", seed=0, data_range=2.0, dtype="float32"
+    )
     assert Settings(seed=np.int64(7)).seed == 7 and type(Settings(seed=np.int64(7)).seed) is int

@@ -44,8 +44,12 @@ def test_regime_targets_expand_the_preset():
     assert targets[("from-scratch", 0)]["MODEL"] == params["MODEL"]
     assert targets[("weak", 2)]["MODEL"] == f"{params['MODEL']}-weak-seed2"
     configs = {key: experiment.tiny_config(target) for key, target in targets.items()}
-    assert configs[("from-scratch", 0)] == experiment.tiny_config(experiment.load_preset(ROOT / "configs" / "default.yaml"))
-    assert {c.shared_seed for c in configs.values()} == {params["TRAIN_SEED"]} and {c.seed for c in configs.values()} == set(params["REGIME_SEEDS"])
+    assert configs[("from-scratch", 0)] == experiment.tiny_config(
+        experiment.load_preset(ROOT / "configs" / "default.yaml")
+    )
+    assert {c.shared_seed for c in configs.values()} == {params["TRAIN_SEED"]} and {
+        c.seed for c in configs.values()
+    } == set(params["REGIME_SEEDS"])
     fine, weak = configs[("fine-tuned", 1)], configs[("weak", 1)]
     assert fine.pretrain_steps > 0 and fine.unet_data == "members" and fine.uses_pool
     assert weak.pretrain_steps == 0 and weak.unet_data == "members+pool"
@@ -67,7 +71,9 @@ def test_the_filler_images_are_outside_every_split():
     split = data.read_manifest(ROOT / "data" / "emoji_split.csv")
     filler = data.read_manifest(ROOT / experiment.FILLER)
     assert len(filler) == 696 and set(filler["split"]) == {"filler"}
-    assert not set(filler["group"]) & set(split["group"]) and not set(filler["pixel_sha256"]) & set(split["pixel_sha256"])
+    assert not set(filler["group"]) & set(split["group"]) and not set(filler["pixel_sha256"]) & set(
+        split["pixel_sha256"]
+    )
     data.validate_manifest(pd.concat([split, filler]))
 
 
@@ -81,10 +87,18 @@ def regimes_run(smoke_params, smoke_target_dir, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("regimes")
     # a few of 03's runs (a calibrated grid, fixed settings, a control and a blind baseline) keep it short
-    attacks = {run: smoke_params["ATTACKS"][run] for run in ("structural_paper", "loss", "pia", "vae_control", "blind_caption")}
+    attacks = {
+        run: smoke_params["ATTACKS"][run] for run in ("structural_paper", "loss", "pia", "vae_control", "blind_caption")
+    }
     # and audit features that those runs already scored (structural t=100, loss t=100, PIA t=200)
     features = {run: smoke_params["AUDIT_ATTACKS"][run] for run in ("structural", "loss", "pia")}
-    params = dict(smoke_params, OUTPUT_DIR=str(folder / "outputs"), NOTEBOOKS=["07_regimes"], ATTACKS=attacks, AUDIT_ATTACKS=features)
+    params = dict(
+        smoke_params,
+        OUTPUT_DIR=str(folder / "outputs"),
+        NOTEBOOKS=["07_regimes"],
+        ATTACKS=attacks,
+        AUDIT_ATTACKS=features,
+    )
     path = folder / "preset.yaml"
     path.write_text(yaml.safe_dump(params))
     targets = experiment.prepare_regimes(params, progress=False)
@@ -114,10 +128,15 @@ def test_07_targets_share_the_vae_and_the_fine_tuned_base(regimes_run):
     vaes = [load_file(str(Path(model) / "vae" / "diffusion_pytorch_model.safetensors")) for model in targets.values()]
     for other in vaes[1:]:
         assert all(np.array_equal(vaes[0][k].numpy(), other[k].numpy()) for k in vaes[0])
-    unets = {key: load_file(str(Path(model) / "unet" / "diffusion_pytorch_model.safetensors")) for key, model in targets.items()}
+    unets = {
+        key: load_file(str(Path(model) / "unet" / "diffusion_pytorch_model.safetensors"))
+        for key, model in targets.items()
+    }
     first = next(iter(unets.values()))
     name = next(k for k in first if k.endswith("weight"))
-    assert len({unets[key][name].sum().item() for key in unets}) == len(unets)  # every seed and regime trained its own U-Net
+    assert len({unets[key][name].sum().item() for key in unets}) == len(
+        unets
+    )  # every seed and regime trained its own U-Net
     shared = Path(next(iter(targets.values()))).parent / ".tiny-shared"
     bases = sorted(p.name for p in shared.iterdir() if p.name.startswith("base-"))
     assert len(bases) == 1, bases  # one pretrained base model for every fine-tuned seed
@@ -150,20 +169,35 @@ def test_07_audit_null_rate_and_power_per_regime(regimes_run):
 
     out, params, _ = regimes_run
     null = pd.read_csv(out / "tables" / "regime_audit_null.csv")
-    assert set(null["regime"]) == set(params["REGIMES"]) and set(null["n_sets"]) == {params["AUDIT_NULL_SETS"]} and params["AUDIT_NULL_SETS"] >= 1000
+    assert (
+        set(null["regime"]) == set(params["REGIMES"])
+        and set(null["n_sets"]) == {params["AUDIT_NULL_SETS"]}
+        and params["AUDIT_NULL_SETS"] >= 1000
+    )
     # validity in every regime and seed: the rate at 0.05 stays within 3 Monte Carlo standard errors
-    assert (null["fpr_t"] <= 0.05 + 3 * null["mc_se"]).all() and (null["fpr_permutation"] <= 0.05 + 3 * null["mc_se"]).all()
+    assert (null["fpr_t"] <= 0.05 + 3 * null["mc_se"]).all() and (
+        null["fpr_permutation"] <= 0.05 + 3 * null["mc_se"]
+    ).all()
     # the written rates are what the audit gives on that seed's features
     regime, seed = "weak", params["REGIME_SEEDS"][-1]
     features = pd.read_parquet(out / "regimes" / f"{regime}-seed{seed}" / "audit_features.parquet")
     nonmembers = features[features["label"] == 0].reset_index(drop=True)
     written = null[(null["regime"] == regime) & (null["seed"] == seed) & (null["feature_set"] == "combined")]
-    again = audit.null_rate(nonmembers, list(params["AUDIT_ATTACKS"]), list(written["size"]), params["AUDIT_NULL_SETS"], 0.05, params["SEED"])
+    again = audit.null_rate(
+        nonmembers,
+        list(params["AUDIT_ATTACKS"]),
+        list(written["size"]),
+        params["AUDIT_NULL_SETS"],
+        0.05,
+        params["SEED"],
+    )
     np.testing.assert_array_equal(written["fpr_t"].to_numpy(), again["fpr_t"].to_numpy())
     power = pd.read_csv(out / "tables" / "regime_audit_power.csv")
     needed = pd.read_csv(out / "tables" / "regime_images_needed.csv")
     done = power[~power["skipped"]]
-    averaged = done.groupby(["regime", "feature_set", "member_fraction", "size"], sort=False)["power_t"].mean().reset_index()
+    averaged = (
+        done.groupby(["regime", "feature_set", "member_fraction", "size"], sort=False)["power_t"].mean().reset_index()
+    )
     for regime, group in averaged.groupby("regime"):
         expected = audit.images_for_power(group.drop(columns="regime"), 0.8)
         mine = needed[needed["regime"] == regime].drop(columns="regime").reset_index(drop=True)

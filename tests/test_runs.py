@@ -95,7 +95,9 @@ def test_captions_pixels_and_settings_key_the_cache(target, images, tmp_path):
     before = target.unet_evals
     _attack(target, images, 100, cache, guidance=3.0)
     spec = REGISTRY["structural"]
-    assert (target.unet_evals - before) / len(images) == spec.cost(spec.params({"t": 100}), Settings(guidance=3.0)) == 4  # inverted again
+    assert (
+        (target.unet_evals - before) / len(images) == spec.cost(spec.params({"t": 100}), Settings(guidance=3.0)) == 4
+    )  # inverted again
     assert len(list(tmp_path.glob("*.safetensors"))) == 4 * 3
 
 
@@ -148,13 +150,21 @@ def test_secmi_and_the_structural_attack_share_a_path_at_its_stride(target, imag
     secmi = secmi_attack(target, images, CAPTIONS, IDS, t_sec=30, interval=10, cache=cache)
     cache.flush()
     spec = REGISTRY["secmi"]
-    assert_within_tolerance(spec, spec.params({"t_sec": 30}), secmi.scores, secmi_attack(target, images, CAPTIONS, IDS, t_sec=30, interval=10).scores, secmi.extras)
+    assert_within_tolerance(
+        spec,
+        spec.params({"t_sec": 30}),
+        secmi.scores,
+        secmi_attack(target, images, CAPTIONS, IDS, t_sec=30, interval=10).scores,
+        secmi.extras,
+    )
     before = target.unet_evals
     structural_attack(target, images, CAPTIONS, IDS, t=40, stride=10, cache=cache)
     assert target.unet_evals == before  # 0 -> 10 -> ... -> 40 was SecMI's path
 
 
-def test_the_cap_removes_the_least_recently_written_trajectories_and_says_so(target, images, tmp_path, monkeypatch, capfd):
+def test_the_cap_removes_the_least_recently_written_trajectories_and_says_so(
+    target, images, tmp_path, monkeypatch, capfd
+):
     import os
     import time
 
@@ -175,7 +185,9 @@ def test_the_cap_removes_the_least_recently_written_trajectories_and_says_so(tar
     before = target.unet_evals
     again = _attack(target, images[:1], 100, cache, captions=CAPTIONS[:1], ids=IDS[:1])
     assert target.unet_evals - before == 2
-    np.testing.assert_array_equal(again.scores, _attack(target, images[:1], 100, captions=CAPTIONS[:1], ids=IDS[:1]).scores)
+    np.testing.assert_array_equal(
+        again.scores, _attack(target, images[:1], 100, captions=CAPTIONS[:1], ids=IDS[:1]).scores
+    )
     assert os.environ["MIALIB_TRAJECTORY_CACHE_GB"]
 
 
@@ -228,7 +240,9 @@ MODEL_ATTACKS = [name for name, spec in REGISTRY.items() if spec.kind != "blind"
 @pytest.mark.numerics
 @pytest.mark.parametrize("name", MODEL_ATTACKS)
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_each_attack_through_the_run_layer_equals_the_function_and_its_cost_formula(target, imageset, tmp_path, name, guidance):
+def test_each_attack_through_the_run_layer_equals_the_function_and_its_cost_formula(
+    target, imageset, tmp_path, name, guidance
+):
     spec = REGISTRY[name]
     settings = Settings(guidance=guidance)
     params = spec.params()
@@ -238,7 +252,14 @@ def test_each_attack_through_the_run_layer_equals_the_function_and_its_cost_form
     assert counted == spec.cost(params, settings)  # the registry's formula is what a cold run costs
     assert (values["unet_evals"] == spec.cost(params, settings)).all()
     pixels = imageset.load(32)
-    direct = spec.function(target, pixels, list(imageset.records["caption"]), list(imageset.records["id"]), **params, **settings.for_function(spec.function))
+    direct = spec.function(
+        target,
+        pixels,
+        list(imageset.records["caption"]),
+        list(imageset.records["id"]),
+        **params,
+        **settings.for_function(spec.function),
+    )
     assert list(values["id"]) == list(imageset.records["id"])
     # batches of 3 against one batch of 8: float32 convolutions round differently by batch size, within the
     # registry's tolerance (SecMI's scores, 1e-8 to 2e-6, sit below any fixed atol; its tolerance scales with its latents)
@@ -282,7 +303,9 @@ def test_each_spec_declares_what_its_function_takes(name):
     positional = [key for key, p in parameters.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
     assert len(positional) + len(keyword_only) == len(parameters)  # no *args, no **kwargs
     assert positional == names[:4] + list(spec.defaults)  # the method's parameters, in the registry's order
-    assert set(keyword_only) <= shared | {"cache"} and set(keyword_only) >= set(names) & shared  # every shared setting keyword-only
+    assert (
+        set(keyword_only) <= shared | {"cache"} and set(keyword_only) >= set(names) & shared
+    )  # every shared setting keyword-only
     assert set(Settings().for_function(spec.function)) == set(keyword_only) - {"cache"}  # for_function picks them
 
 
@@ -329,7 +352,10 @@ def test_settings_are_validated_once():
         Settings(dtype="int8")
     settings = Settings.from_parameters({"GUIDANCE": 3, "SSIM_DATA_RANGE": 1, "SEED": 4, "OTHER": 1})
     assert (settings.guidance, settings.data_range, settings.seed) == (3.0, 1.0, 4)
-    assert settings.for_function(REGISTRY["clid"].function) == {"encode_mode": "mode", "seed": 4}  # CLiD ignores the rest
+    assert settings.for_function(REGISTRY["clid"].function) == {
+        "encode_mode": "mode",
+        "seed": 4,
+    }  # CLiD ignores the rest
     assert settings.unet_branches() == 2
 
 
@@ -350,7 +376,9 @@ def test_choice_and_direction_come_from_calibration_only(target, imageset, tmp_p
     assert list(result.rows.columns) == runs.SCORE_COLUMNS
     # test rows never influence the choice: reversing every test label leaves it unchanged
     flipped = imageset.select(np.ones(len(imageset), dtype=bool))
-    flipped.records["label"] = np.where(flipped.records["subset"] == "test", 1 - flipped.records["label"], flipped.records["label"])
+    flipped.records["label"] = np.where(
+        flipped.records["subset"] == "test", 1 - flipped.records["label"], flipped.records["label"]
+    )
     again = runs.run_request(target, flipped, "structural:t=50:200:50", Settings(), tmp_path, 4, 32)
     assert (again.chosen, again.direction) == (result.chosen, result.direction)
 
@@ -376,7 +404,16 @@ def test_requirements_are_checked_before_any_compute(target, tmp_path):
 
 
 def test_score_table_and_metrics_agree_with_sklearn(target, imageset, tmp_path):
-    table, results = runs.score(target, imageset, {"paper": "structural", "loss": "loss:t=[50,100]"}, Settings(), tmp_path, 3, 32, progress=False)
+    table, results = runs.score(
+        target,
+        imageset,
+        {"paper": "structural", "loss": "loss:t=[50,100]"},
+        Settings(),
+        tmp_path,
+        3,
+        32,
+        progress=False,
+    )
     assert list(table.columns) == runs.SCORE_COLUMNS
     assert set(table["run"]) == {"paper", "loss"} and len(table) == 2 * len(imageset)
     metrics = mialib_metrics.metric_table(table, n_bootstrap=50)
@@ -387,11 +424,24 @@ def test_score_table_and_metrics_agree_with_sklearn(target, imageset, tmp_path):
     # what calibration chose replays as fixed requests with the same scores (04 and 05 rely on it)
     replay = studies.chosen_requests({run: r.chosen_record() for run, r in results.items()})
     again, _ = runs.score(target, imageset, replay, Settings(), tmp_path, 5, 32, progress=False)
-    pd.testing.assert_series_equal(again.set_index(["run", "id"])["score"].sort_index(), table.set_index(["run", "id"])["score"].sort_index(), atol=1e-9)
+    pd.testing.assert_series_equal(
+        again.set_index(["run", "id"])["score"].sort_index(),
+        table.set_index(["run", "id"])["score"].sort_index(),
+        atol=1e-9,
+    )
 
 
 def test_a_replayed_request_keeps_a_reversed_direction():
-    requests = studies.chosen_requests({"cal": {"attack": "structural", "params": {"t": 300, "stride": 50, "measure": "ssim"}, "direction": -1, "display": "x"}})
+    requests = studies.chosen_requests(
+        {
+            "cal": {
+                "attack": "structural",
+                "params": {"t": 300, "stride": 50, "measure": "ssim"},
+                "direction": -1,
+                "display": "x",
+            }
+        }
+    )
     request = requests["cal"]
     assert isinstance(request, AttackRequest) and request.direction == -1 and request.fixed["t"] == 300
 
@@ -401,7 +451,9 @@ def test_a_replayed_request_keeps_a_reversed_direction():
 # --------------------------------------------------------------------------------------------------
 def _values(target, imageset, tmp_path, batch_size, name="structural", **params):
     spec = REGISTRY[name]
-    return runs.attack_values(target, imageset, spec, spec.params(params), Settings(), tmp_path, batch_size, 32, progress=False)
+    return runs.attack_values(
+        target, imageset, spec, spec.params(params), Settings(), tmp_path, batch_size, 32, progress=False
+    )
 
 
 def test_results_are_kept_per_image_so_any_batch_size_and_subset_reuse_them(target, imageset, tmp_path):

@@ -13,8 +13,24 @@ from mialib import cli, memo
 
 def _score(model, data, out) -> float:
     """The structural attack's peak MB (reset when the attack starts) in one `mialib score` run."""
-    cli.main(["score", "--model", str(model), "--data", f"imagefolder:{data}", "--attack", "structural", "--out", str(out),
-              "--batch-size", "32", "--bootstrap", "10", "--quiet"])
+    cli.main(
+        [
+            "score",
+            "--model",
+            str(model),
+            "--data",
+            f"imagefolder:{data}",
+            "--attack",
+            "structural",
+            "--out",
+            str(out),
+            "--batch-size",
+            "32",
+            "--bootstrap",
+            "10",
+            "--quiet",
+        ]
+    )
     return float(pd.read_parquet(out / "scores.parquet")["peak_memory_mb"].max())
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
 from scipy.signal import convolve2d
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from mialib.similarity import BOX_MATMUL_MAX_SIDE, MS_SSIM_WEIGHTS, box_mean, ms_ssim, ms_ssim_scales, mse, psnr, ssim
 
@@ -68,14 +67,18 @@ def test_ssim_of_float32_batch_matches_skimage_on_float64_copy():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(7, 7), (32, 32), (13, 29), (BOX_MATMUL_MAX_SIDE, 40), (BOX_MATMUL_MAX_SIDE + 1, 20)])
+@pytest.mark.parametrize(
+    "shape", [(7, 7), (32, 32), (13, 29), (BOX_MATMUL_MAX_SIDE, 40), (BOX_MATMUL_MAX_SIDE + 1, 20)]
+)
 def test_box_mean_equals_the_average_pool_it_replaces(shape, dtype):
     """The banded products (up to BOX_MATMUL_MAX_SIDE px) and the average pool (beyond) are one filter."""
     x = torch.from_numpy(np.random.default_rng(sum(shape)).uniform(-1, 1, (5, 3, *shape))).to(dtype)
     expected = torch.nn.functional.avg_pool2d(x.double(), 7, stride=1)
     got = box_mean(x, 7)
     assert got.dtype == dtype and got.shape == expected.shape
-    np.testing.assert_allclose(got.double().numpy(), expected.numpy(), rtol=0, atol=1e-15 if dtype == torch.float64 else 2e-7)
+    np.testing.assert_allclose(
+        got.double().numpy(), expected.numpy(), rtol=0, atol=1e-15 if dtype == torch.float64 else 2e-7
+    )
 
 
 @pytest.mark.parametrize("precision", ["reference", "working"])
@@ -148,8 +151,10 @@ def _reference_ms_ssim(x, y, data_range=2.0, sigma=1.5, taps=11):
         for scale in range(scales):
             cs_means, ssim_means = [], []
             for ca, cb in zip(a, b):
+
                 def blur(image):
                     return convolve2d(np.pad(image, pad, mode="reflect"), window, mode="valid")
+
                 ux, uy = blur(ca), blur(cb)
                 vx, vy = np.maximum(blur(ca * ca) - ux**2, 0), np.maximum(blur(cb * cb) - uy**2, 0)
                 vxy = blur(ca * cb) - ux * uy
@@ -184,8 +189,14 @@ def test_ms_ssim_matches_torchmetrics(size):
         x, y, data_range=2.0, betas=tuple(weights / weights.sum()), normalize="relu", reduction="none"
     )
     np.testing.assert_allclose(ms_ssim(x, y).numpy(), expected.numpy(), rtol=0, atol=1e-7)
-    np.testing.assert_allclose(ms_ssim(x, y, data_range=1.0).numpy(), multiscale_structural_similarity_index_measure(
-        x, y, data_range=1.0, betas=tuple(weights / weights.sum()), normalize="relu", reduction="none").numpy(), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(
+        ms_ssim(x, y, data_range=1.0).numpy(),
+        multiscale_structural_similarity_index_measure(
+            x, y, data_range=1.0, betas=tuple(weights / weights.sum()), normalize="relu", reduction="none"
+        ).numpy(),
+        rtol=0,
+        atol=1e-7,
+    )
 
 
 def test_ms_ssim_scales_follow_the_image_size():
@@ -206,7 +217,9 @@ def test_ms_ssim_identity_symmetry_and_order():
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CI has no GPU; a GPU machine runs both
 
 
-@pytest.mark.parametrize("device, size", [(d, s) for d in DEVICES for s in (32, 64, 256, 512) if s < 512 or d == "cuda"])  # 512 px: on a GPU only (10 s on this CPU)
+@pytest.mark.parametrize(
+    "device, size", [(d, s) for d in DEVICES for s in (32, 64, 256, 512) if s < 512 or d == "cuda"]
+)  # 512 px: on a GPU only (10 s on this CPU)
 def test_the_working_precision_agrees_with_the_float64_reference_within_1e5(size, device):
     """The attacks compute SSIM and MS-SSIM in float32 on the decoded image's device; the float64 CPU path
     (equal to skimage / torchmetrics above) is the reference. Near-identical pairs (a decoder's

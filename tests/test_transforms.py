@@ -38,7 +38,11 @@ def test_salt_and_pepper_hits_the_requested_fraction_with_black_and_white():
 
 def test_rotation_equals_pil_rotate():
     image = _image()
-    expected = np.asarray(_pil(image).rotate(10, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)), dtype=np.float32) / 127.5 - 1
+    expected = (
+        np.asarray(_pil(image).rotate(10, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)), dtype=np.float32)
+        / 127.5
+        - 1
+    )
     out = transforms.rotation(image, 10, np.random.default_rng(0))
     np.testing.assert_allclose(out.permute(1, 2, 0).numpy(), expected, atol=1e-6)
     assert not torch.equal(out, image)

@@ -45,17 +45,33 @@ def backward_attack(
     steps = ddim.path(int(t), int(stride))
     # 1. encode and invert deterministically 0 -> stride -> ... -> t (the structural attack's path)
     trajectory = inversion_trajectory(
-        target, images, captions, ids, steps, guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed, cache=cache
+        target,
+        images,
+        captions,
+        ids,
+        steps,
+        guidance=guidance,
+        prompt=prompt,
+        encode_mode=encode_mode,
+        schedule=schedule,
+        seed=seed,
+        cache=cache,
     )
     latents, inverted = trajectory[steps[0]], trajectory[steps[-1]]
     # 2. deterministic denoising t -> ... -> stride -> 0 along the same timesteps
     cond, uncond = condition(target, captions, prompt=prompt, guidance=guidance)
-    reconstruction = ddim.denoise(target, inverted, steps[::-1], cond, uncond, guidance=guidance, schedule=schedule)[steps[0]]
+    reconstruction = ddim.denoise(target, inverted, steps[::-1], cond, uncond, guidance=guidance, schedule=schedule)[
+        steps[0]
+    ]
     # 3. decode and compare with the input
     decoded = target.decode(reconstruction)
     similarity = ssim(images, decoded, data_range=data_range, precision="working").numpy()
     latent_mse = (reconstruction - latents).double().pow(2).flatten(1).mean(dim=1).cpu().numpy()
     return AttackOutput(
         scores=similarity,
-        extras={"ssim": similarity, "latent_mse": latent_mse, "ssim_rounding": ssim_rounding(images, decoded, data_range)},
+        extras={
+            "ssim": similarity,
+            "latent_mse": latent_mse,
+            "ssim_rounding": ssim_rounding(images, decoded, data_range),
+        },
     )

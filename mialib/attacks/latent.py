@@ -39,8 +39,17 @@ def latent_attack(
     (``latent_rms``: the clean latent's root mean square, for the registry's tolerance)."""
     t, stride = int(t), int(stride)
     trajectory = inversion_trajectory(
-        target, images, captions, ids, ddim.path(t, stride),
-        guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed, cache=cache,
+        target,
+        images,
+        captions,
+        ids,
+        ddim.path(t, stride),
+        guidance=guidance,
+        prompt=prompt,
+        encode_mode=encode_mode,
+        schedule=schedule,
+        seed=seed,
+        cache=cache,
     )
     distance = latent_mse(trajectory[t], trajectory[0])
     extras = {"latent_mse": distance, "latent_rms": rms(trajectory[0])}

@@ -55,5 +55,7 @@ def loss_attack(
     seed: int = 0,
 ) -> AttackOutput:
     """Score = -noise-prediction MSE at timestep t; extras {"mse": (n,)}."""
-    error = loss_errors(target, images, captions, ids, [t], guidance=guidance, prompt=prompt, encode_mode=encode_mode, seed=seed)[int(t)]
+    error = loss_errors(
+        target, images, captions, ids, [t], guidance=guidance, prompt=prompt, encode_mode=encode_mode, seed=seed
+    )[int(t)]
     return AttackOutput(scores=-error, extras={"mse": error})

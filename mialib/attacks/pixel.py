@@ -48,11 +48,25 @@ def pixel_attack(
         raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
     t, stride = int(t), int(stride)
     trajectory = inversion_trajectory(
-        target, images, captions, ids, ddim.path(t, stride),
-        guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed, cache=cache,
+        target,
+        images,
+        captions,
+        ids,
+        ddim.path(t, stride),
+        guidance=guidance,
+        prompt=prompt,
+        encode_mode=encode_mode,
+        schedule=schedule,
+        seed=seed,
+        cache=cache,
     )
     error = mse(images, decode_at(target, trajectory, t)).numpy()
     peak = 10 * np.log10(data_range**2 / error)
     value = -error if metric == "mse" else peak
-    extras = {"mse": error, "psnr": peak, "latent_mse": latent_mse(trajectory[t], trajectory[0]), "pixel_rms": rms(images)}
+    extras = {
+        "mse": error,
+        "psnr": peak,
+        "latent_mse": latent_mse(trajectory[t], trajectory[0]),
+        "pixel_rms": rms(images),
+    }
     return AttackOutput(scores=value, extras=extras)

@@ -96,7 +96,11 @@ class Param:
 
     def allowed(self) -> str:
         if self.kind == "int":
-            return f"an integer in [{self.low}, T) (T: the model's training timesteps)" if self.timestep else f"an integer >= {self.low}"
+            return (
+                f"an integer in [{self.low}, T) (T: the model's training timesteps)"
+                if self.timestep
+                else f"an integer >= {self.low}"
+            )
         if self.kind == "real":
             return f"a finite number > {self.above:g}"
         if self.kind == "choice":
@@ -133,6 +137,7 @@ def _timestep(low: int = 0) -> Param:
 
 def _multiple(key: str, of: str):
     """A rule: ``params[key]`` must be a multiple of ``params[of]`` (the DDIM path 0, of, 2 of, ..., key)."""
+
     def rule(p: dict) -> str | None:
         if p[key] % p[of]:
             return f"{key} must be a multiple of {of} (the path 0, {of}, 2 {of}, ... must reach it), got {key}={p[key]}, {of}={p[of]}"
@@ -162,7 +167,11 @@ def _pia_rounding(p, x):
 
 def _clid_rounding(p, x):
     """score = L_reduced / 2 + L_null / 2 - L_full: each loss's squared-error bound against unit noise."""
-    return _squared_error(x["loss_full"], 1.0) + 0.5 * _squared_error(x["loss_reduced"], 1.0) + 0.5 * _squared_error(x["loss_null"], 1.0)
+    return (
+        _squared_error(x["loss_full"], 1.0)
+        + 0.5 * _squared_error(x["loss_reduced"], 1.0)
+        + 0.5 * _squared_error(x["loss_null"], 1.0)
+    )
 
 
 def _pixel_rounding(p, x):
@@ -245,7 +254,11 @@ class AttackSpec:
         signed = self.measure(params)
         if direction == -1:
             signed = ("-" if signed[0] == "+" else "+") + signed[1:]
-        shown = [k if v is True else f"{k}={v}" for k, v in params.items() if k not in ("measure", "metric") and v is not False]
+        shown = [
+            k if v is True else f"{k}={v}"
+            for k, v in params.items()
+            if k not in ("measure", "metric") and v is not False
+        ]
         return ", ".join([*shown, signed])
 
 
@@ -301,87 +314,178 @@ REGISTRY: dict[str, AttackSpec] = {
     spec.name: spec
     for spec in [
         AttackSpec(
-            "structural", structural_attack, "structural", dict(t=100, stride=50, measure="ssim"), {"t": _linspace(950)},
+            "structural",
+            structural_attack,
+            "structural",
+            dict(t=100, stride=50, measure="ssim"),
+            {"t": _linspace(950)},
             cost=lambda p, s: _path_steps(p) * _branches(s),
             measure=lambda p: "+MS-SSIM" if p["measure"] == "ms_ssim" else "+SSIM",
-            flippable=True, inverts=True, setting_name="paper", citation="Li et al., ACM MM 2024",
-            schema={**_PATH, "measure": Param("choice", choices=("ssim", "ms_ssim"))}, rules=_PATH_RULES,
+            flippable=True,
+            inverts=True,
+            setting_name="paper",
+            citation="Li et al., ACM MM 2024",
+            schema={**_PATH, "measure": Param("choice", choices=("ssim", "ms_ssim"))},
+            rules=_PATH_RULES,
             # tolerance = 64 eps * ssim_rounding: the mean over the SSIM map of
             # 4 + cov (2 |uxy| + 4 |ux uy| + uxx + uyy + 2 ux^2 + 2 uy^2) / (vx + vy + c2) (its local pixel moments
             # over its local variances; structural.ssim_rounding). MS-SSIM: ms_ssim_rounding, the same per scale
-            rounding=lambda p, x: x[f"{p['measure']}_rounding"], roundings=ROUNDINGS,
+            rounding=lambda p, x: x[f"{p['measure']}_rounding"],
+            roundings=ROUNDINGS,
         ),
         AttackSpec(
-            "pixel", pixel_attack, "pixel MSE", dict(t=100, stride=50, metric="mse"), {"t": _linspace(950)},
+            "pixel",
+            pixel_attack,
+            "pixel MSE",
+            dict(t=100, stride=50, metric="mse"),
+            {"t": _linspace(950)},
             cost=lambda p, s: _path_steps(p) * _branches(s),
             measure=lambda p: "-MSE" if p["metric"] == "mse" else "+PSNR",
-            flippable=True, inverts=True, setting_name="paper", citation="the structural attack's pixel-level counterpart",
-            schema={**_PATH, "metric": Param("choice", choices=("mse", "psnr"))}, rules=_PATH_RULES,
+            flippable=True,
+            inverts=True,
+            setting_name="paper",
+            citation="the structural attack's pixel-level counterpart",
+            schema={**_PATH, "metric": Param("choice", choices=("mse", "psnr"))},
+            rules=_PATH_RULES,
             # tolerance = 64 eps * 2 sqrt(mse) (2 pixel_rms + sqrt(mse)) (x - D(z_t)); PSNR: that times 10 / (ln 10 mse)
-            rounding=_pixel_rounding, roundings=ROUNDINGS,
+            rounding=_pixel_rounding,
+            roundings=ROUNDINGS,
         ),
         AttackSpec(
-            "latent", latent_attack, "latent distance", dict(t=100, stride=50), {"t": _linspace(950)},
-            cost=lambda p, s: _path_steps(p) * _branches(s), measure=lambda p: "-latent MSE",
-            flippable=True, inverts=True, setting_name="paper", citation="the structural attack's inversion, scored without the decoder",
-            schema=dict(_PATH), rules=_PATH_RULES,
+            "latent",
+            latent_attack,
+            "latent distance",
+            dict(t=100, stride=50),
+            {"t": _linspace(950)},
+            cost=lambda p, s: _path_steps(p) * _branches(s),
+            measure=lambda p: "-latent MSE",
+            flippable=True,
+            inverts=True,
+            setting_name="paper",
+            citation="the structural attack's inversion, scored without the decoder",
+            schema=dict(_PATH),
+            rules=_PATH_RULES,
             # tolerance = 64 eps * 2 sqrt(latent_mse) (2 latent_rms + sqrt(latent_mse)) (z_t - z_0)
-            rounding=lambda p, x: _squared_error(x["latent_mse"], x["latent_rms"]), roundings=ROUNDINGS,
+            rounding=lambda p, x: _squared_error(x["latent_mse"], x["latent_rms"]),
+            roundings=ROUNDINGS,
         ),
         AttackSpec(
-            "backward", backward_attack, "backward reconstruction", dict(t=100, stride=50), {"t": _linspace(500)},
-            cost=lambda p, s: 2 * _path_steps(p) * _branches(s), measure=lambda p: "+SSIM",
-            flippable=True, inverts=True, setting_name="paper", citation="Li et al., ACM MM 2024, Table 9",
-            schema={"t": _timestep(low=1), "stride": Param("int", low=1)}, rules=_PATH_RULES,  # t = 0 has no path back
-            rounding=lambda p, x: x["ssim_rounding"], roundings=ROUNDINGS,  # tolerance = 64 eps * ssim_rounding, as structural
+            "backward",
+            backward_attack,
+            "backward reconstruction",
+            dict(t=100, stride=50),
+            {"t": _linspace(500)},
+            cost=lambda p, s: 2 * _path_steps(p) * _branches(s),
+            measure=lambda p: "+SSIM",
+            flippable=True,
+            inverts=True,
+            setting_name="paper",
+            citation="Li et al., ACM MM 2024, Table 9",
+            schema={"t": _timestep(low=1), "stride": Param("int", low=1)},
+            rules=_PATH_RULES,  # t = 0 has no path back
+            rounding=lambda p, x: x["ssim_rounding"],
+            roundings=ROUNDINGS,  # tolerance = 64 eps * ssim_rounding, as structural
         ),
         AttackSpec(
-            "loss", loss_attack, "loss", dict(t=100), {"t": [50, 100, 200, 300, 500]},
-            cost=lambda p, s: _branches(s), measure=lambda p: "-MSE", citation="Matsumoto et al. 2023",
+            "loss",
+            loss_attack,
+            "loss",
+            dict(t=100),
+            {"t": [50, 100, 200, 300, 500]},
+            cost=lambda p, s: _branches(s),
+            measure=lambda p: "-MSE",
+            citation="Matsumoto et al. 2023",
             schema={"t": _timestep()},
             # tolerance = 64 eps * 2 sqrt(mse) (2 + sqrt(mse)) (prediction - noise, the noise of unit rms)
-            rounding=lambda p, x: _squared_error(x["mse"], 1.0), roundings=ROUNDINGS,
+            rounding=lambda p, x: _squared_error(x["mse"], 1.0),
+            roundings=ROUNDINGS,
         ),
         AttackSpec(
-            "secmi", secmi_attack, "SecMI", dict(t_sec=100, interval=10), {"t_sec": [50, 100, 200]},
-            cost=lambda p, s: (int(p["t_sec"]) // int(p["interval"]) + 2) * _branches(s), measure=lambda p: "-error",
-            inverts=True, citation="Duan et al., ICML 2023",
-            schema={"t_sec": _timestep(), "interval": Param("int", low=1)}, rules=(_multiple("t_sec", "interval"),),
-            deepest=lambda p: (p["t_sec"] + p["interval"], f"t_sec + interval = {p['t_sec']} + {p['interval']} (the inversion goes one interval past t_sec)"),
+            "secmi",
+            secmi_attack,
+            "SecMI",
+            dict(t_sec=100, interval=10),
+            {"t_sec": [50, 100, 200]},
+            cost=lambda p, s: (int(p["t_sec"]) // int(p["interval"]) + 2) * _branches(s),
+            measure=lambda p: "-error",
+            inverts=True,
+            citation="Duan et al., ICML 2023",
+            schema={"t_sec": _timestep(), "interval": Param("int", low=1)},
+            rules=(_multiple("t_sec", "interval"),),
+            deepest=lambda p: (
+                p["t_sec"] + p["interval"],
+                f"t_sec + interval = {p['t_sec']} + {p['interval']} (the inversion goes one interval past t_sec)",
+            ),
             # tolerance = 64 eps * 2 sqrt(error) (2 latent_rms + sqrt(error)) (z_{t_sec} - z'_{t_sec}: latents
             # ~4000 times larger than their difference, so about 0.5 % of the score)
-            rounding=lambda p, x: _squared_error(x["error"], x["latent_rms"]), roundings=ROUNDINGS,
+            rounding=lambda p, x: _squared_error(x["error"], x["latent_rms"]),
+            roundings=ROUNDINGS,
         ),
         AttackSpec(
-            "pia", pia_attack, "PIA", dict(t=200, p=4, official_rescale=False), {"t": [50, 100, 200, 300]},
-            cost=lambda p, s: 2 * _branches(s), measure=lambda p: f"-l{p['p']}", citation="Kong et al., ICLR 2024",
+            "pia",
+            pia_attack,
+            "PIA",
+            dict(t=200, p=4, official_rescale=False),
+            {"t": [50, 100, 200, 300]},
+            cost=lambda p, s: 2 * _branches(s),
+            measure=lambda p: f"-l{p['p']}",
+            citation="Kong et al., ICLR 2024",
             schema={"t": _timestep(low=1), "p": Param("real", above=0.0), "official_rescale": Param("flag")},
             # tolerance = 128 eps * p distance^((p - 1) / p) eps_norm (eps_0 - eps_t)
-            rounding=_pia_rounding, roundings=2 * ROUNDINGS,
+            rounding=_pia_rounding,
+            roundings=2 * ROUNDINGS,
         ),
         AttackSpec(
-            "clid", clid_attack, "CLiD", dict(t=450, n_noise=1), {"t": [200, 300, 450, 600]},
-            cost=lambda p, s: 3 * int(p["n_noise"]), measure=lambda p: "+loss gap", citation="Zhai et al., NeurIPS 2024",
+            "clid",
+            clid_attack,
+            "CLiD",
+            dict(t=450, n_noise=1),
+            {"t": [200, 300, 450, 600]},
+            cost=lambda p, s: 3 * int(p["n_noise"]),
+            measure=lambda p: "+loss gap",
+            citation="Zhai et al., NeurIPS 2024",
             schema={"t": _timestep(), "n_noise": Param("int", low=1)},
             # tolerance = 64 eps * (g(L_full) + g(L_reduced) / 2 + g(L_null) / 2), g(L) = 2 sqrt(L) (2 + sqrt(L)):
             # a gap of two losses rounds like the losses, not like the gap
-            rounding=_clid_rounding, roundings=ROUNDINGS,
+            rounding=_clid_rounding,
+            roundings=ROUNDINGS,
         ),
         AttackSpec(
-            "vae_control", vae_control, "VAE-only control", {}, {},
-            cost=lambda p, s: 0, measure=lambda p: "+SSIM(x, D(E(x)))", kind="control",
+            "vae_control",
+            vae_control,
+            "VAE-only control",
+            {},
+            {},
+            cost=lambda p, s: 0,
+            measure=lambda p: "+SSIM(x, D(E(x)))",
+            kind="control",
             citation="a control: the autoencoder never trained on the attacked images",
-            rounding=lambda p, x: x["ssim_rounding"], roundings=ROUNDINGS,  # tolerance = 64 eps * ssim_rounding
+            rounding=lambda p, x: x["ssim_rounding"],
+            roundings=ROUNDINGS,  # tolerance = 64 eps * ssim_rounding
         ),
         AttackSpec(
-            "blind_image", blind.image_only, "blind image-only", {}, {},
-            cost=lambda p, s: 0, measure=lambda p: "gradient boosting on image statistics", kind="blind",
-            citation="Das et al. 2024", requires=blind.missing_requirement,
+            "blind_image",
+            blind.image_only,
+            "blind image-only",
+            {},
+            {},
+            cost=lambda p, s: 0,
+            measure=lambda p: "gradient boosting on image statistics",
+            kind="blind",
+            citation="Das et al. 2024",
+            requires=blind.missing_requirement,
         ),
         AttackSpec(
-            "blind_caption", blind.caption_only, "blind caption-only", {}, {},
-            cost=lambda p, s: 0, measure=lambda p: "char 2-4-gram logistic regression", kind="blind",
-            citation="Das et al. 2024", requires=blind.missing_requirement,
+            "blind_caption",
+            blind.caption_only,
+            "blind caption-only",
+            {},
+            {},
+            cost=lambda p, s: 0,
+            measure=lambda p: "char 2-4-gram logistic regression",
+            kind="blind",
+            citation="Das et al. 2024",
+            requires=blind.missing_requirement,
         ),
     ]
 }
@@ -438,7 +542,9 @@ class AttackRequest:
         if self.direction in (1, -1):
             self.direction = int(self.direction)  # -1.0 -> -1
         if self.direction in ("auto", -1) and not spec.flippable:
-            raise ValueError(f"{self.name}'s direction is fixed by its method; only {[s.name for s in REGISTRY.values() if s.flippable]} may be reversed")
+            raise ValueError(
+                f"{self.name}'s direction is fixed by its method; only {[s.name for s in REGISTRY.values() if s.flippable]} may be reversed"
+            )
         self.fixed = {key: spec.check(key, value) for key, value in self.fixed.items()}
         grid = {}
         for key, values in self.grid.items():
@@ -455,7 +561,11 @@ class AttackRequest:
         """Raise a ValueError (naming the attack, the parameter, the value and the allowed range) unless
         every timestep that every point of this request visits lies in [0, num_train_timesteps): call it
         with the loaded model's ``len(target.scheduler.alphas_cumprod)`` before any compute or write."""
-        if isinstance(num_train_timesteps, (bool, np.bool_)) or not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 1:
+        if (
+            isinstance(num_train_timesteps, (bool, np.bool_))
+            or not isinstance(num_train_timesteps, (int, np.integer))
+            or num_train_timesteps < 1
+        ):
             raise ValueError(f"num_train_timesteps must be a positive integer, got {_shown(num_train_timesteps)}")
         for point in self.points():
             self.spec.check_schedule(point, int(num_train_timesteps))
@@ -473,12 +583,19 @@ class AttackRequest:
             return f"{spec.label} (calibrated)"
         if spec.setting_name and spec.params(self.fixed) == spec.defaults and self.direction in ("method", 1):
             return f"{spec.label} ({spec.setting_name})"
-        return spec.label if not self.fixed else f"{spec.label} ({spec.describe(spec.params(self.fixed), 1 if self.direction in ('method', 'auto') else self.direction)})"
+        return (
+            spec.label
+            if not self.fixed
+            else f"{spec.label} ({spec.describe(spec.params(self.fixed), 1 if self.direction in ('method', 'auto') else self.direction)})"
+        )
 
     def points(self) -> list[dict]:
         """Every parameter combination to score: the defaults, the fixed values and one grid point each."""
         keys = list(self.grid)
-        return [self.spec.params({**self.fixed, **dict(zip(keys, values))}) for values in itertools.product(*self.grid.values())]
+        return [
+            self.spec.params({**self.fixed, **dict(zip(keys, values))})
+            for values in itertools.product(*self.grid.values())
+        ]
 
     def text(self) -> str:
         parts = [f"{k}={v}" for k, v in self.fixed.items()] + [f"{k}={list(v)}" for k, v in self.grid.items()]

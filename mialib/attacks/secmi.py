@@ -69,12 +69,27 @@ def secmi_attack(
     # 1. deterministic inversion 0 -> k -> ... -> t_sec, and 2. one more step t_sec -> t_sec + k
     #    (the same path as the structural attack's at stride k: read from the trajectory cache when given)
     trajectory = inversion_trajectory(
-        target, images, captions, ids, ddim.path(t_sec + interval, interval),
-        guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed, cache=cache,
+        target,
+        images,
+        captions,
+        ids,
+        ddim.path(t_sec + interval, interval),
+        guidance=guidance,
+        prompt=prompt,
+        encode_mode=encode_mode,
+        schedule=schedule,
+        seed=seed,
+        cache=cache,
     )
     # 3. one deterministic denoising step t_sec + k -> t_sec (eps evaluated at t_sec + k)
     reconstruction = ddim.denoise(
-        target, trajectory[t_sec + interval], [t_sec + interval, t_sec], cond, uncond, guidance=guidance, schedule=schedule
+        target,
+        trajectory[t_sec + interval],
+        [t_sec + interval, t_sec],
+        cond,
+        uncond,
+        guidance=guidance,
+        schedule=schedule,
     )[t_sec]
     # 4. step-wise error at t_sec (mean over latent elements)
     error = (trajectory[t_sec] - reconstruction).double().pow(2).flatten(1).mean(dim=1).cpu().numpy()

@@ -42,7 +42,9 @@ def ssim_rounding(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, win
     return (4 + cov * moments / spread).flatten(1).mean(dim=1).to("cpu", torch.float64).numpy()
 
 
-def ms_ssim_rounding(x: torch.Tensor, y: torch.Tensor, score, data_range: float = 2.0, kernel_size: int = 11) -> np.ndarray:
+def ms_ssim_rounding(
+    x: torch.Tensor, y: torch.Tensor, score, data_range: float = 2.0, kernel_size: int = 11
+) -> np.ndarray:
     """:func:`ssim_rounding` for :func:`~mialib.similarity.ms_ssim` (same windows, scales and weights).
 
     MS-SSIM is a weighted geometric mean prod_k T_k^b_k of per-scale terms, each a mean of a map
@@ -65,7 +67,9 @@ def ms_ssim_rounding(x: torch.Tensor, y: torch.Tensor, score, data_range: float 
 
     def blur(images):
         images = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect")
-        return torch.nn.functional.conv2d(torch.nn.functional.conv2d(images, g.view(1, 1, 1, taps)), g.view(1, 1, taps, 1))
+        return torch.nn.functional.conv2d(
+            torch.nn.functional.conv2d(images, g.view(1, 1, 1, taps)), g.view(1, 1, taps, 1)
+        )
 
     relative = np.zeros(n)
     for scale in range(scales):
@@ -81,7 +85,11 @@ def ms_ssim_rounding(x: torch.Tensor, y: torch.Tensor, score, data_range: float 
             term = (cs_map * luminance).reshape(n, -1).mean(dim=1)
             bound = (bracket + 4).reshape(n, -1).mean(dim=1)
         with np.errstate(divide="ignore"):
-            relative += betas[scale] * bound.to("cpu", torch.float64).numpy() / term.clamp(min=0).to("cpu", torch.float64).numpy()  # inf where clamped
+            relative += (
+                betas[scale]
+                * bound.to("cpu", torch.float64).numpy()
+                / term.clamp(min=0).to("cpu", torch.float64).numpy()
+            )  # inf where clamped
         x, y = torch.nn.functional.avg_pool2d(x, 2), torch.nn.functional.avg_pool2d(y, 2)
     with np.errstate(invalid="ignore"):
         return np.where(np.isinf(relative), np.inf, np.abs(np.asarray(score, dtype=np.float64)) * relative)
@@ -116,12 +124,30 @@ def structural_attack(
         raise ValueError(f"measure must be one of {MEASURES}, not {measure!r}")
     t, stride = int(t), int(stride)
     trajectory = inversion_trajectory(
-        target, images, captions, ids, ddim.path(t, stride),
-        guidance=guidance, prompt=prompt, encode_mode=encode_mode, schedule=schedule, seed=seed, cache=cache,
+        target,
+        images,
+        captions,
+        ids,
+        ddim.path(t, stride),
+        guidance=guidance,
+        prompt=prompt,
+        encode_mode=encode_mode,
+        schedule=schedule,
+        seed=seed,
+        cache=cache,
     )
     decoded = decode_at(target, trajectory, t)
     score_fn = ssim if measure == "ssim" else ms_ssim
     similarity = score_fn(images, decoded, data_range=data_range, precision="working").numpy()
-    rounding = ssim_rounding(images, decoded, data_range) if measure == "ssim" else ms_ssim_rounding(images, decoded, similarity, data_range)
-    extras = {measure: similarity, "mse": mse(images, decoded).numpy(), "latent_mse": latent_mse(trajectory[t], trajectory[0]), f"{measure}_rounding": rounding}
+    rounding = (
+        ssim_rounding(images, decoded, data_range)
+        if measure == "ssim"
+        else ms_ssim_rounding(images, decoded, similarity, data_range)
+    )
+    extras = {
+        measure: similarity,
+        "mse": mse(images, decoded).numpy(),
+        "latent_mse": latent_mse(trajectory[t], trajectory[0]),
+        f"{measure}_rounding": rounding,
+    }
     return AttackOutput(scores=similarity, extras=extras)

@@ -17,8 +17,12 @@ from .structural import ssim_rounding
 
 
 @torch.no_grad()
-def vae_control(target, images, captions, ids, *, encode_mode: str = "mode", data_range: float = 2.0, seed: int = 0) -> AttackOutput:
+def vae_control(
+    target, images, captions, ids, *, encode_mode: str = "mode", data_range: float = 2.0, seed: int = 0
+) -> AttackOutput:
     latents = target.encode_images(images, mode=encode_mode, seeds=[image_seed(i, seed) for i in ids])
     decoded = target.decode(latents)
     similarity = ssim(images, decoded, data_range=data_range, precision="working").numpy()
-    return AttackOutput(scores=similarity, extras={"ssim": similarity, "ssim_rounding": ssim_rounding(images, decoded, data_range)})
+    return AttackOutput(
+        scores=similarity, extras={"ssim": similarity, "ssim_rounding": ssim_rounding(images, decoded, data_range)}
+    )

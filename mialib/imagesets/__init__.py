@@ -54,7 +54,9 @@ ADAPTERS: dict[str, Adapter] = {
     "csv": csv_entries,
     "imagefolder": imagefolder_entries,
 }
-ADAPTER_OPTIONS: dict[str, dict] = {"emoji": {"members": int, "nonmembers": int, "public": int, "style": str, "split": str, "images": str}}
+ADAPTER_OPTIONS: dict[str, dict] = {
+    "emoji": {"members": int, "nonmembers": int, "public": int, "style": str, "split": str, "images": str}
+}
 
 
 def register_adapter(kind: str, adapter: Adapter, options: dict | None = None) -> None:
@@ -91,7 +93,9 @@ def _resolve(path: str, base: Path | None) -> str:
     return str(expanded if expanded.is_absolute() or base is None else Path(base) / expanded)
 
 
-def open_imageset(spec: str, base: str | os.PathLike | None = None, require_labels: bool = True, **defaults) -> ImageSet:
+def open_imageset(
+    spec: str, base: str | os.PathLike | None = None, require_labels: bool = True, **defaults
+) -> ImageSet:
     """Open an image set named by ``spec``; relative paths are relative to ``base`` (default: the
     working directory). ``defaults`` fill options the spec does not give (e.g. the emoji set's sizes).
     ``require_labels=False`` (the set-level audit) opens a set whose records carry no membership label
@@ -111,8 +115,14 @@ def open_imageset(spec: str, base: str | os.PathLike | None = None, require_labe
             raise DataError(f"manifest {manifest} does not exist")
     entries, root, info = ADAPTERS[kind](arg, {**options, "require_labels": require_labels})
     return build(
-        entries, spec, root=root, seed=options.get("seed", 0), min_side=options.get("min_side", MIN_SIDE),
-        manifest=manifest, info=info, require_labels=require_labels,
+        entries,
+        spec,
+        root=root,
+        seed=options.get("seed", 0),
+        min_side=options.get("min_side", MIN_SIDE),
+        manifest=manifest,
+        info=info,
+        require_labels=require_labels,
     )
 
 

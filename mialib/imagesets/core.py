@@ -84,7 +84,9 @@ class Entry:
     skip: str | None = None  # a reason the adapter already knows (a failed download, an unreadable caption file)
     extra: dict = field(default_factory=dict)
     caption_problem: str | None = None  # the caption is missing (no .txt): a skip, unless the image has a worse problem
-    stray: bool = False  # a file in the set's folder that the source does not list: always skipped (``skip``), never validated
+    stray: bool = (
+        False  # a file in the set's folder that the source does not list: always skipped (``skip``), never validated
+    )
 
 
 class ImageProblem(Exception):
@@ -176,7 +178,9 @@ def is_hidden(relative: Path) -> bool:
 def walk_files(folder: Path) -> list[Path]:
     """Every file under ``folder`` (a broken link too), sorted, hidden ones left out (:func:`is_hidden`)."""
     return sorted(
-        p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and not p.is_dir() and not is_hidden(p.relative_to(folder))
+        p
+        for p in folder.rglob("*")
+        if (p.is_file() or p.is_symlink()) and not p.is_dir() and not is_hidden(p.relative_to(folder))
     )
 
 
@@ -206,7 +210,9 @@ def sniff(payload: bytes) -> tuple[str, str] | None:
         return "web page, not an image (a failed download?)", f"download the image itself, or {MOVE}"
     if head.startswith((b"PK\x03\x04", b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!")):
         return "archive, not an image", f"extract its images into the set, or {MOVE}"
-    if b"\0" not in head and any(_is_utf8(head[: len(head) - cut]) for cut in range(4)):  # a character cut at 1 KB is still text
+    if b"\0" not in head and any(
+        _is_utf8(head[: len(head) - cut]) for cut in range(4)
+    ):  # a character cut at 1 KB is still text
         return "text, not image data", MOVE
     return None
 
@@ -236,7 +242,9 @@ def _register_plugins() -> bool:
     return True
 
 
-def decode_image(payload: bytes, min_side: int = MIN_SIDE, max_pixels: int | None = MAX_PIXELS, name: str | None = None) -> Image.Image:
+def decode_image(
+    payload: bytes, min_side: int = MIN_SIDE, max_pixels: int | None = MAX_PIXELS, name: str | None = None
+) -> Image.Image:
     """Bytes -> an RGB PIL image, with the documented conversions; raises :class:`ImageProblem`.
 
     The format is told by the content, never by a file name. ``name`` (the file, for messages): an
@@ -264,13 +272,19 @@ def decode_image(payload: bytes, min_side: int = MIN_SIDE, max_pixels: int | Non
     except ImageProblem:
         raise
     except Exception as error:  # malformed bytes make Pillow raise many types (OSError, SyntaxError, struct.error ...)
-        raise ImageProblem(f"not a readable image: truncated or damaged ({file}: {type(error).__name__}: {error}); re-download or re-export it") from None
+        raise ImageProblem(
+            f"not a readable image: truncated or damaged ({file}: {type(error).__name__}: {error}); re-download or re-export it"
+        ) from None
     if min(image.size) < min_side:
-        raise ImageProblem(f"image is {image.size[0]}x{image.size[1]} px; its shorter side is below min_side={min_side} px")
+        raise ImageProblem(
+            f"image is {image.size[0]}x{image.size[1]} px; its shorter side is below min_side={min_side} px"
+        )
     try:
         image = ImageOps.exif_transpose(image)
     except Exception as error:
-        raise ImageProblem(f"unreadable EXIF metadata, so the orientation is unknown: {type(error).__name__}: {error}") from None
+        raise ImageProblem(
+            f"unreadable EXIF metadata, so the orientation is unknown: {type(error).__name__}: {error}"
+        ) from None
     if image.mode.startswith("I;16") or image.mode == "I":
         array = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8), "L")
@@ -291,7 +305,9 @@ def _open(payload: bytes, max_pixels: int | None) -> Image.Image:
             image = Image.open(io.BytesIO(payload))
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
-                raise ImageProblem(f"decompression bomb: {width} x {height} = {width * height:,} pixels exceed the limit of {max_pixels:,}")
+                raise ImageProblem(
+                    f"decompression bomb: {width} x {height} = {width * height:,} pixels exceed the limit of {max_pixels:,}"
+                )
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageProblem(f"decompression bomb: {error}") from None
@@ -323,7 +339,9 @@ class ImageSet:
 
     def select(self, mask) -> "ImageSet":
         """The records where ``mask`` holds (a boolean array, or a list of ids), in this set's order."""
-        if isinstance(mask, (list, tuple, set, pd.Index)) and not (len(mask) and isinstance(next(iter(mask)), (bool, np.bool_))):
+        if isinstance(mask, (list, tuple, set, pd.Index)) and not (
+            len(mask) and isinstance(next(iter(mask)), (bool, np.bool_))
+        ):
             keep = self.records["id"].isin(list(mask)).to_numpy()
         else:
             keep = np.asarray(mask, dtype=bool)
@@ -374,9 +392,13 @@ class ImageSet:
             try:
                 payload = read_bytes(row.location)
             except (OSError, tarfile.TarError) as error:
-                raise DataError(f"image {row.id!r} ({row.source}) can no longer be read: {type(error).__name__}: {error}") from None
+                raise DataError(
+                    f"image {row.id!r} ({row.source}) can no longer be read: {type(error).__name__}: {error}"
+                ) from None
             if hashlib.sha256(payload).hexdigest() != row.sha256:
-                raise DataError(f"image {row.id!r} ({row.source}) changed after the set was opened; rerun to pick it up")
+                raise DataError(
+                    f"image {row.id!r} ({row.source}) changed after the set was opened; rerun to pick it up"
+                )
             try:
                 image = decode_image(payload, self.min_side, None)
             except ImageProblem as problem:
@@ -403,7 +425,10 @@ class ImageSet:
             raise ValueError(f"threads must be at least 1, not {threads}")
         from concurrent.futures import ThreadPoolExecutor
 
-        chunks = [self.records.iloc[start : start + batch_size].reset_index(drop=True) for start in range(0, len(self.records), batch_size)]
+        chunks = [
+            self.records.iloc[start : start + batch_size].reset_index(drop=True)
+            for start in range(0, len(self.records), batch_size)
+        ]
         if not chunks:
             return
         # The first batch is read before the model has anything to do, so it is split between at least two
@@ -414,7 +439,10 @@ class ImageSet:
                 if parts == 1 or len(rows) == 1:
                     return reader.submit(lambda: _hashed(self.load(size, rows)))
                 step = -(-len(rows) // parts)
-                parts = [reader.submit(self._decoded, size, rows.iloc[start : start + step]) for start in range(0, len(rows), step)]
+                parts = [
+                    reader.submit(self._decoded, size, rows.iloc[start : start + step])
+                    for start in range(0, len(rows), step)
+                ]
                 # queued after its parts, so when a thread runs it every part is running or done
                 return reader.submit(self._joined, parts, rows)
 
@@ -432,7 +460,9 @@ class ImageSet:
 
     def summary(self) -> str:
         members, unlabelled = int((self.records["label"] == 1).sum()), int(self.records["label"].isna().sum())
-        reasons = self.skipped["reason"].str.split(":").str[0].value_counts() if len(self.skipped) else pd.Series(dtype=int)
+        reasons = (
+            self.skipped["reason"].str.split(":").str[0].value_counts() if len(self.skipped) else pd.Series(dtype=int)
+        )
         skipped = "; ".join(f"{n} {r}" for r, n in reasons.items())
         return (
             f"{self.spec}: {len(self.records)} images ({members} members, {len(self.records) - members - unlabelled} non-members"
@@ -539,7 +569,12 @@ def build(
     Without ``require_labels``, a record may lack its label (kept as <NA>); a label given must be valid."""
     given = len(entries)
     # strays (files the source does not list) are skips with their reason: nothing of theirs is validated
-    entries = [replace(e, label=None, subset=None, group=None, location=None, skip=e.skip or "not listed by the source") if e.stray else e for e in entries]
+    entries = [
+        replace(e, label=None, subset=None, group=None, location=None, skip=e.skip or "not listed by the source")
+        if e.stray
+        else e
+        for e in entries
+    ]
     listed = sum(not e.stray for e in entries)
     # 1. refusals: what would silently change results if guessed
     bad_labels = [
@@ -549,11 +584,21 @@ def build(
     ]
     _refuse(bad_labels, "labels must be 0 / 1 (or member / non-member); refusing to guess")
     raw_subsets = [None if is_blank(e.subset) else str(e.subset).strip().lower() for e in entries]
-    _refuse([f"{e.where} (id {e.id!r}): subset {s!r} is not calibration or test" for e, s in zip(entries, raw_subsets) if s is not None and s not in SUBSETS], "unknown subsets")
+    _refuse(
+        [
+            f"{e.where} (id {e.id!r}): subset {s!r} is not calibration or test"
+            for e, s in zip(entries, raw_subsets)
+            if s is not None and s not in SUBSETS
+        ],
+        "unknown subsets",
+    )
     given_subsets = sum(s is not None for s in raw_subsets)
     if 0 < given_subsets < listed:
         missing = [e.where for e, s in zip(entries, raw_subsets) if s is None and not e.stray]
-        _refuse([f"{w}: no subset" for w in missing], f"{given_subsets} of {listed} records name a subset, the others do not; give it for all or none")
+        _refuse(
+            [f"{w}: no subset" for w in missing],
+            f"{given_subsets} of {listed} records name a subset, the others do not; give it for all or none",
+        )
     ids = pd.Series([None if is_blank(e.id) else str(e.id).strip() for e in entries], dtype=object)
     _refuse([f"{e.where}: no id" for e, i in zip(entries, ids) if not i], "records without an id")
     duplicated = ids[ids.duplicated(keep=False)]
@@ -564,7 +609,9 @@ def build(
             if e.location and not e.location.startswith("tar://"):
                 resolved = Path(e.location).resolve()
                 if not resolved.is_relative_to(Path(root).resolve()):
-                    outside.append(f"{e.where} (id {e.id!r}): {e.source} resolves to {resolved}, outside {Path(root).resolve()}")
+                    outside.append(
+                        f"{e.where} (id {e.id!r}): {e.source} resolves to {resolved}, outside {Path(root).resolve()}"
+                    )
         _refuse(outside, "paths must stay inside the set's folder")
 
     frame = pd.DataFrame(
@@ -631,7 +678,9 @@ def build(
             members = list(part.loc[part["label"] == 1, "id"])
             others = list(part.loc[part["label"] == 0, "id"])
             for i in part.index:
-                skips[i] = f"same image on both sides of the split: identical bytes as member(s) {members} and non-member(s) {others}"
+                skips[i] = (
+                    f"same image on both sides of the split: identical bytes as member(s) {members} and non-member(s) {others}"
+                )
         else:
             first = part["id"].iloc[0]
             for i in part.index[1:]:
@@ -643,7 +692,8 @@ def build(
         frame, skips, extra, manifest_summary = _apply_manifest(frame, skips, Path(manifest), strays)
         given += extra
     skipped = pd.DataFrame(
-        [(frame.at[i, "id"], frame.at[i, "source"], reason) for i, reason in sorted(skips.items())], columns=SKIP_COLUMNS
+        [(frame.at[i, "id"], frame.at[i, "source"], reason) for i, reason in sorted(skips.items())],
+        columns=SKIP_COLUMNS,
     )
     records = frame.drop(index=list(skips)).reset_index(drop=True)
     records["label"] = records["label"].astype(int if require_labels else "Int64")
@@ -669,11 +719,16 @@ def _apply_manifest(frame: pd.DataFrame, skips: dict, path: Path, strays: set = 
     ``strays`` (indices of files the source does not list) keep their skip and are no manifest records."""
     table = read_manifest(path)
     repeated = table["id"].duplicated(keep=False)
-    _refuse([f"{path} row {n + 2}: id {v!r} appears more than once" for n, v in table.loc[repeated, "id"].items()], "duplicate ids in the manifest")
+    _refuse(
+        [f"{path} row {n + 2}: id {v!r} appears more than once" for n, v in table.loc[repeated, "id"].items()],
+        "duplicate ids in the manifest",
+    )
     frozen = table.set_index("id")
     problems = [f"{path} row {n + 2}: label {v!r}" for n, v in enumerate(frozen["label"]) if parse_label(v) is None]
     _refuse(problems, "manifest labels must be 0 or 1")
-    problems = [f"{path} row {n + 2}: subset {v!r}" for n, v in enumerate(frozen["subset"]) if v.strip().lower() not in SUBSETS]
+    problems = [
+        f"{path} row {n + 2}: subset {v!r}" for n, v in enumerate(frozen["subset"]) if v.strip().lower() not in SUBSETS
+    ]
     _refuse(problems, "manifest subsets must be calibration or test")
     status = {}
     for i, row in frame.iterrows():
@@ -688,7 +743,9 @@ def _apply_manifest(frame: pd.DataFrame, skips: dict, path: Path, strays: set = 
             status[row["id"]] = "unusable"
             continue
         if row["sha256"] != expected["sha256"]:
-            skips[i] = f"changed since the manifest: sha256 {row['sha256'][:12]}... instead of {expected['sha256'][:12]}..."
+            skips[i] = (
+                f"changed since the manifest: sha256 {row['sha256'][:12]}... instead of {expected['sha256'][:12]}..."
+            )
             status[row["id"]] = "changed"
             continue
         frame.loc[i, ["caption", "subset"]] = [expected["caption"], expected["subset"].strip().lower()]
@@ -699,7 +756,9 @@ def _apply_manifest(frame: pd.DataFrame, skips: dict, path: Path, strays: set = 
     absent = [i for i in frozen.index if i not in present]
     if absent:
         start = len(frame)
-        added = pd.DataFrame({"id": absent, "source": list(frozen.loc[absent, "source"])}, index=range(start, start + len(absent)))
+        added = pd.DataFrame(
+            {"id": absent, "source": list(frozen.loc[absent, "source"])}, index=range(start, start + len(absent))
+        )
         frame = pd.concat([frame, added])
         for n, image_id in enumerate(absent):
             skips[start + n] = "in the manifest but missing from the set"

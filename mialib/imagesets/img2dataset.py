@@ -129,7 +129,9 @@ def _image_extension(extensions, where: str) -> str | None:
     if len(found) > 1:
         raise DataError(f"{where}: more than one image for one sample ({found}); cannot tell which is the sample")
     if not found and len(candidates) > 1:
-        raise DataError(f"{where}: several files that may be the sample's image ({candidates}); cannot tell which is the sample")
+        raise DataError(
+            f"{where}: several files that may be the sample's image ({candidates}); cannot tell which is the sample"
+        )
     return (found or candidates or [None])[0]
 
 
@@ -163,14 +165,20 @@ def scan_output(folder: str | os.PathLike, listed_only: bool = False) -> tuple[l
         raise DataError(f"img2dataset output {folder} does not exist or is not a folder")
     folders = sorted(p for p in folder.iterdir() if p.is_dir() and SHARD_NAME.match(p.name))
     tars = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".tar" and SHARD_NAME.match(p.stem))
-    parquets = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".parquet" and SHARD_NAME.match(p.stem))
+    parquets = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix == ".parquet" and SHARD_NAME.match(p.stem)
+    )
     if folders and tars:
-        raise DataError(f"{folder} holds both shard folders ({folders[0].name}/) and .tar shards ({tars[0].name}); keep one output per folder")
+        raise DataError(
+            f"{folder} holds both shard folders ({folders[0].name}/) and .tar shards ({tars[0].name}); keep one output per folder"
+        )
     layout = "webdataset" if tars else "files"
     shards = {p.stem: p for p in tars} if tars else {p.name: p for p in folders}
     names = sorted(set(shards) | {p.stem for p in parquets})
     if not names:
-        raise DataError(f"{folder} holds no img2dataset shards (00000/ folders, 00000.tar files or 00000.parquet files)")
+        raise DataError(
+            f"{folder} holds no img2dataset shards (00000/ folders, 00000.tar files or 00000.parquet files)"
+        )
     samples: list[Sample] = []
     strays: list[tuple[str, str]] = []
     move = "move it out of the output folder"
@@ -229,9 +237,17 @@ def scan_output(folder: str | os.PathLike, listed_only: bool = False) -> tuple[l
                 listed.add(key)
                 status, error = row.get("status"), row.get("error_message")
                 sample = Sample(
-                    key=key, shard=name, meta=row, status=status, error=error, location=None,
-                    source=f"{name}/{key}", caption=None, caption_source=f"{prefix}{key}.txt",
-                    where=f"{name}.parquet row {number}", complete=complete,
+                    key=key,
+                    shard=name,
+                    meta=row,
+                    status=status,
+                    error=error,
+                    location=None,
+                    source=f"{name}/{key}",
+                    caption=None,
+                    caption_source=f"{prefix}{key}.txt",
+                    where=f"{name}.parquet row {number}",
+                    complete=complete,
                 )
                 if status != "success":
                     failed[key] = str(status)
@@ -241,10 +257,16 @@ def scan_output(folder: str | os.PathLike, listed_only: bool = False) -> tuple[l
                     if meta is not None:
                         sample.meta, sample.where = meta, f"{prefix}{key}.json"
                     if location is None:
-                        sample.problems.append(f"image missing: {name}.parquet records {key} as downloaded, but {prefix}{key}.<image> is not there")
+                        sample.problems.append(
+                            f"image missing: {name}.parquet records {key} as downloaded, but {prefix}{key}.<image> is not there"
+                        )
                 samples.append(sample)
         if not (listed_only and parquet.is_file()):
-            samples += [_unlisted(key, name, from_disk, prefix, complete) for key in sorted(set(on_disk) - listed) if _is_sample(on_disk[key])]
+            samples += [
+                _unlisted(key, name, from_disk, prefix, complete)
+                for key in sorted(set(on_disk) - listed)
+                if _is_sample(on_disk[key])
+            ]
         sample_keys = {k for k, _ in used}
         for key, files in sorted(on_disk.items()):
             for extension, (member, _) in sorted(files.items()):
@@ -270,9 +292,17 @@ def _unlisted(key: str, name: str, from_disk, prefix: str, complete: bool) -> Sa
     """A sample on disk that no shard parquet lists."""
     location, source, caption, meta = from_disk(key)
     sample = Sample(
-        key=key, shard=name, meta=meta or {}, status=(meta or {}).get("status"), error=(meta or {}).get("error_message"),
-        location=location, source=source, caption=caption, caption_source=f"{prefix}{key}.txt",
-        where=f"{prefix}{key}.json" if meta is not None else source, complete=complete,
+        key=key,
+        shard=name,
+        meta=meta or {},
+        status=(meta or {}).get("status"),
+        error=(meta or {}).get("error_message"),
+        location=location,
+        source=source,
+        caption=caption,
+        caption_source=f"{prefix}{key}.txt",
+        where=f"{prefix}{key}.json" if meta is not None else source,
+        complete=complete,
     )
     if location is None:
         sample.problems.append(f"no image file: {prefix}{key}.<image> is not there")
@@ -298,7 +328,9 @@ def _pairs(arg: str) -> list[tuple[str, Path]]:
         name, sep, path = part.partition("=")
         name = name.strip()
         if not sep or not path.strip():
-            raise DataError(f"img2dataset:{arg}: {part!r} is not name=DIR (e.g. members=out/members,nonmembers=out/nonmembers)")
+            raise DataError(
+                f"img2dataset:{arg}: {part!r} is not name=DIR (e.g. members=out/members,nonmembers=out/nonmembers)"
+            )
         if name.lower() not in MEMBER_FOLDERS:
             raise DataError(f"img2dataset:{arg}: {name!r} is not a class name; use members=DIR,nonmembers=DIR")
         if name.lower() in seen:
@@ -317,7 +349,9 @@ def img2dataset_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
     label_key, id_key = options.get("label"), options.get("id")
     if "=" in arg:
         if label_key is not None:
-            raise DataError(f"img2dataset:{arg}?label={label_key}: with one folder per class the folder gives the label; drop label=")
+            raise DataError(
+                f"img2dataset:{arg}?label={label_key}: with one folder per class the folder gives the label; drop label="
+            )
         outputs = [(name, folder, MEMBER_FOLDERS[name.lower()]) for name, folder in _pairs(arg)]
     else:
         if label_key is None:
@@ -351,24 +385,37 @@ def img2dataset_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
                 continue
             else:
                 label = None  # a failed sample: its label is never used
-            missing = f"no caption: {label_name}{sample.caption_source} does not exist" if sample.caption is None else None
+            missing = (
+                f"no caption: {label_name}{sample.caption_source} does not exist" if sample.caption is None else None
+            )
             entries.append(
                 Entry(
-                    id=image_id, caption=sample.caption, label=label, source=f"{label_name}{sample.source}",
-                    location=sample.location, where=where, skip=skip, caption_problem=missing,
+                    id=image_id,
+                    caption=sample.caption,
+                    label=label,
+                    source=f"{label_name}{sample.source}",
+                    location=sample.location,
+                    where=where,
+                    skip=skip,
+                    caption_problem=missing,
                 )
             )
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise DataError(
             "img2dataset samples lack a key the spec names (save it with img2dataset's --save_additional_columns):\n  "
-            + "\n  ".join(problems[:10]) + more
+            + "\n  ".join(problems[:10])
+            + more
         )
     taken = {str(e.id).strip() for e in entries}
     for file, reason in strays:  # files of the outputs that are no sample's: skip rows of their own
         image_id = file if file not in taken else f"{file} (stray)"
         taken.add(image_id)
-        entries.append(Entry(id=image_id, caption=None, label=None, source=file, location=None, where=file, skip=reason, stray=True))
+        entries.append(
+            Entry(
+                id=image_id, caption=None, label=None, source=file, location=None, where=file, skip=reason, stray=True
+            )
+        )
     roots = [folder.resolve() for _, folder, _ in outputs]
     root = Path(os.path.commonpath(roots)) if len(roots) > 1 else roots[0]
     info = {

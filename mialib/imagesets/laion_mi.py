@@ -82,7 +82,9 @@ def list_files(folder: str | os.PathLike) -> list[tuple[Path, int]]:
     labels = {label for _, label in found}
     if labels != {0, 1}:
         missing = "non-members" if 0 not in labels else "members"
-        raise DataError(f"LAION-mi folder {folder} has no {missing} parquet file (found: {[str(p.relative_to(folder)) for p, _ in found]})")
+        raise DataError(
+            f"LAION-mi folder {folder} has no {missing} parquet file (found: {[str(p.relative_to(folder)) for p, _ in found]})"
+        )
     return sorted(found, key=lambda item: (-item[1], str(item[0])))
 
 
@@ -187,7 +189,15 @@ def laion_mi_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
                 skip = failure_reason(sample)
                 location = sample.location
         entries.append(
-            Entry(id=row.id, caption=row.caption, label=row.label, source=source, location=location, where=row.where, skip=skip)
+            Entry(
+                id=row.id,
+                caption=row.caption,
+                label=row.label,
+                source=source,
+                location=location,
+                where=row.where,
+                skip=skip,
+            )
         )
     listed = set(rows["id"])
     info = {
@@ -312,22 +322,38 @@ def download(
         command = img2dataset_command()
         pending[["id", "url", "caption", "label"]].astype({"label": "int64"}).to_parquet(target / INPUT, index=False)
         arguments = [
-            "--url_list", str(target / INPUT),
-            "--output_folder", str(output),
-            "--input_format", "parquet",
-            "--url_col", "url",
-            "--caption_col", "caption",
-            "--save_additional_columns", json.dumps(["id", "label"]),
-            "--output_format", "files",
-            "--resize_mode", "no",
-            "--disable_all_reencoding", "True",
-            "--enable_wandb", "False",
-            "--extract_exif", "False",
-            "--incremental_mode", "extend",
-            "--processes_count", str(int(processes)),
-            "--thread_count", str(int(threads)),
-            "--timeout", str(int(timeout)),
-            "--retries", str(int(retries)),
+            "--url_list",
+            str(target / INPUT),
+            "--output_folder",
+            str(output),
+            "--input_format",
+            "parquet",
+            "--url_col",
+            "url",
+            "--caption_col",
+            "caption",
+            "--save_additional_columns",
+            json.dumps(["id", "label"]),
+            "--output_format",
+            "files",
+            "--resize_mode",
+            "no",
+            "--disable_all_reencoding",
+            "True",
+            "--enable_wandb",
+            "False",
+            "--extract_exif",
+            "False",
+            "--incremental_mode",
+            "extend",
+            "--processes_count",
+            str(int(processes)),
+            "--thread_count",
+            str(int(threads)),
+            "--timeout",
+            str(int(timeout)),
+            "--retries",
+            str(int(retries)),
         ]
         env = dict(os.environ)
         for name in ("NO_PROXY", "no_proxy"):
@@ -339,7 +365,16 @@ def download(
         log(f"nothing to download: every requested row of {folder} was attempted before")
     # what open_imageset(f"laion-mi:{folder}") opens, built here (the package imports this module)
     entries, root, info = laion_mi_entries(str(folder.expanduser()), {"require_labels": True})
-    imageset = build(entries, f"laion-mi:{folder}", root=root, seed=0, min_side=MIN_SIDE, manifest=None, info=info, require_labels=True)
+    imageset = build(
+        entries,
+        f"laion-mi:{folder}",
+        root=root,
+        seed=0,
+        min_side=MIN_SIDE,
+        manifest=None,
+        info=info,
+        require_labels=True,
+    )
     _write_csv(imageset.manifest(), target / MANIFEST)
     _write_csv(imageset.skipped, target / SKIPPED)
     failed = Counter(_reason_category(r) for r in imageset.skipped["reason"])

@@ -44,7 +44,9 @@ def read_table(path: Path) -> pd.DataFrame:
     holds them is skipped with its reason instead of the whole file failing. (Python strings, ``dtype=object``:
     pandas' own string dtype is stored by pyarrow, which cannot hold surrogates.)"""
     try:
-        return pd.read_csv(path, dtype=object, keep_default_na=False, encoding="utf-8", encoding_errors="surrogateescape")
+        return pd.read_csv(
+            path, dtype=object, keep_default_na=False, encoding="utf-8", encoding_errors="surrogateescape"
+        )
     except pd.errors.ParserError as error:
         raise DataError(f"{path} is not a readable CSV: {error}") from None
 
@@ -61,7 +63,9 @@ def read_jsonl(path: Path) -> pd.DataFrame:
         except json.JSONDecodeError as error:
             raise DataError(f"{path} line {number} is not JSON: {error}") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path} line {number} is not a JSON object ({{\"file_name\": ...}}) but a {type(row).__name__}")
+            raise DataError(
+                f'{path} line {number} is not a JSON object ({{"file_name": ...}}) but a {type(row).__name__}'
+            )
         rows.append(row)
         lines.append(number)
     frame = pd.DataFrame(rows, dtype=object)
@@ -72,7 +76,9 @@ def read_jsonl(path: Path) -> pd.DataFrame:
 def _caption_column(table: pd.DataFrame, path: Path) -> str:
     found = [c for c in CAPTION_COLUMNS if c in table.columns]
     if not found:
-        raise DataError(f"{path} has no caption column (one of {list(CAPTION_COLUMNS)}); columns: {list(table.columns)}")
+        raise DataError(
+            f"{path} has no caption column (one of {list(CAPTION_COLUMNS)}); columns: {list(table.columns)}"
+        )
     return found[0]
 
 
@@ -88,7 +94,11 @@ def csv_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
     if not path.is_file():
         raise DataError(f"CSV image set {path} does not exist")
     table = read_table(path)
-    missing = [c for c in ("id", "path", "caption", "label") if c not in table.columns and (c != "label" or options.get("require_labels", True))]
+    missing = [
+        c
+        for c in ("id", "path", "caption", "label")
+        if c not in table.columns and (c != "label" or options.get("require_labels", True))
+    ]
     if missing:
         raise DataError(f"{path} lacks columns {missing} (needs id, path, caption, label[, subset][, group])")
     root = path.parent
@@ -97,9 +107,14 @@ def csv_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
         relative = row["path"].strip()
         entries.append(
             Entry(
-                id=row["id"], caption=row["caption"], label=_value(row, "label"), source=relative,
-                location=str(root / relative) if relative else None, where=f"{path.name} row {number}",
-                subset=_value(row, "subset"), group=_value(row, "group"),
+                id=row["id"],
+                caption=row["caption"],
+                label=_value(row, "label"),
+                source=relative,
+                location=str(root / relative) if relative else None,
+                where=f"{path.name} row {number}",
+                subset=_value(row, "subset"),
+                group=_value(row, "group"),
                 skip=None if relative else "no path given",
             )
         )
@@ -129,7 +144,18 @@ def stray_entries(strays: list[tuple[Path, str]], root: Path, taken: set) -> lis
         relative = path.relative_to(root).as_posix()
         image_id = relative if relative not in taken else f"{relative} (stray)"
         taken.add(image_id)
-        entries.append(Entry(id=image_id, caption=None, label=None, source=relative, location=None, where=relative, skip=reason, stray=True))
+        entries.append(
+            Entry(
+                id=image_id,
+                caption=None,
+                label=None,
+                source=relative,
+                location=None,
+                where=relative,
+                skip=reason,
+                stray=True,
+            )
+        )
     return entries
 
 
@@ -145,7 +171,12 @@ def unlisted_entries(root: Path, listed: list[Entry], exclude: set, table: str) 
         if path in exclude or path in captions or os.path.normpath(path) in named or path.resolve() in resolved:
             continue
         relative = path.relative_to(root).as_posix()
-        strays.append((path, f"not listed in {table}: {relative} is in the set's folder but no row names it; add a row for it or move it out of the folder"))
+        strays.append(
+            (
+                path,
+                f"not listed in {table}: {relative} is in the set's folder but no row names it; add a row for it or move it out of the folder",
+            )
+        )
     return stray_entries(strays, root, {str(e.id).strip() for e in listed if e.id is not None})
 
 
@@ -186,10 +217,19 @@ def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
                 raise DataError(f"{path} has no label column and {relative} is not under members/ or nonmembers/")
             entries.append(
                 Entry(
-                    id=_value(row, "id") if "id" in table.columns else relative.with_suffix("").as_posix() if given else None,
-                    caption=row[caption], label=label, source=relative.as_posix(),
-                    location=str(root / relative) if given else None, where=f"{path.name} {'row' if path.suffix == '.csv' else 'line'} {number}",
-                    subset=_value(row, "subset"), group=_value(row, "group"), skip=None if given else "no path given",
+                    id=_value(row, "id")
+                    if "id" in table.columns
+                    else relative.with_suffix("").as_posix()
+                    if given
+                    else None,
+                    caption=row[caption],
+                    label=label,
+                    source=relative.as_posix(),
+                    location=str(root / relative) if given else None,
+                    where=f"{path.name} {'row' if path.suffix == '.csv' else 'line'} {number}",
+                    subset=_value(row, "subset"),
+                    group=_value(row, "group"),
+                    skip=None if given else "no path given",
                 )
             )
         entries += unlisted_entries(root, entries, exclude={path}, table=path.name)
@@ -209,7 +249,12 @@ def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
             if path in captions:
                 continue
             if path.suffix == ".txt":  # nothing of its name beside it: a caption file without its image
-                strays.append((path, f"caption file without an image: {relative.as_posix()} has no file of the same name beside it; add the image or move the caption out of the set's folder"))
+                strays.append(
+                    (
+                        path,
+                        f"caption file without an image: {relative.as_posix()} has no file of the same name beside it; add the image or move the caption out of the set's folder",
+                    )
+                )
                 continue
             text_file = path.with_suffix(".txt")
             caption, problem = None, None
@@ -220,12 +265,19 @@ def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
             # a broken link is listed too (and skipped as not found): nothing under the folders is dropped unseen
             entries.append(
                 Entry(
-                    id=_file_id(path, relative, names), caption=caption, label=MEMBER_FOLDERS.get(folder.name.lower()) if folder != root else None,
-                    source=relative.as_posix(), location=str(path), where=relative.as_posix(), caption_problem=problem,
+                    id=_file_id(path, relative, names),
+                    caption=caption,
+                    label=MEMBER_FOLDERS.get(folder.name.lower()) if folder != root else None,
+                    source=relative.as_posix(),
+                    location=str(path),
+                    where=relative.as_posix(),
+                    caption_problem=problem,
                 )
             )
     if entries and all(e.caption_problem for e in entries):
-        raise DataError(f"no image under {root} has a caption: add metadata.csv (file_name, caption, label) or a .txt beside each image")
+        raise DataError(
+            f"no image under {root} has a caption: add metadata.csv (file_name, caption, label) or a .txt beside each image"
+        )
     inside = {path for folder in folders for path in files if path.parent == folder or folder in path.parents}
     used = {Path(e.location).resolve() for e in entries}
     class_names = " or ".join(f"{f.name}/" for f in folders)
@@ -233,7 +285,12 @@ def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
         if path in inside or path in captions or path.resolve() in used:
             continue
         relative = path.relative_to(root).as_posix()
-        strays.append((path, f"not under {class_names}: {relative} has no label; move it into one of them or out of the set's folder"))
+        strays.append(
+            (
+                path,
+                f"not under {class_names}: {relative} has no label; move it into one of them or out of the set's folder",
+            )
+        )
     entries += stray_entries(strays, root, {e.id for e in entries})
     return entries, root, {"kind": "imagefolder", "metadata": None}
 
@@ -259,8 +316,15 @@ def emoji_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
     root = resolve(settings["images"])
     entries = [
         Entry(
-            id=row.id, caption=row.caption, label=row.label, source=f"openmoji:{row.id}" + ("" if row.split == "member" or settings["style"] == "same" else f" ({settings['style']})"),
-            location=row.path, where=f"{settings['split']} ({row.id})", subset=row.subset, group=row.group,
+            id=row.id,
+            caption=row.caption,
+            label=row.label,
+            source=f"openmoji:{row.id}"
+            + ("" if row.split == "member" or settings["style"] == "same" else f" ({settings['style']})"),
+            location=row.path,
+            where=f"{settings['split']} ({row.id})",
+            subset=row.subset,
+            group=row.group,
         )
         for row in attacked.itertuples(index=False)
     ]
@@ -276,5 +340,7 @@ def emoji_images(settings: dict) -> pd.DataFrame:
         full = data.build_emoji_manifest(int(settings["public"]), int(settings["members"]), int(settings["nonmembers"]))
         split.parent.mkdir(parents=True, exist_ok=True)
         full.to_csv(split, index=False)
-    chosen = data.subsample_manifest(full, int(settings["public"]), int(settings["members"]), int(settings["nonmembers"]))
+    chosen = data.subsample_manifest(
+        full, int(settings["public"]), int(settings["members"]), int(settings["nonmembers"])
+    )
     return data.materialise_images(chosen, resolve(settings["images"]))
