@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 I2D := $(VENV)/img2dataset
 I2D_STAMP := $(I2D)/.installed
 
-.PHONY: run prepare notebooks test test-fast lab install tools clean-outputs benchmark benchmark-sd
+.PHONY: run prepare notebooks test test-fast lint format lab install tools clean-outputs benchmark benchmark-sd
 
 run: $(STAMP) ## build data and target if missing, then execute the notebooks with papermill
 	$(PY) -m mialib all --preset configs/$(PRESET).yaml
@@ -21,11 +21,19 @@ notebooks: $(STAMP) ## only execute the notebooks (data and target must exist)
 
 test: ## the test suite (trains a smoke-size target once, executes every notebook at smoke size), then its numerics on the default CPU kernels
 	$(MAKE) -j2 $(STAMP) $(I2D_STAMP)  # the two environments install side by side
+	$(MAKE) lint
 	$(PY) -m pytest
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -m numerics -q -p no:cacheprovider  # the tolerances hold on other instruction sets
 
 test-fast: $(STAMP) ## the tests not marked slow (no target training, no notebooks, none over ~3 s; tests/conftest.py): under 2 minutes
 	$(PY) -m pytest -m "not slow" -q
+
+lint: $(STAMP) ## ruff: lint and check the formatting (pyproject.toml [tool.ruff]; notebooks are linted, not formatted)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## ruff: format the code, then apply the safe lint fixes (what `make lint` checks)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 lab: $(STAMP) ## JupyterLab with the project's kernel
 	$(VENV)/bin/jupyter lab notebooks

@@ -67,8 +67,8 @@ def _attacks_epilog() -> str:
 
     return (
         "attacks (--attack NAME[:key=value,...]; a list [a,b] or a start:stop:step range is a grid chosen on "
-        "calibration; NAME:calibrate uses the grid below; direction=auto lets calibration reverse the structural family):\n"
-        + help_text()
+        "calibration; NAME:calibrate uses the grid below; direction=auto lets calibration reverse the structural "
+        "family):\n" + help_text()
     )
 
 
@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME[:key=value,...]",
         help="an attack to run (repeatable); see the list below",
     )
+    score.add_argument(
+        "--reference-model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="a reference model for NAME:calibrate=reference (repeatable; any form of --model, loaded the same way): "
+        "one gives the score difference, several a LiRA-style (offline) standardised score",
+    )
     score.add_argument("--out", required=True, help="output folder (created; a rerun resumes from its cache)")
     _run_arguments(score)
     score.add_argument(
@@ -149,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--trajectory-cache-gb",
         type=NONNEGATIVE_NUMBER,
         default=0,
-        help="cap of the trajectory cache in GB (0: no cap); past it the least recently written trajectories are removed",
+        help=(
+            "cap of the trajectory cache in GB (0: no cap); past it the least recently written trajectories are removed"
+        ),
     )
     score.add_argument(
         "--read-threads",
@@ -161,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser(
         "audit",
         help="set-level audit: was the suspect set (or part of it) used to train the model?",
-        description="CDI-style dataset inference (Dubinski et al., CVPR 2025): per-image features from registry attacks at fixed "
-        "settings, a logistic regression fitted on a random part of both sets, a one-sided Welch t-test and a permutation test "
-        "on the held-out parts. The reference set must hold images known NOT to be training members, from the suspect set's "
-        "distribution; labels are never read.",
+        description=(
+            "CDI-style dataset inference (Dubinski et al., CVPR 2025): per-image features from registry attacks at "
+            "fixed settings, a logistic regression fitted on a random part of both sets, a one-sided Welch t-test and "
+            "a permutation test on the held-out parts. The reference set must hold images known NOT to be training "
+            "members, from the suspect set's distribution; labels are never read."
+        ),
     )
     _model_arguments(audit)
     audit.add_argument(
@@ -230,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "--notebooks",
                 nargs="*",
                 default=None,
-                help=f"notebook runs to execute (default: the preset's NOTEBOOKS, else {' '.join(NOTEBOOKS)}; 07_regimes runs in configs/regimes.yaml)",
+                help=(
+                    f"notebook runs to execute (default: the preset's NOTEBOOKS, else {' '.join(NOTEBOOKS)}; "
+                    "07_regimes runs in configs/regimes.yaml)"
+                ),
             )
             sub.add_argument("--kernel", default="python3", help="Jupyter kernel name for papermill")
     return parser
@@ -294,7 +309,8 @@ class FolderLock:
             pid = handle.read().strip() or "unknown"
             handle.close()
             raise ValueError(
-                f"another mialib run (pid {pid}) is writing to {self.folder}; wait for it to finish or choose another --out"
+                f"another mialib run (pid {pid}) is writing to {self.folder}; wait for it to finish or choose "
+                "another --out"
             ) from None
         handle.seek(0)
         handle.truncate()
@@ -376,7 +392,8 @@ def _differences(old: dict, new: dict) -> list[str]:
     found = []
     if "images" in old and "images" in new and old["images"] != new["images"]:
         found.append(
-            f"the images ({old.get('n_images', '?')} before, {new['n_images']} now, or their ids, captions, labels, splits or bytes)"
+            f"the images ({old.get('n_images', '?')} before, {new['n_images']} now, or their ids, captions, labels, "
+            "splits or bytes)"
         )
     elif "images" not in old and old.get("image_ids") not in (None, new.get("image_ids")):
         found.append("the images (their ids)")
@@ -451,7 +468,7 @@ def score(args) -> None:
     from .data import claim_folder
     from .experiment import quiet_library_notices
     from .settings import Settings
-    from .target import check_source
+    from .target import check_source, load_target
 
     started = time.time()
     _check_out(args.out)
@@ -468,6 +485,9 @@ def score(args) -> None:
     model = check_source(
         args.model, args.model_config
     )  # a typo'd path or a bad file form fails here, before anything is read or written
+    reference_sources = [check_source(reference) for reference in args.reference_model]
+    if any(r.calibrate == "reference" for r in requests.values()) and not reference_sources:
+        raise ValueError("an attack asks for calibrate=reference: give its reference models with --reference-model")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
     processes = _processes(cpu=args.device == "cpu")
@@ -489,7 +509,11 @@ def score(args) -> None:
         config=args.model_config,
     )
     target, size = opened.target, opened.size
-    runs.check_schedule(target, requests.values())  # every t within the model's schedule: before anything is written
+    references = [load_target(source, device=device, dtype=args.dtype) for source in reference_sources]
+    for model_ in (target, *references):
+        runs.check_schedule(
+            model_, requests.values()
+        )  # every t within each model's schedule: before anything is written
     out, identity = Path(args.out), None
     with contextlib.ExitStack() as held:
         if main_process:
@@ -500,6 +524,8 @@ def score(args) -> None:
                     f"{out} holds a `mialib audit`; choose another --out for this run (one folder, one run)"
                 )
             identity = run_identity(target, imageset, settings, size)
+            if references:
+                identity["references"] = [reference.fingerprint() for reference in references]
             check_same_run(out, identity)  # another run's tables are never mixed with this one's
             claim_folder(out / "cache", _cache_entry)
             # from here on the folder's tables are this run's: none is trusted until run.json is written last
@@ -526,10 +552,12 @@ def score(args) -> None:
             processes.wait_for_everyone()
             if not main_process:
                 return
-        _score_tables(args, out, model, opened, imageset, requests, settings, identity, processes, started)
+        _score_tables(args, out, model, opened, references, imageset, requests, settings, identity, processes, started)
 
 
-def _score_tables(args, out, model, opened, imageset, requests, settings, identity, processes, started) -> None:
+def _score_tables(
+    args, out, model, opened, references, imageset, requests, settings, identity, processes, started
+) -> None:
     from . import scoring
     from .memo import write_text
 
@@ -539,7 +567,8 @@ def _score_tables(args, out, model, opened, imageset, requests, settings, identi
     if len(opened.truncated):
         scoring.write_table(out / "captions_truncated.csv", opened.truncated)
         print(
-            f"{len(opened.truncated)} captions exceed the text encoder's {target.tokenizer.model_max_length} tokens and are cut there (captions_truncated.csv)"
+            f"{len(opened.truncated)} captions exceed the text encoder's {target.tokenizer.model_max_length} tokens "
+            "and are cut there (captions_truncated.csv)"
         )
     parameters = {
         "model": model,
@@ -561,6 +590,8 @@ def _score_tables(args, out, model, opened, imageset, requests, settings, identi
         "given": imageset.given,
         "skipped": len(imageset.skipped),
         "fingerprint": target.fingerprint(),
+        "reference_models": args.reference_model,
+        "reference_fingerprints": [reference.fingerprint() for reference in references],
         "image_set": imageset.info,
         "identity": identity,
     }
@@ -576,11 +607,13 @@ def _score_tables(args, out, model, opened, imageset, requests, settings, identi
         size=size,
         n_bootstrap=args.bootstrap,
         progress=not args.quiet,
+        references=references,
     )
     write_manifest(out, identity, SCORE_TABLES)  # last: the tables above belong together
     print(format_metrics(run.metrics))
     print(
-        f"{len(run.scores)} scores of {len(imageset)} images ({len(imageset.skipped)} skipped) in {time.time() - started:.1f} s -> {out}"
+        f"{len(run.scores)} scores of {len(imageset)} images ({len(imageset.skipped)} skipped) in "
+        f"{time.time() - started:.1f} s -> {out}"
     )
 
 
@@ -630,7 +663,8 @@ def audit(args) -> None:
     if shared:
         ids = sets["suspect"].records.loc[sets["suspect"].records["sha256"].isin(shared), "id"]
         raise ValueError(
-            f"{len(shared)} images are in both the suspect and the reference set (same bytes), e.g. suspect ids {list(ids)[:5]}; the reference must hold other images"
+            f"{len(shared)} images are in both the suspect and the reference set (same bytes), e.g. suspect ids "
+            f"{list(ids)[:5]}; the reference must hold other images"
         )
     records = pd.concat([imageset.records for imageset in sets.values()], ignore_index=True)
     opened = scoring.open_target(
@@ -726,7 +760,8 @@ def _processes(cpu: bool):
     state = PartialState(cpu=cpu)
     if state.num_processes <= 1:
         raise ValueError(
-            f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but accelerate sees one process; launch with torchrun or accelerate launch"
+            f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but accelerate sees one process; launch with torchrun or "
+            "accelerate launch"
         )
     return state
 
@@ -745,7 +780,8 @@ def format_metrics(metrics) -> str:
         )
     n = metrics.iloc[0]
     lines.append(
-        f"test split: {int(n.n_test_members)} members, {int(n.n_test_nonmembers)} non-members; thresholds and settings from calibration"
+        f"test split: {int(n.n_test_members)} members, {int(n.n_test_nonmembers)} non-members; thresholds and "
+        "settings from calibration"
     )
     return "\n".join(lines)
 
@@ -786,7 +822,8 @@ def report(args) -> None:
         path = folder / name
         if not path.exists():
             raise ValueError(
-                f"the tables in {folder} do not belong together: {name} is missing since the run wrote {MANIFEST}; {rerun}"
+                f"the tables in {folder} do not belong together: {name} is missing since the run wrote {MANIFEST}; "
+                f"{rerun}"
             )
         if _file_sha256(path) != expected:
             raise ValueError(
@@ -796,12 +833,14 @@ def report(args) -> None:
     for name in SCORE_TABLES:
         if name not in files and (folder / name).exists():
             raise ValueError(
-                f"the tables in {folder} do not belong together: {name} is not part of the run {MANIFEST} records; {rerun}"
+                f"the tables in {folder} do not belong together: {name} is not part of the run {MANIFEST} records; "
+                f"{rerun}"
             )
     written = json.loads((folder / "parameters.json").read_text()).get("identity")
     if written != identity:
         raise ValueError(
-            f"the tables in {folder} do not belong together: parameters.json describes another run than {MANIFEST}; {rerun}"
+            f"the tables in {folder} do not belong together: parameters.json describes another run than "
+            f"{MANIFEST}; {rerun}"
         )
     print(format_metrics(pd.read_csv(folder / "metrics.csv")))
 

@@ -208,7 +208,8 @@ def build_filler_manifest(manifest: pd.DataFrame, seed: int = 0) -> pd.DataFrame
     ordered = catalogue.iloc[order].reset_index(drop=True)
     if list(ordered["id"].head(len(manifest))) != list(manifest["id"]):
         raise DataError(
-            f"the split manifest is not the start of the catalogue's seed-{seed} permutation, so its complement cannot be told apart"
+            f"the split manifest is not the start of the catalogue's seed-{seed} permutation, so its complement "
+            "cannot be told apart"
         )
     filler = ordered.iloc[len(manifest) :].reset_index(drop=True)
     filler = filler[~filler["group"].isin(manifest["group"]) & ~filler["pixel_sha256"].isin(manifest["pixel_sha256"])]

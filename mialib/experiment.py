@@ -27,7 +27,8 @@ from . import data, imagesets, scoring
 from .paths import ROOT, resolve
 from .settings import Settings
 
-# The runs of `make run` on the default preset; a preset's NOTEBOOKS key chooses others (configs/regimes.yaml: 07_regimes).
+# The runs of `make run` on the default preset; a preset's NOTEBOOKS key chooses others
+# (configs/regimes.yaml: 07_regimes).
 NOTEBOOKS = (
     "01_data_split",
     "02_observation",
@@ -127,7 +128,8 @@ def open_data(params: dict) -> imagesets.ImageSet:
     spec = params.get("DATA", "emoji")
     if params.get("NONMEMBER_STYLE", "same") != "same" and data_kind(params) != "emoji":
         raise ValueError(
-            f"NONMEMBER_STYLE={params['NONMEMBER_STYLE']!r} (the biased split) exists only for the embedded emoji set, not {spec!r}"
+            f"NONMEMBER_STYLE={params['NONMEMBER_STYLE']!r} (the biased split) exists only for the embedded emoji "
+            f"set, not {spec!r}"
         )
     return imagesets.open_imageset(spec, base=ROOT, **emoji_options(params))
 
@@ -328,6 +330,7 @@ class Study:
     imageset: imagesets.ImageSet
     target: object = None
     notes: list = field(default_factory=list)
+    references: list = field(default_factory=list)  # reference models' Targets (REFERENCE_MODELS)
 
     @property
     def figures(self) -> Path:
@@ -366,6 +369,7 @@ class Study:
             self.batch_size,
             size or self.size,
             progress,
+            references=self.references,
         )
 
     def skip(self, study: str, reason: str) -> None:
@@ -414,7 +418,24 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
             tables=out / "tables",
         )
         study.target = opened.target
+        study.references = load_references(params, settings)
     return study
+
+
+def load_references(params: dict, settings: Settings) -> list:
+    """The reference models of ``calibrate=reference`` (``REFERENCE_MODELS``: a list of models in any form
+    ``MODEL`` takes), loaded as the target is; a reference must have the target's resolution."""
+    from .target import load_target
+
+    references = []
+    for model in params.get("REFERENCE_MODELS") or []:
+        reference = load_target(locate_model(model), device=params.get("DEVICE", "cpu"), dtype=settings.dtype)
+        print(
+            f"reference model {reference.name}: {reference.family}, fingerprint {reference.fingerprint()[:12]}",
+            flush=True,
+        )
+        references.append(reference)
+    return references
 
 
 def claim_output(folder: Path) -> Path:
@@ -446,6 +467,7 @@ def notebook_runs(params: dict) -> dict[str, tuple[str, dict] | str]:
                 "OUTPUT_DIR": f"{output_dir}/biased",
                 "CACHE_DIR": cache_dir,
                 "FAIR_RESULTS": f"{output_dir}/metrics.csv",
+                "CAPTION_CONTROLS": [],  # the fair run shows them
             },
         )
         if data_kind(params) == "emoji"
@@ -558,11 +580,14 @@ def kernel_options() -> dict:
 # The HTML report
 # --------------------------------------------------------------------------------------------------
 REPORT_CSS = (
-    "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:84em;margin:2em auto;padding:0 1em;line-height:1.45;color:#222}"
+    "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:84em;margin:2em auto;padding:0 1em;"
+    "line-height:1.45;color:#222}"
     "h1{margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}"
     ".run{color:#555;margin-top:0}.note{color:#555;font-size:.92em}"
-    "table{border-collapse:collapse;margin:.6em 0}th,td{padding:.3em .7em;border-bottom:1px solid #e3e3e3;text-align:left;vertical-align:top}"
-    "th{background:#f5f5f5}table.headline{font-size:.9em}table.headline td{font-variant-numeric:tabular-nums;white-space:nowrap}"
+    "table{border-collapse:collapse;margin:.6em 0}"
+    "th,td{padding:.3em .7em;border-bottom:1px solid #e3e3e3;text-align:left;vertical-align:top}"
+    "th{background:#f5f5f5}table.headline{font-size:.9em}"
+    "table.headline td{font-variant-numeric:tabular-nums;white-space:nowrap}"
     "table.headline td:nth-child(2){white-space:normal;min-width:12em}"
     "table.headline td:nth-child(n+3){text-align:right}tr.failed td{color:#a00}tr.skipped td{color:#777}"
     "ul.verdicts li{margin:.4em 0}code{background:#f5f5f5;padding:0 .2em}details{margin-top:2em}"
@@ -637,21 +662,24 @@ def verdict_sentences(output_dir: Path) -> list[str]:
         else:
             beats = verdict["beats blind baselines"].astype(str)
             sentences.append(
-                f"Best blind baseline (model-free) test AUC: {verdict['blind_auc'].iloc[0]:.3f}. Attacks whose AUC 95% interval lies above it: "
-                f"{_names(verdict[beats == 'True'])}. Attacks that do not clearly beat it (they may measure the split, not membership): "
+                f"Best blind baseline (model-free) test AUC: {verdict['blind_auc'].iloc[0]:.3f}. "
+                f"Attacks whose AUC 95% interval lies above it: {_names(verdict[beats == 'True'])}. "
+                "Attacks that do not clearly beat it (they may measure the split, not membership): "
                 f"{_names(verdict[beats == 'False'])}."
             )
     if metrics is not None:
         for row in metrics[metrics["attack"] == "structural"].itertuples():
             direction = "the paper's direction (+SSIM)" if row.direction > 0 else "the REVERSED direction (-SSIM)"
             sentences.append(
-                f"{row.display} ({row.setting}): test AUC {row.auc:.3f} [{row.auc_low:.3f}, {row.auc_high:.3f}], scored with {direction}."
+                f"{row.display} ({row.setting}): test AUC {row.auc:.3f} [{row.auc_low:.3f}, {row.auc_high:.3f}], "
+                f"scored with {direction}."
             )
         controls = metrics[metrics["unet_evals"] == 0]
         if len(controls):
             listed = "; ".join(f"{row.display} {row.auc:.3f}" for row in controls.itertuples())
             sentences.append(
-                f"Controls that never run the U-Net reach test AUC {listed}: an attack says something about membership only above them."
+                f"Controls that never run the U-Net reach test AUC {listed}: an attack says something about "
+                "membership only above them."
             )
     inflation_path = output_dir / "biased" / "tables" / "bias_inflation.csv"
     if inflation_path.exists():
@@ -661,13 +689,20 @@ def verdict_sentences(output_dir: Path) -> list[str]:
         )
         attacks = inflation[inflation["run"].isin(model_runs)]
         blind = inflation[inflation["run"] == "blind_image"]
-        text = "On the biased split (non-members from a shifted source, as when members and non-members come from different datasets)"
+        text = (
+            "On the biased split (non-members from a shifted source, as when members and non-members come from "
+            "different datasets)"
+        )
         if len(blind):
-            text += f" the image-only blind classifier reaches test AUC {blind['auc_biased'].iloc[0]:.3f} ({blind['auc_fair'].iloc[0]:.3f} on the fair split) without looking at the model"
+            text += (
+                f" the image-only blind classifier reaches test AUC {blind['auc_biased'].iloc[0]:.3f} "
+                f"({blind['auc_fair'].iloc[0]:.3f} on the fair split) without looking at the model"
+            )
         if len(attacks):
             largest = attacks.loc[attacks["auc_inflation"].idxmax()]
             text += (
-                f"{';' if len(blind) else ''} the attacks' AUCs change by {attacks['auc_inflation'].min():+.3f} to {attacks['auc_inflation'].max():+.3f}"
+                f"{';' if len(blind) else ''} the attacks' AUCs change by {attacks['auc_inflation'].min():+.3f} "
+                f"to {attacks['auc_inflation'].max():+.3f}"
                 f" (largest: {largest['display']}, {largest['auc_fair']:.3f} fair, {largest['auc_biased']:.3f} biased)"
             )
         sentences.append(text + ".")
@@ -682,9 +717,15 @@ def verdict_sentences(output_dir: Path) -> list[str]:
         if len(combined):
             row = combined.iloc[0]
             sentences.append(
-                f"Every attack combined, the set audit detects a suspect set of {int(row['images'])} members with {row['power']:.0%} power."
+                (
+                    f"Every attack combined, the set audit detects a suspect set of {int(row['images'])} members "
+                    f"with {row['power']:.0%} power."
+                )
                 if pd.notna(row["images"])
-                else f"Every attack combined, the set audit does not reach 80 % power on members-only suspect sets: {row['note']}."
+                else (
+                    "Every attack combined, the set audit does not reach 80 % power on members-only suspect sets: "
+                    f"{row['note']}."
+                )
             )
     return sentences
 
@@ -785,7 +826,8 @@ def write_html_report(output_dir: Path, outcomes: dict, params: dict) -> Path:
         top = (
             "<h2>Membership inference on the test split</h2>"
             + headline.to_html(index=False, border=0, classes="headline", na_rep="")
-            + '<p class="note">Settings, score directions and thresholds are chosen on the calibration split and applied once to the test split; '
+            + '<p class="note">Settings, score directions and thresholds are chosen on the calibration split and '
+            "applied once to the test split; "
             "intervals are 95 % bootstrap intervals over the test images (03_attack, <code>metrics.csv</code>).</p>"
         )
     else:
@@ -808,7 +850,8 @@ def write_html_report(output_dir: Path, outcomes: dict, params: dict) -> Path:
         + verdicts
         + "<h2>Notebooks</h2>"
         + _notebook_rows(outcomes, pages)
-        + f'<p class="note">Output folder <code>{html.escape(location)}</code> (relative to the repository root), written {time.strftime("%Y-%m-%d %H:%M")}; '
+        + f'<p class="note">Output folder <code>{html.escape(location)}</code> (relative to the repository root), '
+        f"written {time.strftime('%Y-%m-%d %H:%M')}; "
         "figures and tables are also in <code>figures/</code> and <code>tables/</code> beside this page's folder.</p>"
         + f"<details><summary>Parameters</summary>{settings}</details></body></html>"
     )
@@ -909,6 +952,7 @@ def run_notebooks(
     if failures:
         details = "; ".join(f"{n}: {outcomes[n]['error']}" for n in failures)
         raise NotebookFailures(
-            f"{len(failures)} of {len(notebooks)} notebooks failed ({details}); executed copies in {output_dir / 'notebooks'}"
+            f"{len(failures)} of {len(notebooks)} notebooks failed ({details}); executed copies in "
+            f"{output_dir / 'notebooks'}"
         )
     return output_dir

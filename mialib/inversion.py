@@ -16,17 +16,30 @@ import torch
 from . import ddim, memo
 from .hashing import image_seed
 
-PROMPT_MODES = ("caption", "empty")
+# The caption controls: each image's own caption, the empty prompt, one neutral prompt for every image, or
+# another image's caption (the run layer hands each image the caption of another: mialib.runs.prompted).
+PROMPT_MODES = ("caption", "empty", "neutral", "other")
+NEUTRAL_PROMPT = "an image"
+
+
+def prompt_texts(captions: list[str], prompt: str) -> list[str]:
+    """The texts a batch is conditioned on under ``prompt`` (:data:`PROMPT_MODES`): the captions as given
+    for ``caption`` and ``other``, else the empty or the neutral prompt for every image."""
+    if prompt not in PROMPT_MODES:
+        raise ValueError(f"prompt must be one of {PROMPT_MODES}, not {prompt!r}")
+    if prompt in ("caption", "other"):
+        return list(captions)
+    return [NEUTRAL_PROMPT if prompt == "neutral" else ""] * len(captions)
 
 
 def condition(target, captions: list[str], *, prompt: str = "caption", guidance: float = 1.0):
     """Text conditioning for a batch: (cond, uncond); uncond is None when guidance is 1.
 
-    ``prompt="caption"`` uses each image's caption, ``"empty"`` the empty prompt for every image.
+    ``prompt`` (:func:`prompt_texts`): ``"caption"`` each image's caption, ``"empty"`` the empty prompt,
+    ``"neutral"`` :data:`NEUTRAL_PROMPT`, ``"other"`` the captions as given (the run layer gives each image
+    another image's caption).
     """
-    if prompt not in PROMPT_MODES:
-        raise ValueError(f"prompt must be one of {PROMPT_MODES}, not {prompt!r}")
-    texts = list(captions) if prompt == "caption" else [""] * len(captions)
+    texts = prompt_texts(captions, prompt)
     cond = target.encode_prompts(texts)
     uncond = None if guidance == 1.0 else target.encode_prompts([""] * len(captions))
     return cond, uncond

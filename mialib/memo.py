@@ -199,7 +199,8 @@ def set_aside(path, error: Exception) -> None:
     damaged = path.with_name(path.name + ".damaged")
     path.replace(damaged)
     print(
-        f"damaged cache file {path} ({type(error).__name__}: {str(error)[:200]}): set aside as {damaged.name}, recomputing",
+        f"damaged cache file {path} ({type(error).__name__}: {str(error)[:200]}): set aside as {damaged.name}, "
+        "recomputing",
         file=sys.stderr,
         flush=True,
     )

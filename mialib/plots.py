@@ -55,12 +55,24 @@ def observation(curve: pd.DataFrame, images: pd.DataFrame):
     non-member difference, and the decrease rate v(t) = (SSIM_{t+dt} - SSIM_t) / dt."""
     data = curve.merge(images[["id", "label"]], on="id")
     data["group"] = data["label"].map(GROUP_LABELS)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    recon = "ssim_recon" in data
+    fig, axes = plt.subplots(1, 4 if recon else 3, figsize=(17 if recon else 13, 3.6))
     sns.lineplot(data=data, x="t", y="ssim", hue="group", errorbar=("ci", 95), n_boot=500, seed=0, ax=axes[0])
     axes[0].set(title="SSIM(x0, decoded x_t)", xlabel="inversion timestep t", ylabel="SSIM")
     means = data.groupby(["t", "label"])["ssim"].mean().unstack("label")
     difference = means[1] - means[0]
-    axes[1].plot(difference.index, difference.values, marker="o")
+    axes[1].plot(difference.index, difference.values, marker="o", label="against x0 (the paper's)")
+    table = pd.DataFrame({"member": means[1], "nonmember": means[0], "difference": difference})
+    if recon:
+        sns.lineplot(
+            data=data, x="t", y="ssim_recon", hue="group", errorbar=("ci", 95), n_boot=500, seed=0, ax=axes[3]
+        )
+        axes[3].set(title="SSIM(D(E(x0)), decoded x_t)", xlabel="inversion timestep t", ylabel="SSIM")
+        against = data.groupby(["t", "label"])["ssim_recon"].mean().unstack("label")
+        table["recon_member"], table["recon_nonmember"] = against[1], against[0]
+        table["recon_difference"] = against[1] - against[0]
+        axes[1].plot(table.index, table["recon_difference"], marker="s", label="against D(E(x0))")
+        axes[1].legend(fontsize=7)
     axes[1].axhline(0, color="grey", lw=0.8)
     axes[1].set(title="member - non-member", xlabel="t", ylabel="SSIM difference")
     rate = means.diff().div(means.index.to_series().diff(), axis=0).dropna()
@@ -69,7 +81,7 @@ def observation(curve: pd.DataFrame, images: pd.DataFrame):
     axes[2].set(title="decrease rate v(t)", xlabel="t", ylabel="dSSIM / dt")
     axes[2].legend()
     fig.tight_layout()
-    return fig, pd.DataFrame({"member": means[1], "nonmember": means[0], "difference": difference})
+    return fig, table
 
 
 def roc_curves(scores: pd.DataFrame, subset: str = "test"):
@@ -250,7 +262,10 @@ def audit_scores(held_out, result):
     sns.histplot(frame, x="score", hue="set", stat="density", common_norm=False, element="step", ax=ax)
     ax.set(
         xlabel="combined score (logistic regression fitted on the other halves)",
-        title=f"Welch p = {result.p_value_t:.2g}, permutation p = {result.p_value_permutation:.2g}, g = {result.effect_size:.2f}",
+        title=(
+            f"Welch p = {result.p_value_t:.2g}, permutation p = {result.p_value_permutation:.2g}, "
+            f"g = {result.effect_size:.2f}"
+        ),
     )
     fig.tight_layout()
     return fig

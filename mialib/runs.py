@@ -5,8 +5,9 @@ The flow for one :class:`~mialib.attacks.registry.AttackRequest`:
 1. :func:`attack_values` streams the set batch by batch through the attack function at one parameter
    point. Results are cached per image (:class:`ResultStore`: the folder key hashes the model
    fingerprint, the attack, its parameters, the settings and the size; each row's key the image's id,
-   caption and pixels), so an interrupted run resumes, and another batch size reuses every result. Attacks that invert read and write the
-   per-image trajectory cache (``<cache_dir>/trajectory/``), so every attack and study shares inversions.
+   caption and pixels), so an interrupted run resumes, and another batch size reuses every result. Attacks
+   that invert read and write the per-image trajectory cache (``<cache_dir>/trajectory/``), so every attack
+   and study shares inversions.
 2. :func:`run_request` does that for every point of the request's grid, then chooses the point (and,
    for the structural family, the direction) on the calibration split (:func:`mialib.metrics.choose_setting`).
 3. :func:`score_rows` applies the direction, once, and writes the scores table rows with the settings
@@ -25,10 +26,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import memo, metrics
-from .attacks.registry import AttackRequest, AttackSpec, parse_request
+from . import calibration, memo, metrics
+from .attacks.registry import AttackRequest, AttackSpec, get, parse_request
 from .hashing import digest, pixel_digests, vouch_digests
 from .imagesets.core import read_threads
+from .inversion import prompt_texts
 from .memo import set_aside
 from .settings import Settings
 from .trajectories import TrajectoryCache
@@ -37,6 +39,7 @@ PARAMETER_COLUMNS = ["t", "stride", "measure", "metric", "t_sec", "interval", "p
 SETTING_COLUMNS = ["guidance", "prompt", "encode_mode", "schedule", "seed", "data_range", "dtype"]
 SCORE_COLUMNS = [
     "id", "label", "subset", "run", "attack", "display", "setting", "direction", "score", "value",
+    "calibrate", "raw_value",
     *PARAMETER_COLUMNS, "params", *SETTING_COLUMNS, "size",
     "unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb",
 ]  # fmt: skip
@@ -183,6 +186,7 @@ def attack_values(
             seconds_per_image=(time.perf_counter() - began) / max(len(frame), 1),
             peak_memory_mb=np.nan,
         )
+    imageset = prompted(imageset, settings.prompt)  # the caption control: every attack sees the same texts
     cache_dir = Path(cache_dir)
     fingerprint = target.fingerprint()
     trajectories = TrajectoryCache(cache_dir / "trajectory", fingerprint)
@@ -244,6 +248,30 @@ def attack_values(
     return values[columns + ["unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb"]]
 
 
+def prompted(imageset, prompt: str):
+    """The set as an attack sees it under the caption control ``prompt`` (:data:`mialib.settings.PROMPTS`):
+    its own captions; the empty or the neutral prompt for every image; or (``other``) each image with the
+    caption of the next image in id order whose caption differs (deterministic, whatever the batches)."""
+    if prompt == "caption":
+        return imageset
+    captions = imageset.records["caption"].astype(str).to_numpy()
+    if prompt != "other":
+        return imageset.with_captions(prompt_texts(list(captions), prompt))
+    order = np.argsort(imageset.records["id"].astype(str).to_numpy(), kind="stable")
+    swapped = captions.copy()
+    for k, i in enumerate(order):
+        for step in range(1, len(order)):
+            j = order[(k + step) % len(order)]
+            if captions[j] != captions[i]:
+                swapped[i] = captions[j]
+                break
+        else:
+            raise ValueError(
+                "prompt=other gives each image another image's caption: the set needs two different captions"
+            )
+    return imageset.with_captions(swapped)
+
+
 @dataclass
 class RequestResult:
     """What one request gave: every grid point's per-image values, the chosen point and direction, and
@@ -263,6 +291,7 @@ class RequestResult:
             "params": self.chosen,
             "direction": self.direction,
             "display": self.request.display,
+            "calibrate": self.request.calibrate,
         }
 
 
@@ -275,11 +304,18 @@ def run_request(
     batch_size: int,
     size: int,
     progress: bool = True,
+    *,
+    references: tuple = (),
 ) -> RequestResult:
-    """Score every point of the request, choose on calibration (when there is a choice), build the rows."""
+    """Score every point of the request, calibrate each image's score when the request says so
+    (:func:`calibrated_values`; ``references``: the reference models' Targets), choose on calibration
+    (when there is a choice), build the rows."""
     request = parse_request(request) if isinstance(request, str) else request
     spec = request.spec
     values = grid_values(target, imageset, request, settings, cache_dir, batch_size, size, progress)
+    values = calibrated_values(
+        target, imageset, request, values, settings, cache_dir, batch_size, size, progress, references
+    )
     records = imageset.records[["id", "label", "subset"]]
     labelled = values.merge(records, on="id", how="inner", validate="many_to_one")
     if request.grid or request.direction == "auto":
@@ -335,6 +371,77 @@ def grid_values(
     return pd.concat(frames, ignore_index=True)
 
 
+def difficulty_features(
+    target, imageset, settings: Settings, cache_dir, batch_size: int, size: int, progress: bool = True
+):
+    """Per image, the difficulty features of :mod:`mialib.calibration`: the image-only ones
+    (:data:`~mialib.calibration.FEATURES`, from the pixels at the attack size) and the target autoencoder's
+    reconstruction SSIM (``vae_ssim``: the vae_control attack's values, cached like every attack's)."""
+    vae = attack_values(target, imageset, get("vae_control"), {}, settings, cache_dir, batch_size, size, progress)
+    images = [calibration.feature_frame(rows["id"], pixels) for rows, pixels in imageset.batches(size, batch_size)]
+    features = pd.concat(images, ignore_index=True)
+    return features.merge(vae[["id", "score"]].rename(columns={"score": "vae_ssim"}), on="id", validate="one_to_one")
+
+
+def calibrated_values(
+    target,
+    imageset,
+    request: AttackRequest,
+    values: pd.DataFrame,
+    settings: Settings,
+    cache_dir,
+    batch_size: int,
+    size: int,
+    progress: bool = True,
+    references: tuple = (),
+) -> pd.DataFrame:
+    """``values`` (:func:`grid_values`) with every grid point's ``score`` calibrated per image as
+    ``request.calibrate`` says, and the attack's own value kept as ``raw_value``:
+
+    - ``difficulty``: minus the median score of a calibration non-member with the image's difficulty
+      features (:func:`mialib.calibration.difficulty_calibrated`, fitted per grid point on the calibration
+      non-members only, cross-fitted there; :func:`difficulty_features`);
+    - ``reference``: against the same attack at the same point on each reference model, with the same
+      seeds and noise per image (:func:`mialib.calibration.reference_calibrated`; their values are kept as
+      ``reference_value_<i>``)."""
+    values = values.assign(raw_value=values["score"])
+    if request.calibrate == "none":
+        return values
+    grid = list(request.grid)
+    keys = ["id", *grid]
+    groups = values.groupby(grid, sort=False).indices.values() if grid else [np.arange(len(values))]
+    calibrated = np.full(len(values), np.nan)
+    if request.calibrate == "reference":
+        if not references:
+            raise ValueError(
+                f"{request.run}: calibrate=reference needs reference models (--reference-model, REFERENCE_MODELS)"
+            )
+        columns = [f"reference_value_{i}" for i in range(len(references))]
+        for column, reference in zip(columns, references):
+            theirs = grid_values(reference, imageset, request, settings, cache_dir, batch_size, size, progress)
+            values = values.merge(
+                theirs[[*keys, "score"]].rename(columns={"score": column}), on=keys, how="left", validate="one_to_one"
+            )
+        for rows in groups:
+            part = values.iloc[rows]
+            calibrated[rows] = calibration.reference_calibrated(
+                part["raw_value"].to_numpy(), part[columns].to_numpy().T
+            )
+    else:
+        features = difficulty_features(target, imageset, settings, cache_dir, batch_size, size, progress)
+        names = [c for c in features.columns if c != "id"]
+        labelled = values[["id"]].merge(
+            imageset.records[["id", "label", "subset"]], on="id", how="left", validate="many_to_one"
+        )
+        labelled = labelled.merge(features, on="id", how="left", validate="many_to_one")
+        fit = ((labelled["subset"] == "calibration") & (labelled["label"] == 0)).to_numpy()
+        for rows in groups:
+            calibrated[rows] = calibration.difficulty_calibrated(
+                values["raw_value"].to_numpy()[rows], labelled[names].to_numpy()[rows], fit[rows], seed=settings.seed
+            )
+    return values.assign(score=calibrated)
+
+
 def score_rows(
     records: pd.DataFrame,
     values: pd.DataFrame,
@@ -355,6 +462,8 @@ def score_rows(
         raise ValueError(f"{request.run} has no score for {len(missing)} images, e.g. {list(missing)[:5]}")
     merged["score"] = direction * merged["value"].astype(np.float64)
     merged["direction"] = direction
+    merged["calibrate"] = request.calibrate
+    merged["raw_value"] = merged["raw_value"].astype(np.float64) if "raw_value" in merged else merged["value"]
     merged["run"] = request.run
     merged["attack"] = spec.name
     merged["display"] = request.display
@@ -377,24 +486,36 @@ def score(
     batch_size: int,
     size: int,
     progress: bool = True,
+    *,
+    references: tuple = (),
 ) -> tuple[pd.DataFrame, dict[str, RequestResult]]:
     """Every request over one set: (the scores table, the result of each run by its id).
 
     ``requests`` maps run ids to request texts or :class:`AttackRequest` objects (a list uses each
-    request's own text as its id). Requirements are checked before any compute.
+    request's own text as its id). ``references``: the reference models' Targets, for requests with
+    ``calibrate=reference``. Requirements are checked before any compute.
     """
     requests = as_requests(requests)
     check_requirements(imageset, requests.values(), metrics=False)
-    check_schedule(target, requests.values())
+    if any(r.calibrate == "reference" for r in requests.values()) and not references:
+        needing = [run for run, r in requests.items() if r.calibrate == "reference"]
+        raise ValueError(
+            f"{needing} ask for calibrate=reference but no reference model was given (--reference-model, "
+            "REFERENCE_MODELS)"
+        )
+    for model in (target, *references):
+        check_schedule(model, requests.values())
     results = {}
     for run, request in requests.items():
-        results[run] = run_request(target, imageset, request, settings, cache_dir, batch_size, size, progress)
+        results[run] = run_request(
+            target, imageset, request, settings, cache_dir, batch_size, size, progress, references=tuple(references)
+        )
         if progress:
             result = results[run]
-            print(
-                f"{run}: {request.display} -> {result.request.spec.describe(result.chosen, result.direction) if request.spec.kind != 'blind' else 'fitted on calibration'}",
-                flush=True,
-            )
+            chosen = "fitted on calibration"
+            if request.spec.kind != "blind":
+                chosen = result.request.spec.describe(result.chosen, result.direction)
+            print(f"{run}: {request.display} -> {chosen}", flush=True)
     table = pd.concat([r.rows for r in results.values()], ignore_index=True)
     return table, results
 
@@ -439,6 +560,12 @@ def check_requirements(imageset, requests, metrics: bool = True) -> None:
             reason = request.spec.requires(imageset.records)
             if reason:
                 problems.append(f"{request.run} ({request.spec.label}) {reason}")
+        fitted_on = counts.get(("calibration", 0), 0)
+        if request.calibrate == "difficulty" and fitted_on < calibration.MIN_NONMEMBERS:
+            problems.append(
+                f"{request.run}: calibrate=difficulty fits on the calibration non-members; this set has {fitted_on} "
+                f"(at least {calibration.MIN_NONMEMBERS})"
+            )
     if problems:
         raise ValueError("cannot score this set:\n  " + "\n  ".join(problems))
 
@@ -463,8 +590,15 @@ def check_schedule(target, requests) -> None:
 def runnable(imageset, requests: dict) -> tuple[dict, dict]:
     """Split requests into those that can run on this set and those that cannot, with the reason."""
     keep, skipped = {}, {}
+    records = imageset.records
+    fitted_on = int(((records["subset"] == "calibration") & (records["label"] == 0)).sum())
     for run, request in as_requests(requests).items():
-        reason = request.spec.requires(imageset.records) if request.spec.requires is not None else None
+        reason = request.spec.requires(records) if request.spec.requires is not None else None
+        if not reason and request.calibrate == "difficulty" and fitted_on < calibration.MIN_NONMEMBERS:
+            reason = (
+                f"calibrate=difficulty fits on the calibration non-members; this set has {fitted_on} "
+                f"(at least {calibration.MIN_NONMEMBERS})"
+            )
         if reason:
             skipped[run] = reason
         else:

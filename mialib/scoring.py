@@ -136,8 +136,12 @@ def score_run(
     size: int,
     n_bootstrap: int,
     progress: bool = True,
+    references: tuple = (),
 ) -> ScoredRun:
     """Score every request (run id -> request) over ``imageset`` (:func:`mialib.runs.score`: per-image
-    results cached under ``cache``) and write the run's tables into ``out`` (:func:`write_scores`)."""
-    scores, results = runs.score(target, imageset, requests, settings, cache, batch_size, size, progress)
+    results cached under ``cache``; ``references``: the reference models of ``calibrate=reference``) and
+    write the run's tables into ``out`` (:func:`write_scores`)."""
+    scores, results = runs.score(
+        target, imageset, requests, settings, cache, batch_size, size, progress, references=tuple(references)
+    )
     return ScoredRun(scores, results, write_scores(out, scores, results, n_bootstrap, settings.seed))

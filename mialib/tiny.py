@@ -8,8 +8,9 @@ As in Stable Diffusion, the VAE never sees the attacked images (it trains on the
 The U-Net trains on the members only with the epsilon objective and 10 % caption dropout, saving
 checkpoints at chosen steps. Unlike Stable Diffusion's frozen pre-trained CLIP, the text encoder trains
 with the U-Net: there is no pre-trained CLIP offline, and a frozen random one maps all captions to nearly
-the same embedding (mean cosine similarity 0.92 measured), so captions could not select a memorised image. Training resumes after an interruption from its last checkpoint,
-optimizer and random state included, so a resumed run ends with the same weights.
+the same embedding (mean cosine similarity 0.92 measured), so captions could not select a memorised image.
+Training resumes after an interruption from its last checkpoint, optimizer and random state included, so a
+resumed run ends with the same weights.
 
 Memorisation regimes (notebook 07) are recipes of the same training: ``pretrain_steps`` pretrains the
 U-Net on a pool of other images from the same catalogue before it trains on the members (fine-tuned);
@@ -63,7 +64,9 @@ class TinyConfig:
         0  # > 0: the U-Net first trains this many steps on the pool, then ``unet_steps`` on its data (fine-tuning)
     )
     filler_images: int = 0  # extra catalogue images in the pool (data/emoji_filler.csv)
-    shared_seed: int = -1  # seed of the VAE and the pretrained U-Net (-1: ``seed``); targets sharing it share both, as fine-tunes of one base model do
+    # seed of the VAE and the pretrained U-Net (-1: ``seed``); targets sharing it share both, as fine-tunes of one
+    # base model do
+    shared_seed: int = -1
 
     def __post_init__(self):
         self.vae_channels = tuple(self.vae_channels)
@@ -463,7 +466,8 @@ def build_tiny_target(
         raise FileExistsError(f"{target_dir} holds a target built with other settings; remove it to rebuild")
     if config.uses_pool and pool_images is None:
         raise ValueError(
-            f"{target_dir}: this regime (unet_data={config.unet_data!r}, pretrain_steps={config.pretrain_steps}) trains on the pool; pass pool_images and pool_captions"
+            f"{target_dir}: this regime (unet_data={config.unet_data!r}, pretrain_steps={config.pretrain_steps}) "
+            "trains on the pool; pass pool_images and pool_captions"
         )
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -68,8 +68,8 @@ def _account(folder: Path, change: int) -> None:
         _FOLDER_BYTES[key] -= size
         removed += 1
     print(
-        f"trajectory cache {folder} reached its cap of {cap / 2**30:g} GB: removed the {removed} least recently written "
-        "trajectories (recomputed if needed)",
+        f"trajectory cache {folder} reached its cap of {cap / 2**30:g} GB: removed the {removed} least recently "
+        "written trajectories (recomputed if needed)",
         file=sys.stderr,
         flush=True,
     )
@@ -173,7 +173,8 @@ class TrajectoryCache:
                 before = 0
             stamped = {**metadata, "sha256": latents_digest(latents, metadata["seconds"], metadata["evals"])}
             needed = sum(z.nelement() * z.element_size() for z in latents.values())
-            try:  # atomic: an interrupted write never leaves a truncated trajectory; a full disk says so in one sentence
+            # atomic: an interrupted write never leaves a truncated trajectory; a full disk says so in one sentence
+            try:
                 memo.atomic_write(path, lambda partial: save_file(latents, str(partial), metadata=stamped), needed)
             except BaseException:
                 if _QUEUED.get(str(path)) is remembered:

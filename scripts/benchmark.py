@@ -172,7 +172,10 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
 
 
-HEADER = f"{'attack (registry setting)':34s} {'path':10s} {'s/image':>8s} {'img/s':>7s} {'U-Net/img':>9s} {'formula':>7s} {'overhead':>8s} {'peak MB':>8s}"
+HEADER = (
+    f"{'attack (registry setting)':34s} {'path':10s} {'s/image':>8s} {'img/s':>7s} {'U-Net/img':>9s} "
+    f"{'formula':>7s} {'overhead':>8s} {'peak MB':>8s}"
+)
 
 
 def attack_table(
@@ -181,10 +184,12 @@ def attack_table(
     """Every model attack at its registry setting: the function on batches in memory, and the production
     path cold (empty caches, nothing remembered), each the median of ``repeats`` runs."""
     began = time.perf_counter()
-    target.fingerprint()  # once per loaded model (hashes the weight files): reported here, not charged to the first attack
+    # once per loaded model (hashes the weight files): reported here, not charged to the first attack
+    target.fingerprint()
     threads = read_threads(target.device)
     print(
-        f"\ntarget {target.name} on {device_name(device)}, {len(imageset)} images of {size} px, batch {batch_size}, median of {repeats}, "
+        f"\ntarget {target.name} on {device_name(device)}, {len(imageset)} images of {size} px, batch {batch_size}, "
+        f"median of {repeats}, "
         f"{threads} reader thread(s); model fingerprint {time.perf_counter() - began:.1f} s (once per model)"
     )
     print(HEADER)
@@ -238,7 +243,8 @@ def attack_table(
             rows.append(row)
             label = f"{name} {spec.describe(point)}"[:34]
             print(
-                f"{label:34s} {path:10s} {row['seconds_per_image']:8.4f} {row['images_per_second']:7.1f} {row['unet_evals']:9.1f} "
+                f"{label:34s} {path:10s} {row['seconds_per_image']:8.4f} {row['images_per_second']:7.1f} "
+                f"{row['unet_evals']:9.1f} "
                 f"{row['formula']:7d} {row['overhead_ratio']:8.2f} {peak:8.0f}",
                 flush=True,
             )
@@ -284,8 +290,10 @@ def paper_against_official(target, imageset, settings: Settings, size: int, batc
     rows[1]["ratio_to_paper"] = rows[1]["seconds_per_image"] / rows[0]["seconds_per_image"]
     rows[0]["ratio_to_paper"] = 1.0
     print(
-        f"\nstructural, paper setting: {rows[0]['unet_evals']:.0f} U-Net evaluations, {rows[0]['seconds_per_image'] * 1e3:.2f} ms per image; "
-        f"the official code's {rows[1]['unet_evals']:.0f}: {rows[1]['seconds_per_image'] * 1e3:.2f} ms per image ({rows[1]['ratio_to_paper']:.2f} times)"
+        f"\nstructural, paper setting: {rows[0]['unet_evals']:.0f} U-Net evaluations, "
+        f"{rows[0]['seconds_per_image'] * 1e3:.2f} ms per image; "
+        f"the official code's {rows[1]['unet_evals']:.0f}: {rows[1]['seconds_per_image'] * 1e3:.2f} ms per image "
+        f"({rows[1]['ratio_to_paper']:.2f} times)"
     )
     return rows
 
@@ -365,7 +373,8 @@ def memory_study(model: str, sizes: list[int], size: int, batch_size: int, devic
 
     rows = []
     print(
-        f"\nmemory of `mialib score --attack structural` (batch {batch_size}, {size} px, structured test images), each set in a fresh process"
+        f"\nmemory of `mialib score --attack structural` (batch {batch_size}, {size} px, structured test images), "
+        "each set in a fresh process"
     )
     with tempfile.TemporaryDirectory() as folder:
         for n in sizes:
@@ -416,7 +425,8 @@ def memory_study(model: str, sizes: list[int], size: int, batch_size: int, devic
             )
             rows.append(row)
             print(
-                f"{n:6d} images: attack peak {row['peak_memory_mb']:7.0f} MB, process peak {row['process_peak_mb']:7.0f} MB, {row['seconds']:.0f} s"
+                f"{n:6d} images: attack peak {row['peak_memory_mb']:7.0f} MB, "
+                f"process peak {row['process_peak_mb']:7.0f} MB, {row['seconds']:.0f} s"
             )
     for row in rows:
         row["peak_vs_smallest"] = row["process_peak_mb"] / rows[0]["process_peak_mb"]

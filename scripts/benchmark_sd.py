@@ -104,15 +104,19 @@ import json, resource, sys, time
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
 from mialib.target import load_target
-began = time.perf_counter(); target = load_target(sys.argv[1], dtype=sys.argv[2], device=sys.argv[3]); loaded = time.perf_counter() - began
+began = time.perf_counter()
+target = load_target(sys.argv[1], dtype=sys.argv[2], device=sys.argv[3])
+loaded = time.perf_counter() - began
 after_load = rss()
 began = time.perf_counter(); digest = target.fingerprint(); hashed = time.perf_counter() - began
 after_hash = rss()
 began = time.perf_counter(); target.fingerprint(); again = time.perf_counter() - began
 weights = sum(p.numel() * p.element_size() for m in target.modules().values() for p in m.parameters()) / 2**20
-print(json.dumps(dict(dtype=sys.argv[2], load_s=loaded, fingerprint_s=hashed, fingerprint_again_s=again, weights_mb=weights,
-    rss_after_load_mb=after_load, rss_after_fingerprint_mb=after_hash, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    fingerprint=digest[:16])))
+print(json.dumps(dict(
+    dtype=sys.argv[2], load_s=loaded, fingerprint_s=hashed, fingerprint_again_s=again, weights_mb=weights,
+    rss_after_load_mb=after_load, rss_after_fingerprint_mb=after_hash,
+    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, fingerprint=digest[:16],
+)))
 """
 
 

@@ -39,10 +39,13 @@ SLOW_FIXTURES = {"smoke_target_dir", "smoke_outputs", "imagefolder_outputs", "re
 SLOW_MODULES = {"test_scale.py", "test_model_families.py"}
 # Single tests over ~3 s in `make test`'s --durations (a parameter id names one case only).
 SLOW_TESTS = {
-    "test_experiment.py::test_a_killed_run_resumes_and_two_processes_give_the_one_process_tables",  # 29 s: 4 subprocess runs, torchrun
+    # 29 s: 4 subprocess runs, torchrun
+    "test_experiment.py::test_a_killed_run_resumes_and_two_processes_give_the_one_process_tables",
     "test_faults.py::test_a_second_run_on_the_same_out_is_refused_at_once",  # 17 s: a full run in a subprocess
-    "test_target.py::test_two_builds_of_the_embedded_target_give_bit_identical_weights",  # 12 s: builds the target twice
-    "test_tolerances.py::test_default_cpu_capability_moves_scores_within_the_tolerance",  # 11 s: rescoring in a subprocess
+    # 12 s: builds the target twice
+    "test_target.py::test_two_builds_of_the_embedded_target_give_bit_identical_weights",
+    # 11 s: rescoring in a subprocess
+    "test_tolerances.py::test_default_cpu_capability_moves_scores_within_the_tolerance",
     "test_imagesets_remote.py::test_laion_mi_download_end_to_end",  # 8 s: img2dataset subprocesses
     "test_target.py::test_fingerprint_is_the_same_in_processes_with_different_hash_seeds",  # 7 s: fresh processes
     "test_similarity.py::test_ms_ssim_matches_torchmetrics[256]",  # 7 s: MS-SSIM at 256 px

@@ -115,6 +115,29 @@ def test_structural_attack_equals_hand_computation(pipeline_and_target, images):
 
 
 @pytest.mark.numerics
+def test_structural_attack_against_the_reconstruction(pipeline_and_target, images):
+    """recon=True: SSIM(D(E(x)), D(z_100)), the autoencoder's own error cancelled (hand-computed DDIM, skimage)."""
+    pipeline, target = pipeline_and_target
+    abar = pipeline.scheduler.alphas_cumprod
+    cond = helpers.reference_text_embeddings(pipeline, CAPTIONS)
+    sf = pipeline.vae.config.scaling_factor
+    with torch.no_grad():
+        z0 = pipeline.vae.encode(images).latent_dist.mode() * sf
+        z50 = _step(z0, pipeline.unet(z0, 0, encoder_hidden_states=cond).sample, float(abar[0]), float(abar[50]))
+        z100 = _step(z50, pipeline.unet(z50, 50, encoder_hidden_states=cond).sample, float(abar[50]), float(abar[100]))
+        reconstruction, decoded = pipeline.vae.decode(z0 / sf).sample, pipeline.vae.decode(z100 / sf).sample
+    expected = _skimage_ssim(reconstruction, decoded)
+    out = structural_attack(target, images, CAPTIONS, IDS, t=100, stride=50, recon=True)
+    np.testing.assert_allclose(out.scores, expected, rtol=0, atol=1e-6)
+    against_x = _skimage_ssim(images, decoded)
+    assert np.abs(against_x - expected).min() > 1e-3  # another score than the paper's
+    spec = REGISTRY["structural"]
+    assert spec.describe(spec.params({"recon": True})) == "t=100, stride=50, +SSIM to D(E(x))"
+    at_zero = structural_attack(target, images, CAPTIONS, IDS, t=0, stride=50, recon=True)
+    np.testing.assert_allclose(at_zero.scores, 1.0, rtol=0, atol=1e-6)  # the reconstruction against itself
+
+
+@pytest.mark.numerics
 def test_structural_attack_at_t0_is_the_vae_round_trip_with_data_range_one(target, images):
     latents = target.encode_images(images)
     with torch.no_grad():

@@ -21,7 +21,7 @@ def _image_set(n: int, shift: float, seed: int = 0):
             "id": [f"i{k}" for k in range(2 * n)],
             "label": labels,
             "subset": ["calibration"] * n + ["test"] * n,
-            "caption": ["red apple" if l else "blue square" for l in labels],
+            "caption": ["red apple" if label else "blue square" for label in labels],
         }
     )
     return frame, tensors

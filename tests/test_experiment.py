@@ -293,7 +293,10 @@ def test_headless_kernels_leave_no_progress_bar_widget_or_warning(tmp_path, capf
         "X = {  # as ATTACKS: name: attack[:param=value,...] (see --help)\n    'a': 1,\n}",
         metadata={"tags": ["parameters"]},
     )
-    code = "from tqdm.auto import tqdm\nlist(tqdm(range(3), disable=False, leave=False))\nlist(tqdm(range(3)))\nprint('done', X)"
+    code = (
+        "from tqdm.auto import tqdm\nlist(tqdm(range(3), disable=False, leave=False))\n"
+        "list(tqdm(range(3)))\nprint('done', X)"
+    )
     notebook = nbformat.v4.new_notebook(cells=[parameters, nbformat.v4.new_code_cell(code)])
     notebook.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(notebook, source)

@@ -227,9 +227,9 @@ def _selection_table(test_rows: list[dict]) -> pd.DataFrame:
 
 MISLEADING_TEST_ROWS = (
     # t = 50 is perfect on test, t = 100 is perfect in the raw direction on test, and t = 150 exists only on test
-    [dict(t=50, subset="test", label=l, score=s) for l, s in zip([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.0])]
-    + [dict(t=100, subset="test", label=l, score=s) for l, s in zip([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.0])]
-    + [dict(t=150, subset="test", label=l, score=s) for l, s in zip([1, 1, 0, 0], [5.0, 4.0, 1.0, 0.0])]
+    [dict(t=50, subset="test", label=label, score=score) for label, score in zip([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.0])]
+    + [dict(t=100, subset="test", label=label, score=score) for label, score in zip([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.0])]
+    + [dict(t=150, subset="test", label=label, score=score) for label, score in zip([1, 1, 0, 0], [5.0, 4.0, 1.0, 0.0])]
 )
 
 
@@ -250,7 +250,7 @@ def test_select_on_calibration_without_flip():
 def test_select_on_calibration_never_reads_test_rows():
     # test rows that would crash any metric (NaN scores, a single class) and a setting that only exists on test
     poison = [dict(t=50, subset="test", label=1, score=np.nan), dict(t=100, subset="test", label=1, score=np.nan)]
-    poison += [dict(t=150, subset="test", label=l, score=s) for l, s in zip([1, 0], [1.0, 0.0])]
+    poison += [dict(t=150, subset="test", label=label, score=score) for label, score in zip([1, 0], [1.0, 0.0])]
     assert metrics.select_on_calibration(_selection_table(poison), "t") == (100, -1, pytest.approx(1.0))
     assert metrics.select_on_calibration(_selection_table([]), "t") == (100, -1, pytest.approx(1.0))
 

@@ -210,7 +210,10 @@ def test_flow_matching_families_are_refused_by_name(tmp_path):
     folder = model_zoo.build_flow(tmp_path / "sd3")
     with pytest.raises(
         UnsupportedModel,
-        match=r"is Stable Diffusion 3 \(StableDiffusion3Pipeline\), a flow-matching model.*Supported: Stable Diffusion 1.x and 2.x",
+        match=(
+            r"is Stable Diffusion 3 \(StableDiffusion3Pipeline\), a flow-matching model"
+            r".*Supported: Stable Diffusion 1.x and 2.x"
+        ),
     ):
         load_target(folder)
     (folder / "model_index.json").unlink()  # the scheduler alone gives it away
@@ -231,7 +234,10 @@ def test_pickled_components_are_refused_with_a_conversion_hint(zoo, tmp_path, co
 def test_single_files_need_a_config_and_must_be_safetensors(zoo, tmp_path, user_set, capsys):
     with pytest.raises(
         ValueError,
-        match=r"is a single-file checkpoint.*MODEL_CONFIG / --model-config: stable-diffusion-v1-5/stable-diffusion-v1-5 \(SD 1.x\)",
+        match=(
+            r"is a single-file checkpoint"
+            r".*MODEL_CONFIG / --model-config: stable-diffusion-v1-5/stable-diffusion-v1-5 \(SD 1.x\)"
+        ),
     ):
         load_target(zoo["sd1"]["single"])
     ckpt = tmp_path / "model.ckpt"

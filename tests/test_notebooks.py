@@ -21,10 +21,12 @@ from mialib.settings import Settings
 from mialib.target import load_target
 
 FIGURES = (
-    "examples", "closest_cross_split_pairs", "memorisation_samples", "observation_ssim_vs_t", "trajectory_grid", "roc",
-    "robustness_sweep", "robustness_examples", "ablation_t_and_stride", "training_dynamics", "audit_null", "audit_power",
+    "examples", "closest_cross_split_pairs", "memorisation_samples", "observation_ssim_vs_t", "trajectory_grid",
+    "roc", "robustness_sweep", "robustness_examples", "ablation_t_and_stride", "training_dynamics", "audit_null",
+    "audit_power",
 )  # fmt: skip
-# U-Net evaluations per image at the smoke preset's fixed settings (the registry's formulas are checked for every run below)
+# U-Net evaluations per image at the smoke preset's fixed settings (the registry's formulas are checked for every run
+# below)
 FIXED_COSTS = {
     "structural_paper": 2,
     "pixel_paper": 2,

@@ -124,7 +124,8 @@ def test_requests_built_directly_are_checked_too():
         ("backward:t=1000", r"backward: t must be an integer in \[1, 1000\) .*, got 1000$"),
         (
             "secmi:t_sec=990",
-            r"secmi: t_sec \+ interval = 990 \+ 10 \(the inversion goes one interval past t_sec\) must be below 1000 .*, got 1000$",
+            r"secmi: t_sec \+ interval = 990 \+ 10 \(the inversion goes one interval past t_sec\) "
+            r"must be below 1000 .*, got 1000$",
         ),
     ],
 )
@@ -161,7 +162,9 @@ def test_valid_requests_keep_their_parameters_and_types():
         if spec.grid:
             for point in parse_request(f"{name}:calibrate").points():
                 assert all(type(point[k]) is type(spec.defaults[k]) for k in point)
-    assert parse_request("structural:t=200,stride=20").points() == [{"t": 200, "stride": 20, "measure": "ssim"}]
+    assert parse_request("structural:t=200,stride=20").points() == [
+        {"t": 200, "stride": 20, "measure": "ssim", "recon": False}
+    ]
     assert parse_request("secmi:t_sec=[50,100,200]").points()[1] == {"t_sec": 100, "interval": 10}
 
 
@@ -181,7 +184,7 @@ def test_score_rows_record_the_parameters_with_their_types():
     )
     rows = runs.score_rows(records, values, request, params, 1, Settings(), 32)
     assert rows["t"].tolist() == [100, 100] and rows["t"].dtype == np.int64
-    assert json.loads(rows["params"][0]) == {"t": 100, "stride": 50, "measure": "ssim"}
+    assert json.loads(rows["params"][0]) == {"t": 100, "stride": 50, "measure": "ssim", "recon": False}
     assert rows["setting"][0] == "t=100, stride=50, +SSIM"
 
 
@@ -217,7 +220,7 @@ def test_pia_official_rescale_is_a_registered_default_that_changes_nothing_by_de
         (dict(data_range=0), r"data_range must be a finite number > 0, got 0$"),
         (dict(data_range=float("inf")), r"data_range must be a finite number > 0, got inf$"),
         (dict(data_range="2"), r"data_range must be a finite number > 0, got '2' \(text\)$"),
-        (dict(prompt="none"), r"prompt must be one of caption, empty, got 'none' \(text\)$"),
+        (dict(prompt="none"), r"prompt must be one of caption, empty, neutral, other, got 'none' \(text\)$"),
         (dict(encode_mode="random"), r"encode_mode must be one of mode, sample, got 'random' \(text\)$"),
         (dict(schedule="linear"), r"schedule must be one of model, official_linear, got 'linear' \(text\)$"),
         (dict(dtype="int8"), r"dtype must be one of float32, bfloat16, float16, got 'int8' \(text\)$"),

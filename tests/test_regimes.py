@@ -24,9 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_a_config_written_before_the_regimes_reads_back_as_the_same_target():
     """tiny_config.json files written before the regime fields existed still match the default recipe."""
     old = {
-        "image_size": 32, "latent_channels": 4, "vae_channels": [16, 32], "unet_channels": [32, 64], "text_dim": 64, "max_tokens": 32,
-        "vae_steps": 400, "vae_crop": 0, "vae_lr": 0.001, "vae_kl_weight": 1e-06, "unet_steps": 900, "unet_lr": 0.001, "batch_size": 16,
-        "caption_dropout": 0.1, "checkpoints": [300, 600, 900], "seed": 0, "threads": 0,
+        "image_size": 32, "latent_channels": 4, "vae_channels": [16, 32], "unet_channels": [32, 64], "text_dim": 64,
+        "max_tokens": 32, "vae_steps": 400, "vae_crop": 0, "vae_lr": 0.001, "vae_kl_weight": 1e-06, "unet_steps": 900,
+        "unet_lr": 0.001, "batch_size": 16, "caption_dropout": 0.1, "checkpoints": [300, 600, 900], "seed": 0,
+        "threads": 0,
     }  # fmt: skip
     params = experiment.load_preset(ROOT / "configs" / "default.yaml")
     assert TinyConfig.from_saved(old) == experiment.tiny_config(params)

@@ -262,7 +262,8 @@ def test_each_attack_through_the_run_layer_equals_the_function_and_its_cost_form
     )
     assert list(values["id"]) == list(imageset.records["id"])
     # batches of 3 against one batch of 8: float32 convolutions round differently by batch size, within the
-    # registry's tolerance (SecMI's scores, 1e-8 to 2e-6, sit below any fixed atol; its tolerance scales with its latents)
+    # registry's tolerance (SecMI's scores, 1e-8 to 2e-6, sit below any fixed atol; its tolerance scales with its
+    # latents)
     assert_within_tolerance(spec, params, values["score"], direct.scores, direct.extras)
     before = target.unet_evals
     again = runs.attack_values(target, imageset, spec, params, settings, tmp_path, 3, 32, progress=False)

@@ -102,7 +102,10 @@ def test_pickle_weights_are_refused_with_the_component_and_a_conversion_hint(sav
     assert (folder / "unet" / "diffusion_pytorch_model.bin").exists()
     with pytest.raises(
         UnsupportedModel,
-        match=r"unet in .* has only pickled weights \(diffusion_pytorch_model.bin\).*never unpickles.*safe_serialization=True",
+        match=(
+            r"unet in .* has only pickled weights \(diffusion_pytorch_model.bin\)"
+            r".*never unpickles.*safe_serialization=True"
+        ),
     ):
         load_target(folder)
 
@@ -377,7 +380,10 @@ config = tiny.TinyConfig(vae_steps=8, unet_steps=8, checkpoints=(4, 8))
 g = torch.Generator().manual_seed(0)
 public, members = torch.rand(32, 3, 32, 32, generator=g) * 2 - 1, torch.rand(16, 3, 32, 32, generator=g) * 2 - 1
 captions = [f"a grinning face number {i}" for i in range(16)]
-tiny.build_tiny_target(sys.argv[1], public, members, captions, captions, config, progress=False, tokenizer=experiment.emoji_tokenizer(config))
+tiny.build_tiny_target(
+    sys.argv[1], public, members, captions, captions, config, progress=False,
+    tokenizer=experiment.emoji_tokenizer(config),
+)
 digest = hashlib.sha256()
 for path in sorted(glob.glob(sys.argv[1] + "/**/*.safetensors", recursive=True)):
     if "optimizer" not in path:

@@ -266,5 +266,6 @@ def test_default_cpu_capability_moves_scores_within_the_tolerance(model_dir, ima
         params, batch, _ = scored[key]
         ratio = assert_within_tolerance(REGISTRY[name], params, other[key], batch.scores, batch.extras)
         print(
-            f"{key}: default vs {torch.backends.cpu.get_cpu_capability()} max |diff| {np.abs(other[key] - batch.scores).max():.3g}, {ratio:.3g} of the tolerance"
+            f"{key}: default vs {torch.backends.cpu.get_cpu_capability()} "
+            f"max |diff| {np.abs(other[key] - batch.scores).max():.3g}, {ratio:.3g} of the tolerance"
         )

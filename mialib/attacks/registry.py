@@ -31,6 +31,8 @@ A *request* names an attack and its parameters as text, on the command line and 
     loss:t=[50,100,200]                the same, written as a list
     pia:calibrate                      the registry's default grid
     structural:t=100,direction=-1      force a direction (+1: the method's, -1: reversed, auto: calibrate)
+    loss:calibrate=difficulty          per-image calibration of the score (:mod:`mialib.calibration`):
+    loss:calibrate=reference           against image-only difficulty features, or against reference models
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ from .structural import structural_attack
 from .vae_control import vae_control
 
 KINDS = ("model", "control", "blind")
+# Per-image calibration of a request's scores (mialib.calibration): none, against image-only difficulty
+# features, or against the same attack on reference models.
+CALIBRATIONS = ("none", "difficulty", "reference")
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 2^-23: one float32 rounding, relative
 
 
@@ -140,7 +145,10 @@ def _multiple(key: str, of: str):
 
     def rule(p: dict) -> str | None:
         if p[key] % p[of]:
-            return f"{key} must be a multiple of {of} (the path 0, {of}, 2 {of}, ... must reach it), got {key}={p[key]}, {of}={p[of]}"
+            return (
+                f"{key} must be a multiple of {of} (the path 0, {of}, 2 {of}, ... must reach it), "
+                f"got {key}={p[key]}, {of}={p[of]}"
+            )
         return None
 
     return rule
@@ -183,7 +191,8 @@ def _pixel_rounding(p, x):
 class AttackSpec:
     name: str  # stable key, used in result files and on the command line
     function: Callable  # model / control: (target, images, captions, ids, **params, **settings) -> AttackOutput
-    # (scores and extras), the shared settings keyword-only (Settings.for_function picks those it names), and cache= when it inverts;
+    # (scores and extras), the shared settings keyword-only (Settings.for_function picks those it names), and
+    # cache= when it inverts;
     # blind: (imageset, size, batch_size, seed) -> DataFrame(id, score), fitted on the calibration split
     label: str  # display name for figures and tables
     defaults: dict  # the method's (or paper's) setting
@@ -192,7 +201,9 @@ class AttackSpec:
     measure: Callable  # params -> "+SSIM", "-MSE": what the score is and which way means member
     flippable: bool = False  # may calibration reverse the direction? (the structural family only)
     kind: str = "model"  # model: runs the U-Net; control: the VAE only; blind: never sees the model
-    inverts: bool = False  # walks a DDIM inversion path 0, k, 2k, ...: the function takes cache= (the trajectory cache; runs.attack_values hands it one)
+    # inverts: walks a DDIM inversion path 0, k, 2k, ...; the function takes cache= (the trajectory cache, which
+    # runs.attack_values hands it)
+    inverts: bool = False
     setting_name: str = ""  # how the defaults are known ("paper": Li et al.'s setting)
     citation: str = ""
     requires: Callable | None = None  # records -> why the attack cannot run on them (None: it can)
@@ -235,7 +246,8 @@ class AttackSpec:
             deepest, how = self.deepest(params)
             if not deepest < num_train_timesteps:
                 raise ValueError(
-                    f"{self.name}: {how} must be below {num_train_timesteps} (this model's training timesteps), got {deepest}"
+                    f"{self.name}: {how} must be below {num_train_timesteps} (this model's training timesteps), got "
+                    f"{deepest}"
                 )
 
     def tolerance(self, params: dict, extras) -> np.ndarray:
@@ -257,7 +269,7 @@ class AttackSpec:
         shown = [
             k if v is True else f"{k}={v}"
             for k, v in params.items()
-            if k not in ("measure", "metric") and v is not False
+            if k not in ("measure", "metric", "recon") and v is not False
         ]
         return ", ".join([*shown, signed])
 
@@ -279,7 +291,8 @@ def assert_within_tolerance(spec: AttackSpec, params: dict, scores, reference, e
     if not (ratio <= 1).all():
         raise AssertionError(
             f"{spec.name}: scores differ by {gap[worst]:.3g} at image {worst}, {ratio[worst]:.3g} times the tolerance "
-            f"{tolerance[worst]:.3g} ({spec.roundings:g} x float32 eps x {tolerance[worst] / spec.roundings / FLOAT32_EPS:.3g})"
+            f"{tolerance[worst]:.3g} ({spec.roundings:g} x float32 eps x "
+            f"{tolerance[worst] / spec.roundings / FLOAT32_EPS:.3g})"
         )
     return float(ratio.max(initial=0.0))
 
@@ -317,15 +330,17 @@ REGISTRY: dict[str, AttackSpec] = {
             "structural",
             structural_attack,
             "structural",
-            dict(t=100, stride=50, measure="ssim"),
+            dict(t=100, stride=50, measure="ssim", recon=False),
             {"t": _linspace(950)},
             cost=lambda p, s: _path_steps(p) * _branches(s),
-            measure=lambda p: "+MS-SSIM" if p["measure"] == "ms_ssim" else "+SSIM",
+            measure=lambda p: (
+                ("+MS-SSIM" if p["measure"] == "ms_ssim" else "+SSIM") + (" to D(E(x))" if p["recon"] else "")
+            ),
             flippable=True,
             inverts=True,
             setting_name="paper",
             citation="Li et al., ACM MM 2024",
-            schema={**_PATH, "measure": Param("choice", choices=("ssim", "ms_ssim"))},
+            schema={**_PATH, "measure": Param("choice", choices=("ssim", "ms_ssim")), "recon": Param("flag")},
             rules=_PATH_RULES,
             # tolerance = 64 eps * ssim_rounding: the mean over the SSIM map of
             # 4 + cov (2 |uxy| + 4 |ux uy| + uxx + uyy + 2 ux^2 + 2 uy^2) / (vx + vy + c2) (its local pixel moments
@@ -517,6 +532,8 @@ class AttackRequest:
 
     ``direction``: ``"method"`` scores as the method says (+1); ``"auto"`` lets calibration reverse it
     (the structural family only); ``1`` / ``-1`` fix it. ``run`` is the stable id of the result rows.
+    ``calibrate``: ``"none"``, or per-image calibration of every grid point's scores before the choice
+    (``"difficulty"``, ``"reference"``: :mod:`mialib.calibration`; attacks that run the model only).
 
     Every fixed value and every grid value is checked here, once, against the attack's :attr:`AttackSpec.schema`
     (and normalised: ``100.0`` becomes ``100``), and so is every grid point's combination (``t`` a multiple
@@ -531,9 +548,19 @@ class AttackRequest:
     direction: object = "method"
     run: str = ""
     label: str = ""  # a display name that overrides the derived one (a replayed calibrated choice keeps its name)
+    calibrate: str = "none"
 
     def __post_init__(self):
         spec = get(self.name)
+        if not isinstance(self.calibrate, str) or self.calibrate not in CALIBRATIONS:
+            raise ValueError(
+                f"{spec.name}: calibrate must be one of {', '.join(CALIBRATIONS)}, got {_shown(self.calibrate)}"
+            )
+        if self.calibrate != "none" and spec.kind != "model":
+            raise ValueError(
+                f"{spec.name}: calibrate={self.calibrate} applies to attacks that run the model, not to a {spec.kind} "
+                "(a control or blind baseline is itself a measure of the image)"
+            )
         unknown = (set(self.fixed) | set(self.grid)) - set(spec.defaults)
         if unknown:
             raise ValueError(f"{spec.name} takes {sorted(spec.defaults) or 'no parameters'}, not {sorted(unknown)}")
@@ -542,9 +569,8 @@ class AttackRequest:
         if self.direction in (1, -1):
             self.direction = int(self.direction)  # -1.0 -> -1
         if self.direction in ("auto", -1) and not spec.flippable:
-            raise ValueError(
-                f"{self.name}'s direction is fixed by its method; only {[s.name for s in REGISTRY.values() if s.flippable]} may be reversed"
-            )
+            flippable = [s.name for s in REGISTRY.values() if s.flippable]
+            raise ValueError(f"{self.name}'s direction is fixed by its method; only {flippable} may be reversed")
         self.fixed = {key: spec.check(key, value) for key, value in self.fixed.items()}
         grid = {}
         for key, values in self.grid.items():
@@ -578,16 +604,18 @@ class AttackRequest:
     def display(self) -> str:
         if self.label:
             return self.label
+        return self._display() + ("" if self.calibrate == "none" else f" vs {self.calibrate}")
+
+    def _display(self) -> str:
         spec = self.spec
         if self.grid:
             return f"{spec.label} (calibrated)"
         if spec.setting_name and spec.params(self.fixed) == spec.defaults and self.direction in ("method", 1):
             return f"{spec.label} ({spec.setting_name})"
-        return (
-            spec.label
-            if not self.fixed
-            else f"{spec.label} ({spec.describe(spec.params(self.fixed), 1 if self.direction in ('method', 'auto') else self.direction)})"
-        )
+        if not self.fixed:
+            return spec.label
+        direction = 1 if self.direction in ("method", "auto") else self.direction
+        return f"{spec.label} ({spec.describe(spec.params(self.fixed), direction)})"
 
     def points(self) -> list[dict]:
         """Every parameter combination to score: the defaults, the fixed values and one grid point each."""
@@ -601,6 +629,8 @@ class AttackRequest:
         parts = [f"{k}={v}" for k, v in self.fixed.items()] + [f"{k}={list(v)}" for k, v in self.grid.items()]
         if self.direction != "method" and not (self.direction == "auto" and self.grid):
             parts.append(f"direction={self.direction}")
+        if self.calibrate != "none":
+            parts.append(f"calibrate={self.calibrate}")
         return self.name + (":" + ",".join(parts) if parts else "")
 
 
@@ -636,7 +666,7 @@ def parse_request(text: str, run: str = "") -> AttackRequest:
     """``"structural:t=50:950:50,stride=50"`` -> an :class:`AttackRequest` (see the module docstring)."""
     name, _, rest = str(text).strip().partition(":")
     spec = get(name.strip())
-    fixed, grid, direction = {}, {}, "method"
+    fixed, grid, direction, calibrate = {}, {}, "method", "none"
     for part in _split(rest):
         if part.strip() == "calibrate":
             if not spec.grid:
@@ -653,10 +683,12 @@ def parse_request(text: str, run: str = "") -> AttackRequest:
             raise ValueError(f"{spec.name}: {key}: {error}") from None
         if key == "direction":
             direction = value  # checked by AttackRequest (a boolean, text or another number is refused there)
+        elif key == "calibrate":
+            calibrate = value  # checked by AttackRequest
         elif isinstance(value, list):
             grid[key] = value
         else:
             fixed[key] = value
     if grid and direction == "method" and spec.flippable:
         direction = "auto"
-    return AttackRequest(spec.name, fixed, grid, direction, run)
+    return AttackRequest(spec.name, fixed, grid, direction, run, calibrate=calibrate)

@@ -27,8 +27,6 @@ import re
 from pathlib import Path
 from typing import Callable
 
-import pandas as pd
-
 from ..data import DataError
 from .core import (
     MANIFEST_COLUMNS,

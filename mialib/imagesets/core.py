@@ -171,7 +171,8 @@ HIDDEN_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}  # besides names startin
 
 
 def is_hidden(relative: Path) -> bool:
-    """A hidden file or a file in a hidden folder (``.DS_Store``, ``._x.jpg``, ``.git/``, ``Thumbs.db``, ``__MACOSX/``)."""
+    """A hidden file or a file in a hidden folder (``.DS_Store``, ``._x.jpg``, ``.git/``, ``Thumbs.db``,
+    ``__MACOSX/``)."""
     return any(part.startswith(".") or part.lower() in HIDDEN_NAMES for part in relative.parts)
 
 
@@ -273,7 +274,8 @@ def decode_image(
         raise
     except Exception as error:  # malformed bytes make Pillow raise many types (OSError, SyntaxError, struct.error ...)
         raise ImageProblem(
-            f"not a readable image: truncated or damaged ({file}: {type(error).__name__}: {error}); re-download or re-export it"
+            f"not a readable image: truncated or damaged ({file}: {type(error).__name__}: {error}); re-download or "
+            "re-export it"
         ) from None
     if min(image.size) < min_side:
         raise ImageProblem(
@@ -306,7 +308,8 @@ def _open(payload: bytes, max_pixels: int | None) -> Image.Image:
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageProblem(
-                    f"decompression bomb: {width} x {height} = {width * height:,} pixels exceed the limit of {max_pixels:,}"
+                    f"decompression bomb: {width} x {height} = {width * height:,} pixels exceed the limit of "
+                    f"{max_pixels:,}"
                 )
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -465,7 +468,8 @@ class ImageSet:
         )
         skipped = "; ".join(f"{n} {r}" for r, n in reasons.items())
         return (
-            f"{self.spec}: {len(self.records)} images ({members} members, {len(self.records) - members - unlabelled} non-members"
+            f"{self.spec}: {len(self.records)} images ({members} members, "
+            f"{len(self.records) - members - unlabelled} non-members"
             f"{f', {unlabelled} unlabelled' if unlabelled else ''}) "
             f"of {self.given} given, {len(self.skipped)} skipped{' (' + skipped + ')' if skipped else ''}"
         )
@@ -679,7 +683,8 @@ def build(
             others = list(part.loc[part["label"] == 0, "id"])
             for i in part.index:
                 skips[i] = (
-                    f"same image on both sides of the split: identical bytes as member(s) {members} and non-member(s) {others}"
+                    f"same image on both sides of the split: identical bytes as member(s) {members} and "
+                    f"non-member(s) {others}"
                 )
         else:
             first = part["id"].iloc[0]

@@ -170,7 +170,8 @@ def scan_output(folder: str | os.PathLike, listed_only: bool = False) -> tuple[l
     )
     if folders and tars:
         raise DataError(
-            f"{folder} holds both shard folders ({folders[0].name}/) and .tar shards ({tars[0].name}); keep one output per folder"
+            f"{folder} holds both shard folders ({folders[0].name}/) and .tar shards ({tars[0].name}); keep one "
+            "output per folder"
         )
     layout = "webdataset" if tars else "files"
     shards = {p.stem: p for p in tars} if tars else {p.name: p for p in folders}
@@ -258,7 +259,8 @@ def scan_output(folder: str | os.PathLike, listed_only: bool = False) -> tuple[l
                         sample.meta, sample.where = meta, f"{prefix}{key}.json"
                     if location is None:
                         sample.problems.append(
-                            f"image missing: {name}.parquet records {key} as downloaded, but {prefix}{key}.<image> is not there"
+                            f"image missing: {name}.parquet records {key} as downloaded, but "
+                            f"{prefix}{key}.<image> is not there"
                         )
                 samples.append(sample)
         if not (listed_only and parquet.is_file()):
@@ -273,11 +275,20 @@ def scan_output(folder: str | os.PathLike, listed_only: bool = False) -> tuple[l
                 if (key, extension) in used:
                     continue
                 if key in failed:
-                    reason = f"not used: {name}.parquet records sample {key} as {failed[key]} ({prefix}{member}); run img2dataset again on the output or delete the file"
+                    reason = (
+                        f"not used: {name}.parquet records sample {key} as {failed[key]} ({prefix}{member}); "
+                        "run img2dataset again on the output or delete the file"
+                    )
                 elif key in sample_keys:
-                    reason = f"extra file beside a sample: {prefix}{member} is not the image, caption or metadata of sample {key}; {move}"
+                    reason = (
+                        f"extra file beside a sample: {prefix}{member} is not the image, caption or metadata of "
+                        f"sample {key}; {move}"
+                    )
                 else:
-                    reason = f"not an img2dataset sample: {prefix}{member} has no .json or .txt beside it and no shard parquet lists it; {move}"
+                    reason = (
+                        f"not an img2dataset sample: {prefix}{member} has no .json or .txt beside it and no shard "
+                        f"parquet lists it; {move}"
+                    )
                 strays.append((f"{prefix}{member}", reason))
     return samples, {"layout": layout, "shards": len(names), "strays": strays}
 
@@ -350,7 +361,8 @@ def img2dataset_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
     if "=" in arg:
         if label_key is not None:
             raise DataError(
-                f"img2dataset:{arg}?label={label_key}: with one folder per class the folder gives the label; drop label="
+                f"img2dataset:{arg}?label={label_key}: with one folder per class the folder gives the label; "
+                "drop label="
             )
         outputs = [(name, folder, MEMBER_FOLDERS[name.lower()]) for name, folder in _pairs(arg)]
     else:

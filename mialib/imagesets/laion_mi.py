@@ -83,7 +83,8 @@ def list_files(folder: str | os.PathLike) -> list[tuple[Path, int]]:
     if labels != {0, 1}:
         missing = "non-members" if 0 not in labels else "members"
         raise DataError(
-            f"LAION-mi folder {folder} has no {missing} parquet file (found: {[str(p.relative_to(folder)) for p, _ in found]})"
+            f"LAION-mi folder {folder} has no {missing} parquet file "
+            f"(found: {[str(p.relative_to(folder)) for p, _ in found]})"
         )
     return sorted(found, key=lambda item: (-item[1], str(item[0])))
 

@@ -174,7 +174,10 @@ def unlisted_entries(root: Path, listed: list[Entry], exclude: set, table: str) 
         strays.append(
             (
                 path,
-                f"not listed in {table}: {relative} is in the set's folder but no row names it; add a row for it or move it out of the folder",
+                (
+                    f"not listed in {table}: {relative} is in the set's folder but no row names it; add a row for it "
+                    "or move it out of the folder"
+                ),
             )
         )
     return stray_entries(strays, root, {str(e.id).strip() for e in listed if e.id is not None})
@@ -252,7 +255,10 @@ def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
                 strays.append(
                     (
                         path,
-                        f"caption file without an image: {relative.as_posix()} has no file of the same name beside it; add the image or move the caption out of the set's folder",
+                        (
+                            f"caption file without an image: {relative.as_posix()} has no file of the same name "
+                            "beside it; add the image or move the caption out of the set's folder"
+                        ),
                     )
                 )
                 continue
@@ -276,7 +282,8 @@ def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
             )
     if entries and all(e.caption_problem for e in entries):
         raise DataError(
-            f"no image under {root} has a caption: add metadata.csv (file_name, caption, label) or a .txt beside each image"
+            f"no image under {root} has a caption: add metadata.csv (file_name, caption, label) or a .txt beside "
+            "each image"
         )
     inside = {path for folder in folders for path in files if path.parent == folder or folder in path.parents}
     used = {Path(e.location).resolve() for e in entries}
@@ -288,7 +295,10 @@ def imagefolder_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dic
         strays.append(
             (
                 path,
-                f"not under {class_names}: {relative} has no label; move it into one of them or out of the set's folder",
+                (
+                    f"not under {class_names}: {relative} has no label; move it into one of them or out of the "
+                    "set's folder"
+                ),
             )
         )
     entries += stray_entries(strays, root, {e.id for e in entries})

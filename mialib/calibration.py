@@ -1,0 +1,137 @@
+"""Per-example calibration: separate membership from how hard an image is.
+
+An attack's raw score ranks images by how well the model reproduces them, and a simple image (flat, few
+edges, well reconstructed by the autoencoder) is reproduced well whether or not it was trained on. Two
+ways to take that out, each wrapping any registered attack (``structural:calibrate=difficulty``,
+``loss:calibrate=reference``; :class:`mialib.attacks.registry.AttackRequest`):
+
+- ``difficulty`` (Bertran et al., NeurIPS 2023: per-example thresholds by quantile regression, no
+  reference model): a linear quantile regression (scikit-learn's ``QuantileRegressor``) of the raw score on
+  image-only features, fitted on the *calibration non-members only*, predicts the score a non-member of
+  that difficulty gets. The calibrated score is the raw score minus that prediction (``quantile`` 0.5: the
+  median; at ``1 - alpha`` it is the per-image threshold of FPR alpha itself). The calibration
+  non-members' own predictions are cross-fitted (each from a fit without it), so every row's prediction
+  comes from a fit that never saw it; thresholds are then chosen on calibration and applied to test like
+  any score, and the test FPR they realise is reported.
+- ``reference`` (Carlini et al., S&P 2022, LiRA offline; the base model of a fine-tune): the same attack,
+  with the same seeds and noise per image, on reference models that did not train on the attacked images.
+  With one reference the calibrated score is the difference target - reference (a reference equal to the
+  target gives exactly 0). With several it is (target - mean of the references) / sigma, sigma the
+  references' spread pooled over all images (LiRA's fixed variance, the choice its authors recommend
+  with few reference models): monotone in the offline likelihood ratio.
+
+The image-only features (:data:`FEATURES`) are the compressed size (PNG bits per pixel), the total
+variation and, computed by the run layer with the target's own autoencoder, the VAE-only reconstruction
+SSIM and MSE; more can be registered in :data:`FEATURES`. This module is statistics on arrays: the run
+layer (:mod:`mialib.runs`) scores the references and the features and calls it.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from sklearn.linear_model import QuantileRegressor
+from sklearn.model_selection import KFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+MIN_NONMEMBERS = 10  # fewer calibration non-members cannot fit a regression on three or four features
+FOLDS = 5
+
+
+def _uint8(pixels: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images (n, c, h, w) -> uint8 (n, h, w, c), as a PNG stores them."""
+    scaled = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def compressed_bits(pixels: torch.Tensor) -> np.ndarray:
+    """PNG size (deflate at level 9) in bits per pixel of each image: how much there is to describe."""
+    images = _uint8(pixels)
+    sizes = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
+            buffer, format="PNG", compress_level=9
+        )
+        sizes.append(8 * buffer.tell() / (image.shape[0] * image.shape[1]))
+    return np.asarray(sizes, dtype=np.float64)
+
+
+def total_variation(pixels: torch.Tensor) -> np.ndarray:
+    """Mean absolute difference of horizontally and vertically neighbouring pixels ([-1, 1] scale)."""
+    x = pixels.detach().double().cpu()
+    across = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(dim=1)
+    down = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(dim=1)
+    return (across + down).numpy() / 2
+
+
+# name -> pixels (n, c, h, w) in [-1, 1] -> (n,): the features that need only the image. The run layer adds
+# the target autoencoder's reconstruction ("vae_ssim", "vae_mse": the vae_control attack's values).
+FEATURES = {"compressed_bits": compressed_bits, "total_variation": total_variation}
+
+
+def _regression(quantile: float):
+    return make_pipeline(StandardScaler(), QuantileRegressor(quantile=quantile, alpha=0.0, solver="highs"))
+
+
+def difficulty_predictions(scores, features, fit: np.ndarray, quantile: float = 0.5, seed: int = 0) -> np.ndarray:
+    """Per image, the ``quantile`` of a non-member's score at its features, from a linear quantile
+    regression fitted on the rows where ``fit`` is true (the calibration non-members). Those rows'
+    own predictions are cross-fitted (:data:`FOLDS` folds, shuffled with ``seed``): no prediction comes
+    from a fit that saw its image."""
+    scores = np.asarray(scores, dtype=np.float64)
+    features = np.asarray(features, dtype=np.float64)
+    fit = np.asarray(fit, dtype=bool)
+    if features.ndim != 2 or len(features) != len(scores) or len(fit) != len(scores):
+        raise ValueError(
+            f"features must be (n, k) and fit (n,) for n = {len(scores)} scores, got {features.shape} and {fit.shape}"
+        )
+    if not np.isfinite(features).all():
+        raise ValueError("a difficulty feature is NaN or infinite")
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+    rows = np.flatnonzero(fit)
+    if len(rows) < MIN_NONMEMBERS:
+        raise ValueError(
+            f"difficulty calibration fits on the calibration non-members: {len(rows)} is too few (at least "
+            f"{MIN_NONMEMBERS})"
+        )
+    predicted = _regression(quantile).fit(features[rows], scores[rows]).predict(features)
+    for inside, outside in KFold(min(FOLDS, len(rows)), shuffle=True, random_state=seed).split(rows):
+        model = _regression(quantile).fit(features[rows[inside]], scores[rows[inside]])
+        predicted[rows[outside]] = model.predict(features[rows[outside]])
+    return predicted
+
+
+def difficulty_calibrated(scores, features, fit, quantile: float = 0.5, seed: int = 0) -> np.ndarray:
+    """The raw score minus the difficulty prediction (:func:`difficulty_predictions`)."""
+    return np.asarray(scores, dtype=np.float64) - difficulty_predictions(scores, features, fit, quantile, seed)
+
+
+def reference_calibrated(scores, references) -> np.ndarray:
+    """Target scores (n,) against the same attack's scores on k reference models (k, n), image by image:
+    k = 1, the difference; k >= 2, (score - the references' mean) / their spread pooled over images
+    (LiRA offline with a fixed variance)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    references = np.atleast_2d(np.asarray(references, dtype=np.float64))
+    if references.shape[1] != len(scores):
+        raise ValueError(f"reference scores must be (k, {len(scores)}), got {references.shape}")
+    if len(references) == 1:
+        return scores - references[0]
+    spread = float(np.sqrt(references.var(axis=0, ddof=1).mean()))
+    if not spread > 0:
+        raise ValueError(
+            f"the {len(references)} reference models give identical scores on every image: their spread cannot scale "
+            "the difference"
+        )
+    return (scores - references.mean(axis=0)) / spread
+
+
+def feature_frame(ids, pixels: torch.Tensor) -> pd.DataFrame:
+    """``id`` and every image-only feature of :data:`FEATURES` for a batch."""
+    return pd.DataFrame({"id": list(ids), **{name: function(pixels) for name, function in FEATURES.items()}})
