@@ -64,9 +64,7 @@ def observation(curve: pd.DataFrame, images: pd.DataFrame):
     axes[1].plot(difference.index, difference.values, marker="o", label="against x0 (the paper's)")
     table = pd.DataFrame({"member": means[1], "nonmember": means[0], "difference": difference})
     if recon:
-        sns.lineplot(
-            data=data, x="t", y="ssim_recon", hue="group", errorbar=("ci", 95), n_boot=500, seed=0, ax=axes[3]
-        )
+        sns.lineplot(data=data, x="t", y="ssim_recon", hue="group", errorbar=("ci", 95), n_boot=500, seed=0, ax=axes[3])
         axes[3].set(title="SSIM(D(E(x0)), decoded x_t)", xlabel="inversion timestep t", ylabel="SSIM")
         against = data.groupby(["t", "label"])["ssim_recon"].mean().unstack("label")
         table["recon_member"], table["recon_nonmember"] = against[1], against[0]
