@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from conftest import IMAGEFOLDER_NOTEBOOKS
 from mialib import experiment
-from mialib.attacks import REGISTRY
+from mialib.attacks import REGISTRY, parse_request
 from mialib.settings import Settings
 from mialib.target import load_target
 
@@ -87,9 +87,40 @@ def test_02_observation_curve(smoke_outputs, smoke_params):
     scores = pd.read_parquet(smoke_outputs / "scores.parquet")
     vae = scores[scores["run"] == "vae_control"]
     np.testing.assert_allclose(observation.loc[0, "member"], vae[vae["label"] == 1]["score"].mean(), atol=1e-9)
+    # the same inversion against D(E(x)) (structural:recon=true): at t = 0 the reconstruction against itself
+    np.testing.assert_allclose(observation.loc[0, ["recon_member", "recon_nonmember"]], 1.0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        observation["recon_difference"], observation["recon_member"] - observation["recon_nonmember"], atol=1e-12
+    )
     memorisation = pd.read_csv(smoke_outputs / "tables" / "memorisation.csv", index_col="split")
     assert set(memorisation.index) == {"member", "nonmember"}
     assert memorisation["count"].sum() == smoke_params["N_MEMBERS"] + smoke_params["N_NONMEMBERS"]
+
+
+def test_03_calibrated_rows_and_caption_controls(smoke_outputs, smoke_params):
+    scores = pd.read_parquet(smoke_outputs / "scores.parquet")
+    requests = {run: parse_request(text, run) for run, text in smoke_params["ATTACKS"].items()}
+    for run, request in requests.items():
+        rows = scores[scores["run"] == run]
+        assert set(rows["calibrate"]) == {request.calibrate}, run
+        if request.calibrate == "none":
+            np.testing.assert_array_equal(rows["raw_value"], rows["value"])
+    # the difficulty-calibrated paper setting keeps the paper row's value as its raw value, and moves it
+    paper = scores[scores["run"] == "structural_paper"].set_index("id")
+    calibrated = scores[scores["run"] == "structural_difficulty"].set_index("id").loc[paper.index]
+    np.testing.assert_array_equal(calibrated["raw_value"], paper["value"])
+    assert not np.allclose(calibrated["value"], paper["value"])
+    controls = pd.read_csv(smoke_outputs / "tables" / "caption_controls.csv")
+    model_runs = [run for run, r in requests.items() if r.spec.kind == "model"]
+    assert set(controls["prompt"]) == {"caption", *smoke_params["CAPTION_CONTROLS"]}
+    assert sorted(controls["run"].unique()) == sorted(model_runs)
+    metrics = pd.read_csv(smoke_outputs / "metrics.csv").set_index("run")
+    caption = controls[controls["prompt"] == "caption"].set_index("run")
+    for run in model_runs:
+        assert caption.loc[run, "auc"] == pytest.approx(metrics.loc[run, "auc"], abs=1e-12)
+    # CLiD contrasts the caption with a reduced and a null prompt: under the empty prompt every score is 0
+    assert controls[(controls["run"] == "clid") & (controls["prompt"] == "empty")]["auc"].item() == 0.5
+    assert not (smoke_outputs / "biased" / "tables" / "caption_controls.csv").exists()  # the fair run shows them
 
 
 @pytest.mark.parametrize("run", ["", "biased"])
