@@ -5,14 +5,19 @@ edges, well reconstructed by the autoencoder) is reproduced well whether or not 
 ways to take that out, each wrapping any registered attack (``structural:calibrate=difficulty``,
 ``loss:calibrate=reference``; :class:`mialib.attacks.registry.AttackRequest`):
 
-- ``difficulty`` (Bertran et al., NeurIPS 2023: per-example thresholds by quantile regression, no
-  reference model): a linear quantile regression (scikit-learn's ``QuantileRegressor``) of the raw score on
-  image-only features, fitted on the *calibration non-members only*, predicts the score a non-member of
-  that difficulty gets. The calibrated score is the raw score minus that prediction (``quantile`` 0.5: the
-  median; at ``1 - alpha`` it is the per-image threshold of FPR alpha itself). The calibration
-  non-members' own predictions are cross-fitted (each from a fit without it), so every row's prediction
-  comes from a fit that never saw it; thresholds are then chosen on calibration and applied to test like
-  any score, and the test FPR they realise is reported.
+- ``difficulty`` (Bertran et al., NeurIPS 2023: per-example thresholds from image features, no reference
+  model): a linear regression of the raw score on image-only features, fitted on the *calibration
+  non-members only*, predicts the score a non-member of that difficulty gets. The calibrated score is the
+  raw score minus that prediction. The prediction is the least-squares mean: unique and continuous in the
+  features, so float32 noise in a feature (another batch size, another CPU) moves it by as little. A
+  linear *quantile* regression (scikit-learn's ``QuantileRegressor``, :func:`difficulty_predictions` with
+  ``quantile``) gives the per-image threshold of a false-positive rate itself (at ``1 - alpha``); its
+  linear-programming solution is not unique when ``quantile * n`` is an integer (the median of an even
+  number of images), and the solver's choice among the optima then jumps with the last digits of the
+  features, which is why the calibrated score does not use it. The calibration non-members' own
+  predictions are cross-fitted (each from a fit without it), so every row's prediction comes from a fit
+  that never saw it; thresholds are then chosen on calibration and applied to test like any score, and the
+  test FPR they realise is reported.
 - ``reference`` (Carlini et al., S&P 2022, LiRA offline; the base model of a fine-tune): the same attack,
   with the same seeds and noise per image, on reference models that did not train on the attacked images.
   With one reference the calibrated score is the difference target - reference (a reference equal to the
@@ -34,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from sklearn.linear_model import QuantileRegressor
+from sklearn.linear_model import LinearRegression, QuantileRegressor
 from sklearn.model_selection import KFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -75,15 +80,19 @@ def total_variation(pixels: torch.Tensor) -> np.ndarray:
 FEATURES = {"compressed_bits": compressed_bits, "total_variation": total_variation}
 
 
-def _regression(quantile: float):
+def _regression(quantile: float | None):
+    if quantile is None:
+        return make_pipeline(StandardScaler(), LinearRegression())
     return make_pipeline(StandardScaler(), QuantileRegressor(quantile=quantile, alpha=0.0, solver="highs"))
 
 
-def difficulty_predictions(scores, features, fit: np.ndarray, quantile: float = 0.5, seed: int = 0) -> np.ndarray:
-    """Per image, the ``quantile`` of a non-member's score at its features, from a linear quantile
-    regression fitted on the rows where ``fit`` is true (the calibration non-members). Those rows'
-    own predictions are cross-fitted (:data:`FOLDS` folds, shuffled with ``seed``): no prediction comes
-    from a fit that saw its image."""
+def difficulty_predictions(
+    scores, features, fit: np.ndarray, quantile: float | None = None, seed: int = 0
+) -> np.ndarray:
+    """Per image, a non-member's expected score at its features (least squares; with ``quantile``, that
+    quantile, by linear quantile regression), fitted on the rows where ``fit`` is true (the calibration
+    non-members). Those rows' own predictions are cross-fitted (:data:`FOLDS` folds, shuffled with
+    ``seed``): no prediction comes from a fit that saw its image."""
     scores = np.asarray(scores, dtype=np.float64)
     features = np.asarray(features, dtype=np.float64)
     fit = np.asarray(fit, dtype=bool)
@@ -93,7 +102,7 @@ def difficulty_predictions(scores, features, fit: np.ndarray, quantile: float = 
         )
     if not np.isfinite(features).all():
         raise ValueError("a difficulty feature is NaN or infinite")
-    if not 0 < quantile < 1:
+    if quantile is not None and not 0 < quantile < 1:
         raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
     rows = np.flatnonzero(fit)
     if len(rows) < MIN_NONMEMBERS:
@@ -108,7 +117,7 @@ def difficulty_predictions(scores, features, fit: np.ndarray, quantile: float = 
     return predicted
 
 
-def difficulty_calibrated(scores, features, fit, quantile: float = 0.5, seed: int = 0) -> np.ndarray:
+def difficulty_calibrated(scores, features, fit, quantile: float | None = None, seed: int = 0) -> np.ndarray:
     """The raw score minus the difficulty prediction (:func:`difficulty_predictions`)."""
     return np.asarray(scores, dtype=np.float64) - difficulty_predictions(scores, features, fit, quantile, seed)
 

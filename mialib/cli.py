@@ -100,7 +100,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: conditional only)"
     )
-    parser.add_argument("--prompt", default="caption", choices=["caption", "empty"])
+    parser.add_argument("--prompt", default="caption", choices=["caption", "empty", "neutral", "other"])
     parser.add_argument("--encode-mode", default="mode", choices=["mode", "sample"])
     parser.add_argument("--schedule", default="model", choices=["model", "official_linear"])
     parser.add_argument("--data-range", type=float, default=2.0, help="SSIM data range (2 for images in [-1, 1])")
@@ -881,7 +881,8 @@ def run_preset(args) -> None:
     from . import experiment
 
     params = experiment.load_preset(args.preset)
-    notebooks = tuple(args.notebooks) if args.notebooks is not None else experiment.preset_notebooks(params)
+    chosen = getattr(args, "notebooks", None)  # `prepare` takes no --notebooks: the preset's decide what it builds
+    notebooks = tuple(chosen) if chosen is not None else experiment.preset_notebooks(params)
     if args.command in ("prepare", "all"):
         start = time.time()
         model = experiment.prepare_target(params)

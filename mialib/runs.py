@@ -398,7 +398,7 @@ def calibrated_values(
     """``values`` (:func:`grid_values`) with every grid point's ``score`` calibrated per image as
     ``request.calibrate`` says, and the attack's own value kept as ``raw_value``:
 
-    - ``difficulty``: minus the median score of a calibration non-member with the image's difficulty
+    - ``difficulty``: minus the expected score of a calibration non-member with the image's difficulty
       features (:func:`mialib.calibration.difficulty_calibrated`, fitted per grid point on the calibration
       non-members only, cross-fitted there; :func:`difficulty_features`);
     - ``reference``: against the same attack at the same point on each reference model, with the same

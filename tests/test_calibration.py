@@ -261,3 +261,15 @@ def test_reference_calibration_uses_the_same_noise_per_image(models, scored_set,
     raw = two.set_index("id")["raw_value"]
     refs = np.stack([pair.set_index("id").loc[raw.index, "value"].to_numpy(), raw.to_numpy()])
     np.testing.assert_array_equal(two.set_index("id")["value"], calibration.reference_calibrated(raw.to_numpy(), refs))
+
+
+def test_difficulty_calibration_is_continuous_in_the_features():
+    """float32 noise in a feature (another batch size or CPU) moves the calibrated score by as little: the
+    least-squares prediction is unique (a median regression of an even number of images is not)."""
+    features, labels, scores, _ = _synthetic(12, shift=0.0, seed=6)
+    fit = np.ones(12, dtype=bool)
+    noise = 1 + np.random.default_rng(7).uniform(-1, 1, size=features.shape) * np.finfo(np.float32).eps
+    before = calibration.difficulty_calibrated(scores, features, fit)
+    after = calibration.difficulty_calibrated(scores, features * noise, fit)
+    scale = np.abs(scores).max()
+    assert np.abs(after - before).max() < 1e3 * np.finfo(np.float32).eps * scale  # ~ the features' own change

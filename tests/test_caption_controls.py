@@ -96,3 +96,15 @@ def test_clid_under_the_empty_prompt_has_nothing_to_contrast(target, imageset, t
     )
     assert (values["score"] == 0).all()
     assert isinstance(values, pd.DataFrame)
+
+
+def test_the_command_line_offers_every_control_and_encoding():
+    from mialib import cli
+    from mialib.settings import ENCODE_MODES, PROMPTS, SCHEDULES
+
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    for command in ("score", "audit"):
+        actions = {action.dest: action for action in commands[command]._actions}
+        assert tuple(actions["prompt"].choices) == PROMPTS
+        assert tuple(actions["encode_mode"].choices) == ENCODE_MODES
+        assert tuple(actions["schedule"].choices) == tuple(SCHEDULES)

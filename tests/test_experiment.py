@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -447,6 +448,32 @@ def test_the_command_line_and_the_notebooks_write_the_same_run(tmp_path, model, 
     )  # one target line each way
 
 
+def test_score_with_reference_models(tmp_path, model, user_set, capsys):
+    """--reference-model: a copy of the target as its reference scores exactly 0 (the same seeds and noise per
+    image); the references are recorded; calibrate=reference without one is refused before anything is written."""
+    import shutil
+
+    base = ["score", "--model", str(model), "--data", f"imagefolder:{user_set}", "--quiet", "--bootstrap", "20"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, "--attack", "loss:calibrate=reference", "--out", str(tmp_path / "none")])
+    assert exit_info.value.code == 2 and "give its reference models with --reference-model" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    copy = tmp_path / "reference"
+    shutil.copytree(model, copy)
+    out = tmp_path / "scored"
+    cli.main([*base, "--attack", "loss:calibrate=reference", "--attack", "loss", "--reference-model", str(copy),
+              "--out", str(out)])  # fmt: skip
+    scores = pd.read_parquet(out / "scores.parquet")
+    calibrated = scores[scores["run"] == "loss:calibrate=reference"].set_index("id")
+    raw = scores[scores["run"] == "loss"].set_index("id").loc[calibrated.index]
+    assert (calibrated["score"] == 0).all() and (calibrated["calibrate"] == "reference").all()
+    np.testing.assert_array_equal(calibrated["raw_value"], raw["value"])
+    parameters = json.loads((out / "parameters.json").read_text())
+    assert parameters["reference_models"] == [str(copy)]
+    assert parameters["reference_fingerprints"] == [parameters["fingerprint"]]
+    assert json.loads((out / "run.json").read_text())["identity"]["references"] == [parameters["fingerprint"]]
+
+
 def test_score_refuses_before_reading_or_writing(tmp_path, model, user_set, capsys):
     base = ["score", "--data", f"imagefolder:{user_set}", "--attack", "structural"]
     with pytest.raises(SystemExit) as exit_info:
@@ -476,6 +503,12 @@ def test_score_refuses_before_reading_or_writing(tmp_path, model, user_set, caps
             ]
         )
     assert "unknown attack 'nope'" in capsys.readouterr().err
+
+
+def test_prepare_builds_what_the_preset_names_and_says_so(smoke_preset, smoke_target_dir, capsys):
+    """`mialib prepare` (`make prepare`): the preset's target, here already built, is left as it is."""
+    cli.main(["prepare", "--preset", str(smoke_preset)])
+    assert f"target: {experiment.load_preset(smoke_preset)['MODEL']} ready" in capsys.readouterr().out
 
 
 def test_help_lists_the_registry(capsys):

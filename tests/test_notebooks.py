@@ -316,13 +316,16 @@ def test_03_biased_split_inflation(smoke_outputs):
     inflation = pd.read_csv(smoke_outputs / "biased" / "tables" / "bias_inflation.csv").set_index("run")
     np.testing.assert_allclose(inflation["auc_fair"], fair.loc[inflation.index, "auc"], atol=1e-12)
     np.testing.assert_allclose(inflation["auc_inflation"], inflation["auc_biased"] - inflation["auc_fair"], atol=1e-12)
-    # only non-member pixels changed: members' scores are identical in both runs
+    # only non-member pixels changed: members' values are identical in both runs, and so are their scores
+    # except where a difficulty calibration is fitted on the (changed) calibration non-members
     fair_scores = pd.read_parquet(smoke_outputs / "scores.parquet")
-    biased_scores = pd.read_parquet(smoke_outputs / "biased" / "scores.parquet")
-    key = ["run", "id"]
+    biased_scores = pd.read_parquet(smoke_outputs / "biased" / "scores.parquet").set_index(["run", "id"])
     model_runs = [run for run in fair.index if not run.startswith("blind")]
-    members = fair_scores[(fair_scores["label"] == 1) & fair_scores["run"].isin(model_runs)].set_index(key)["score"]
-    np.testing.assert_array_equal(members, biased_scores.set_index(key).loc[members.index, "score"])
+    members = fair_scores[(fair_scores["label"] == 1) & fair_scores["run"].isin(model_runs)].set_index(["run", "id"])
+    np.testing.assert_array_equal(members["raw_value"], biased_scores.loc[members.index, "raw_value"])
+    fixed = members[members["calibrate"] == "none"]
+    assert len(fixed) and (members["calibrate"] == "difficulty").any()
+    np.testing.assert_array_equal(fixed["score"], biased_scores.loc[fixed.index, "score"])
     # the biased run replays the fair calibration's settings and directions for every model attack and control
     fair_chosen = json.loads((smoke_outputs / "chosen_settings.json").read_text())
     biased_chosen = json.loads((smoke_outputs / "biased" / "chosen_settings.json").read_text())
@@ -375,9 +378,15 @@ def test_04_robustness(smoke_outputs, smoke_params):
     result = pd.read_csv(smoke_outputs / "tables" / "robustness.csv")
     fair = pd.read_csv(smoke_outputs / "metrics.csv").set_index("run")
     clean = result[result["distortion"] == "none"].set_index("run")
-    # every non-blind run of 03, at its calibrated settings, reproduces 03's test AUC and TPR@1%FPR exactly
-    expected_runs = [r for r in smoke_params["ATTACKS"] if not r.startswith("blind")]
+    # every non-blind run of 03, at its calibrated settings, reproduces 03's test AUC and TPR@1%FPR exactly;
+    # the difficulty-calibrated ones are skipped with the reason (their regression lives on calibration)
+    requests = {run: parse_request(text, run) for run, text in smoke_params["ATTACKS"].items()}
+    expected_runs = [r for r, q in requests.items() if q.spec.kind != "blind" and q.calibrate != "difficulty"]
     assert list(clean.index) == expected_runs
+    skipped = pd.read_csv(smoke_outputs / "tables" / "skipped_studies_04_robustness.csv").set_index("study")
+    difficulty = [r for r, q in requests.items() if q.calibrate == "difficulty"]
+    assert difficulty and set(difficulty) <= set(skipped.index)
+    assert skipped.loc[difficulty[0], "reason"].startswith("difficulty calibration is fitted on the calibration")
     np.testing.assert_allclose(clean["auc"], fair.loc[clean.index, "auc"], atol=1e-9)
     np.testing.assert_allclose(clean["tpr_at_1fpr"], fair.loc[clean.index, "tpr_at_1fpr"], atol=1e-9)
     assert list(clean["attack"]) == list(fair.loc[clean.index, "display"])
