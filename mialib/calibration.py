@@ -44,6 +44,8 @@ from sklearn.model_selection import KFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from .hashing import image_seed
+
 MIN_NONMEMBERS = 10  # fewer calibration non-members cannot fit a regression on three or four features
 FOLDS = 5
 
@@ -87,12 +89,13 @@ def _regression(quantile: float | None):
 
 
 def difficulty_predictions(
-    scores, features, fit: np.ndarray, quantile: float | None = None, seed: int = 0
+    scores, features, fit: np.ndarray, quantile: float | None = None, seed: int = 0, folds=None
 ) -> np.ndarray:
     """Per image, a non-member's expected score at its features (least squares; with ``quantile``, that
     quantile, by linear quantile regression), fitted on the rows where ``fit`` is true (the calibration
-    non-members). Those rows' own predictions are cross-fitted (:data:`FOLDS` folds, shuffled with
-    ``seed``): no prediction comes from a fit that saw its image."""
+    non-members). Those rows' own predictions are cross-fitted: no prediction comes from a fit that saw its
+    image. ``folds`` gives each row its fold (the run layer derives it from the image id, so the folds do
+    not depend on the order the rows come in); without it, :data:`FOLDS` folds shuffled with ``seed``."""
     scores = np.asarray(scores, dtype=np.float64)
     features = np.asarray(features, dtype=np.float64)
     fit = np.asarray(fit, dtype=bool)
@@ -111,15 +114,25 @@ def difficulty_predictions(
             f"{MIN_NONMEMBERS})"
         )
     predicted = _regression(quantile).fit(features[rows], scores[rows]).predict(features)
-    for inside, outside in KFold(min(FOLDS, len(rows)), shuffle=True, random_state=seed).split(rows):
+    if folds is None:
+        splits = KFold(min(FOLDS, len(rows)), shuffle=True, random_state=seed).split(rows)
+    else:
+        fold = np.asarray(folds)[rows]
+        splits = [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in np.unique(fold)]
+    for inside, outside in splits:
+        if len(inside) < 2:
+            raise ValueError(f"a cross-fitting fold leaves {len(inside)} calibration non-members to fit on")
         model = _regression(quantile).fit(features[rows[inside]], scores[rows[inside]])
         predicted[rows[outside]] = model.predict(features[rows[outside]])
     return predicted
 
 
-def difficulty_calibrated(scores, features, fit, quantile: float | None = None, seed: int = 0) -> np.ndarray:
+def difficulty_calibrated(
+    scores, features, fit, quantile: float | None = None, seed: int = 0, folds=None
+) -> np.ndarray:
     """The raw score minus the difficulty prediction (:func:`difficulty_predictions`)."""
-    return np.asarray(scores, dtype=np.float64) - difficulty_predictions(scores, features, fit, quantile, seed)
+    predicted = difficulty_predictions(scores, features, fit, quantile, seed, folds)
+    return np.asarray(scores, dtype=np.float64) - predicted
 
 
 def reference_calibrated(scores, references) -> np.ndarray:
@@ -139,6 +152,11 @@ def reference_calibrated(scores, references) -> np.ndarray:
             "the difference"
         )
     return (scores - references.mean(axis=0)) / spread
+
+
+def id_folds(ids, seed: int = 0) -> np.ndarray:
+    """Each image's cross-fitting fold, from its id and ``seed`` alone (the same in any order or subset)."""
+    return np.asarray([image_seed(str(i), seed) % FOLDS for i in ids])
 
 
 def feature_frame(ids, pixels: torch.Tensor) -> pd.DataFrame:

@@ -435,9 +435,10 @@ def calibrated_values(
         )
         labelled = labelled.merge(features, on="id", how="left", validate="many_to_one")
         fit = ((labelled["subset"] == "calibration") & (labelled["label"] == 0)).to_numpy()
+        folds = calibration.id_folds(labelled["id"], settings.seed)  # by id: the same folds in any row order
         for rows in groups:
             calibrated[rows] = calibration.difficulty_calibrated(
-                values["raw_value"].to_numpy()[rows], labelled[names].to_numpy()[rows], fit[rows], seed=settings.seed
+                values["raw_value"].to_numpy()[rows], labelled[names].to_numpy()[rows], fit[rows], folds=folds[rows]
             )
     return values.assign(score=calibrated)
 

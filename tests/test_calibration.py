@@ -184,7 +184,10 @@ def test_difficulty_calibration_in_the_run_layer(models, scored_set, tmp_path):
     records = scored_set.records.set_index("id").loc[cal.index]
     fit = ((records["subset"] == "calibration") & (records["label"] == 0)).to_numpy()
     assert fit.sum() >= calibration.MIN_NONMEMBERS
-    expected = calibration.difficulty_calibrated(cal["raw_value"].to_numpy(), features.loc[cal.index].to_numpy(), fit)
+    folds = calibration.id_folds(cal.index)
+    expected = calibration.difficulty_calibrated(
+        cal["raw_value"].to_numpy(), features.loc[cal.index].to_numpy(), fit, folds=folds
+    )
     # (the regression solved on rows in another order agrees to float64 rounding: 1e-9 of the scores' scale)
     np.testing.assert_allclose(cal["value"].to_numpy(), expected, rtol=0, atol=1e-9 * np.abs(cal["raw_value"]).max())
     # the features: the image-only ones from the pixels, and the VAE-only SSIM within its registry tolerance
@@ -273,3 +276,21 @@ def test_difficulty_calibration_is_continuous_in_the_features():
     after = calibration.difficulty_calibrated(scores, features * noise, fit)
     scale = np.abs(scores).max()
     assert np.abs(after - before).max() < 1e3 * np.finfo(np.float32).eps * scale  # ~ the features' own change
+
+
+def test_folds_by_image_id_make_the_calibration_independent_of_row_order():
+    """The run layer cross-fits by folds drawn from the image ids: another order of the same images (another
+    adapter, a reversed metadata.csv) gives the same calibrated scores; positional folds would not."""
+    features, labels, scores, _ = _synthetic(40, shift=0.0, seed=8)
+    ids = np.array([f"img{i:03d}" for i in range(40)])
+    fit = labels == 0
+    ours = calibration.difficulty_calibrated(scores, features, fit, folds=calibration.id_folds(ids))
+    order = np.random.default_rng(9).permutation(40)
+    again = calibration.difficulty_calibrated(
+        scores[order], features[order], fit[order], folds=calibration.id_folds(ids[order])
+    )
+    scale = np.abs(scores).max()
+    np.testing.assert_allclose(again, ours[order], rtol=0, atol=1e-12 * scale)
+    positional = calibration.difficulty_calibrated(scores[order], features[order], fit[order])
+    assert np.abs(positional - ours[order]).max() > 1e-6 * scale
+    assert set(calibration.id_folds(ids)) == set(range(calibration.FOLDS))

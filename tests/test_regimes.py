@@ -22,15 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # Recipes
 # --------------------------------------------------------------------------------------------------
 def test_a_config_written_before_the_regimes_reads_back_as_the_same_target():
-    """tiny_config.json files written before the regime fields existed still match their recipe (the one the
-    regimes keep: VAE 400, U-Net 900 steps)."""
+    """tiny_config.json files written before the regime fields existed still match the default recipe."""
     old = {
         "image_size": 32, "latent_channels": 4, "vae_channels": [16, 32], "unet_channels": [32, 64], "text_dim": 64,
         "max_tokens": 32, "vae_steps": 400, "vae_crop": 0, "vae_lr": 0.001, "vae_kl_weight": 1e-06, "unet_steps": 900,
         "unet_lr": 0.001, "batch_size": 16, "caption_dropout": 0.1, "checkpoints": [300, 600, 900], "seed": 0,
         "threads": 0,
     }  # fmt: skip
-    params = experiment.load_preset(ROOT / "configs" / "regimes.yaml")
+    params = experiment.load_preset(ROOT / "configs" / "default.yaml")
     assert TinyConfig.from_saved(old) == experiment.tiny_config(params)
     assert experiment.tiny_config(params).shared_seed == params["TRAIN_SEED"]
     with pytest.raises(ValueError, match="unet_data"):
@@ -42,16 +41,13 @@ def test_regime_targets_expand_the_preset():
     targets = experiment.regime_targets(params)
     assert list(targets) == [(regime, seed) for regime in params["REGIMES"] for seed in params["REGIME_SEEDS"]]
     assert len(params["REGIME_SEEDS"]) >= 3
-    # the from-scratch regime at the preset's seed is the preset's MODEL itself, the others are built beside it
+    # the from-scratch regime at the preset's seed is the default target itself, the others are built beside it
     assert targets[("from-scratch", 0)]["MODEL"] == params["MODEL"]
     assert targets[("weak", 2)]["MODEL"] == f"{params['MODEL']}-weak-seed2"
     configs = {key: experiment.tiny_config(target) for key, target in targets.items()}
-    # the regimes keep the weaker build (VAE 400, U-Net 900 steps) beside the default target, which trains
-    # longer (an accurate autoencoder, stronger memorisation); their folders differ, so neither refuses the other
-    default = experiment.load_preset(ROOT / "configs" / "default.yaml")
-    strong, weaker = experiment.tiny_config(default), configs[("from-scratch", 0)]
-    assert strong.vae_steps > weaker.vae_steps and strong.unet_steps > weaker.unet_steps
-    assert default["MODEL"] != params["MODEL"] and not str(default["MODEL"]).startswith(f"{params['MODEL']}-")
+    assert configs[("from-scratch", 0)] == experiment.tiny_config(
+        experiment.load_preset(ROOT / "configs" / "default.yaml")
+    )
     assert {c.shared_seed for c in configs.values()} == {params["TRAIN_SEED"]} and {
         c.seed for c in configs.values()
     } == set(params["REGIME_SEEDS"])
@@ -213,3 +209,22 @@ def test_07_audit_null_rate_and_power_per_regime(regimes_run):
     text = "".join("".join(o.get("text", "")) for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []))
     for regime in params["REGIMES"]:
         assert f"In the {regime} regime the best per-image attack" in text
+
+
+def test_the_strong_preset_builds_a_stronger_target_in_its_own_folder():
+    """configs/strong.yaml: the default with an accurate autoencoder and stronger memorisation; its folder is
+    neither the default's nor a regime's (a folder built with other settings is refused, never overwritten)."""
+    default = experiment.load_preset(ROOT / "configs" / "default.yaml")
+    strong = experiment.load_preset(ROOT / "configs" / "strong.yaml")
+    assert {
+        k: v
+        for k, v in strong.items()
+        if k not in ("PRESET", "OUTPUT_DIR", "MODEL", "VAE_STEPS", "UNET_STEPS", "CHECKPOINTS")
+    } == {
+        k: v
+        for k, v in default.items()
+        if k not in ("PRESET", "OUTPUT_DIR", "MODEL", "VAE_STEPS", "UNET_STEPS", "CHECKPOINTS")
+    }
+    ours, theirs = experiment.tiny_config(strong), experiment.tiny_config(default)
+    assert ours.vae_steps == 10 * theirs.vae_steps and ours.unet_steps > 3 * theirs.unet_steps
+    assert not str(strong["MODEL"]).startswith(str(default["MODEL"])) and strong["OUTPUT_DIR"] != default["OUTPUT_DIR"]
