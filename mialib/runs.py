@@ -561,12 +561,9 @@ def check_requirements(imageset, requests, metrics: bool = True) -> None:
             reason = request.spec.requires(imageset.records)
             if reason:
                 problems.append(f"{request.run} ({request.spec.label}) {reason}")
-        fitted_on = counts.get(("calibration", 0), 0)
-        if request.calibrate == "difficulty" and fitted_on < calibration.MIN_NONMEMBERS:
-            problems.append(
-                f"{request.run}: calibrate=difficulty fits on the calibration non-members; this set has {fitted_on} "
-                f"(at least {calibration.MIN_NONMEMBERS})"
-            )
+        shortfall = _difficulty_shortfall(request, imageset.records)
+        if shortfall:
+            problems.append(f"{request.run}: {shortfall}")
     if problems:
         raise ValueError("cannot score this set:\n  " + "\n  ".join(problems))
 
@@ -588,18 +585,26 @@ def check_schedule(target, requests) -> None:
         request.check_schedule(steps)
 
 
+def _difficulty_shortfall(request, records) -> str | None:
+    """Why ``calibrate=difficulty`` cannot fit on this set (too few calibration non-members), or None."""
+    if request.calibrate != "difficulty":
+        return None
+    fitted_on = int(((records["subset"] == "calibration") & (records["label"] == 0)).sum())
+    if fitted_on >= calibration.MIN_NONMEMBERS:
+        return None
+    return (
+        f"calibrate=difficulty fits on the calibration non-members; this set has {fitted_on} "
+        f"(at least {calibration.MIN_NONMEMBERS})"
+    )
+
+
 def runnable(imageset, requests: dict) -> tuple[dict, dict]:
     """Split requests into those that can run on this set and those that cannot, with the reason."""
     keep, skipped = {}, {}
     records = imageset.records
-    fitted_on = int(((records["subset"] == "calibration") & (records["label"] == 0)).sum())
     for run, request in as_requests(requests).items():
         reason = request.spec.requires(records) if request.spec.requires is not None else None
-        if not reason and request.calibrate == "difficulty" and fitted_on < calibration.MIN_NONMEMBERS:
-            reason = (
-                f"calibrate=difficulty fits on the calibration non-members; this set has {fitted_on} "
-                f"(at least {calibration.MIN_NONMEMBERS})"
-            )
+        reason = reason or _difficulty_shortfall(request, records)
         if reason:
             skipped[run] = reason
         else:
