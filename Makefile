@@ -25,7 +25,7 @@ test: ## the test suite (trains a smoke-size target once, executes every noteboo
 	$(PY) -m pytest
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -m numerics -q -p no:cacheprovider  # the tolerances hold on other instruction sets
 
-test-fast: $(STAMP) ## the tests not marked slow (no target training, no notebooks, none over ~3 s; tests/conftest.py): under 2 minutes
+test-fast: $(STAMP) ## the tests not marked slow (no target training, no notebooks, none over ~2 s; tests/conftest.py): under 2 minutes
 	$(PY) -m pytest -m "not slow" -q
 
 lint: $(STAMP) ## ruff: lint and check the formatting (pyproject.toml [tool.ruff]; notebooks are linted, not formatted)

@@ -193,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a feature (repeatable; fixed settings, no grids); default: structural, pixel, loss, secmi, pia, clid",
     )
     audit.add_argument(
+        "--reference-model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="a reference model for features NAME:calibrate=reference (repeatable; as in `mialib score`)",
+    )
+    audit.add_argument(
         "--out", required=True, help="output folder (created; a rerun reads the per-image features back from its cache)"
     )
     audit.add_argument("--level", type=FRACTION, default=0.01, help="significance level of the decision")
@@ -638,7 +645,7 @@ def audit(args) -> None:
     from .experiment import quiet_library_notices
     from .memo import write_text
     from .settings import Settings
-    from .target import check_source
+    from .target import check_source, load_target
 
     started = time.time()
     _check_out(args.out)
@@ -651,6 +658,9 @@ def audit(args) -> None:
         args.attack or list(AUDIT_DEFAULT)
     )  # fixed settings only: checked before any compute
     model = check_source(args.model, args.model_config)
+    reference_sources = [check_source(reference) for reference in args.reference_model]
+    if any(r.calibrate == "reference" for r in requests.values()) and not reference_sources:
+        raise ValueError("a feature asks for calibrate=reference: give its reference models with --reference-model")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
     sets = {
@@ -677,7 +687,9 @@ def audit(args) -> None:
         config=args.model_config,
     )
     target, size = opened.target, opened.size
-    runs.check_schedule(target, requests.values())  # before anything is written
+    references = tuple(load_target(source, device=args.device, dtype=args.dtype) for source in reference_sources)
+    for model_ in (target, *references):
+        runs.check_schedule(model_, requests.values())  # before anything is written
     out = claim_folder(args.out)
     with FolderLock(out):
         if any((out / name).exists() for name in (MANIFEST, "scores.parquet")):
@@ -692,7 +704,15 @@ def audit(args) -> None:
         tables = {}
         for name, imageset in sets.items():
             table = studies.feature_table(
-                target, imageset, requests, settings, out / "cache", args.batch_size, size, progress=not args.quiet
+                target,
+                imageset,
+                requests,
+                settings,
+                out / "cache",
+                args.batch_size,
+                size,
+                progress=not args.quiet,
+                references=references,
             )
             tables[name] = table.drop(columns="label", errors="ignore").assign(
                 id=lambda d, n=name: n + "/" + d["id"].astype(str)
@@ -716,6 +736,7 @@ def audit(args) -> None:
             "model": model,
             "suspect": args.suspect,
             "reference": args.reference,
+            "reference_models": args.reference_model,
             "attacks": {run: r.text() for run, r in requests.items()},
             "settings": settings.columns(),
             "size": size,

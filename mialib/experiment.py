@@ -206,6 +206,8 @@ def _prepare_tiny_target(params: dict, model: str, progress: bool) -> str:
     images = emoji_training_images(params)
     public = data.load_tensors(images.loc[images["split"] == "public", "path"], config.image_size)
     members = images[images["split"] == "member"]
+    if config.unet_data == "stand-ins":
+        members = stand_ins(images, len(members), config.seed)
     tensors = data.load_tensors(members["path"], config.image_size)
     pool = {}
     if config.uses_pool:
@@ -228,6 +230,16 @@ def _prepare_tiny_target(params: dict, model: str, progress: bool) -> str:
             **pool,
         )
     )
+
+
+def stand_ins(images: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """What a reference model of the from-scratch recipe trains on instead of the members: ``n`` images of the
+    public split (never attacked; they also train the VAE), drawn by ``seed``, so references with other seeds
+    see other images (LiRA's random subsets)."""
+    public = images[images["split"] == "public"]
+    if len(public) < n:
+        raise data.DataError(f"the public split has {len(public)} images; a stand-in reference needs {n}")
+    return public.sample(n=n, random_state=seed)  # numpy's legacy RandomState: the same draw in every release
 
 
 REGIME_KEYS = {"UNET_STEPS", "CHECKPOINTS", "UNET_LR", "UNET_DATA", "PRETRAIN_STEPS", "FILLER_IMAGES", "VAE_STEPS"}
@@ -269,14 +281,71 @@ def regime_targets(params: dict) -> dict[tuple[str, int], dict]:
     return targets
 
 
+def regime_references(params: dict) -> dict[str, list[dict]]:
+    """regime -> the presets of its reference models (``calibrate=reference`` in 07): ``REGIME_REFERENCES``
+    (regime -> target keys changed on top of the regime's own, e.g. ``UNET_DATA: stand-ins``) times
+    ``REFERENCE_SEEDS``. The references train as the regime's targets do, on data without the members (so
+    without any attacked image), and share their VAE and base model. A reference that trains no step
+    (``UNET_STEPS: 0`` after ``PRETRAIN_STEPS``: the fine-tune's base model) is one model whatever the seed,
+    and is built once. Built beside ``MODEL`` as ``<MODEL>-<regime>-reference<seed>``."""
+    recipes = params.get("REGIME_REFERENCES") or {}
+    regimes = params.get("REGIMES") or {}
+    unknown = set(recipes) - set(regimes)
+    if unknown:
+        raise ValueError(f"REGIME_REFERENCES names {sorted(unknown)}, which REGIMES does not have ({sorted(regimes)})")
+    seeds = [int(s) for s in params.get("REFERENCE_SEEDS") or []]
+    if recipes and not seeds:
+        raise ValueError("REGIME_REFERENCES needs REFERENCE_SEEDS (the reference models' training seeds)")
+    base_seed = int(params.get("TRAIN_SEED", 0))
+    references = {}
+    for regime, changes in recipes.items():
+        changes = dict(changes or {})
+        wrong = set(changes) - REGIME_KEYS
+        if wrong:
+            raise ValueError(f"REGIME_REFERENCES[{regime!r}] sets {sorted(wrong)}; it may set {sorted(REGIME_KEYS)}")
+        recipe = {**params, **(regimes[regime] or {}), **changes}
+        if recipe.get("UNET_DATA", "members") in ("members", "members+pool") and int(recipe.get("UNET_STEPS", 1)):
+            raise ValueError(
+                f"REGIME_REFERENCES[{regime!r}] would train on the members (UNET_DATA="
+                f"{recipe.get('UNET_DATA', 'members')!r}): a reference must not see the attacked images; use "
+                "UNET_DATA: stand-ins or pool, or UNET_STEPS: 0 for a fine-tune's base model"
+            )
+        fixed = int(recipe.get("UNET_STEPS", 1)) == 0
+        references[regime] = [
+            {
+                **recipe,
+                "TRAIN_SEED": seed,
+                "SHARED_SEED": base_seed,
+                "MODEL": f"{str(params['MODEL']).rstrip('/')}-{regime}-" + ("base" if fixed else f"reference{seed}"),
+            }
+            for seed in (seeds[:1] if fixed else seeds)
+        ]
+    return references
+
+
 def prepare_regimes(params: dict, progress: bool = True) -> dict[tuple[str, int], str]:
-    """Build every missing target of the regime study; (regime, seed) -> model folder."""
+    """Build every missing target of the regime study, and its reference models (:func:`regime_references`);
+    (regime, seed) -> model folder."""
     targets = regime_targets(params)
     built = {}
     for (regime, seed), target in targets.items():
         if progress:
             print(f"regime {regime}, seed {seed}: {target['MODEL']}", flush=True)
         built[(regime, seed)] = prepare_target(target, progress)
+    prepare_regime_references(params, progress)
+    return built
+
+
+def prepare_regime_references(params: dict, progress: bool = True) -> dict[str, list[str]]:
+    """Build every missing reference model of the regime study; regime -> model folders (empty when the
+    preset names none)."""
+    built = {}
+    for regime, presets in regime_references(params).items():
+        built[regime] = []
+        for preset in presets:
+            if progress:
+                print(f"regime {regime}, reference: {preset['MODEL']}", flush=True)
+            built[regime].append(prepare_target(preset, progress))
     return built
 
 

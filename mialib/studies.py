@@ -610,6 +610,11 @@ def audit_requests(attacks) -> dict:
             raise ValueError(
                 f"{run}: the blind baselines are fitted on membership labels, which an audit does not have"
             )
+        if request.calibrate == "difficulty":
+            raise ValueError(
+                f"{run}: calibrate=difficulty is fitted on a labelled split's non-members, which an audit does not "
+                f"have; calibrate=reference works (e.g. {request.name}:calibrate=reference with reference models)"
+            )
         if request.grid or request.direction == "auto":
             raise ValueError(
                 f"{run}: {request.text()} is chosen on a labelled calibration split; the audit needs fixed settings "
@@ -619,12 +624,21 @@ def audit_requests(attacks) -> dict:
 
 
 def feature_table(
-    target, imageset, attacks, settings, cache_dir, batch_size: int, size: int, progress: bool = True
+    target,
+    imageset,
+    attacks,
+    settings,
+    cache_dir,
+    batch_size: int,
+    size: int,
+    progress: bool = True,
+    references: tuple = (),
 ) -> pd.DataFrame:
     """One row per image of ``imageset``: ``id``, the set's ``label`` where it has one (never used by the
     audit), and one column per run: the attack's per-image score in the method's direction (higher =
-    member). Scores go through the run layer's per-image cache, so features already scored for a
-    comparison are read back."""
+    member); a run with ``calibrate=reference`` is the score against the same attack on ``references``
+    (:func:`mialib.runs.calibrated_values`). Scores go through the run layer's per-image cache, so
+    features already scored for a comparison are read back."""
     table = imageset.records[["id"]].copy()
     if "label" in imageset.records:
         table["label"] = imageset.records["label"].to_numpy()
@@ -633,6 +647,10 @@ def feature_table(
         values = runs.attack_values(
             target, imageset, request.spec, params, settings, cache_dir, batch_size, size, progress
         )
+        if request.calibrate == "reference":
+            values = runs.calibrated_values(
+                target, imageset, request, values, settings, cache_dir, batch_size, size, progress, tuple(references)
+            )
         direction = 1 if request.direction == "method" else int(request.direction)
         scores = values.set_index("id")["score"].astype(float) * direction
         table[run] = table["id"].map(scores).to_numpy()
@@ -651,7 +669,15 @@ def audit_features(study, attacks) -> pd.DataFrame | None:
         )
         return None
     table = feature_table(
-        study.target, study.imageset, attacks, study.settings, study.cache, study.batch_size, study.size, progress=False
+        study.target,
+        study.imageset,
+        attacks,
+        study.settings,
+        study.cache,
+        study.batch_size,
+        study.size,
+        progress=False,
+        references=tuple(study.references),
     )
     table.to_parquet(study.out / "audit_features.parquet")
     return table
@@ -735,9 +761,11 @@ def audit_power(
 # --------------------------------------------------------------------------------------------------
 # 07 · memorisation regimes
 # --------------------------------------------------------------------------------------------------
-def regime_study(study, regime: str, seed: int, model: str):
+def regime_study(study, regime: str, seed: int, model: str, references: dict | None = None):
     """The study of one regime's target: the same set and settings, the target loaded, outputs under
-    ``regimes/<regime>-seed<seed>/`` (its own scores, metrics and chosen settings)."""
+    ``regimes/<regime>-seed<seed>/`` (its own scores, metrics and chosen settings). ``references``: regime ->
+    its reference models' folders (:func:`mialib.experiment.prepare_regime_references`), the references of
+    ``calibrate=reference`` runs."""
     from dataclasses import replace
 
     from .experiment import claim_output, locate_model
@@ -747,19 +775,39 @@ def regime_study(study, regime: str, seed: int, model: str):
     sub = replace(study, out=out, notes=[], params={**study.params, "MODEL": model})
     for folder in (sub.tables, sub.figures):
         folder.mkdir(parents=True, exist_ok=True)
-    sub.target = load_target(locate_model(model), device=study.params.get("DEVICE", "cpu"), dtype=study.settings.dtype)
+    device, dtype = study.params.get("DEVICE", "cpu"), study.settings.dtype
+    sub.target = load_target(locate_model(model), device=device, dtype=dtype)
+    sub.references = [
+        load_target(locate_model(folder), device=device, dtype=dtype) for folder in (references or {}).get(regime, [])
+    ]
     return sub
 
 
-def regime_comparison(study, targets: dict, attacks: dict, n_bootstrap: int = 1000) -> pd.DataFrame:
+def _runnable(sub, regime: str, attacks) -> dict:
+    """``attacks`` less the ``calibrate=reference`` runs when the regime has no reference models (each
+    recorded as a skip with the reason)."""
+    runnable = runs.as_requests(attacks)
+    if not sub.references:
+        for run, request in list(runnable.items()):
+            if request.calibrate == "reference":
+                sub.skip(run, f"the {regime} regime has no reference models (REGIME_REFERENCES)")
+                del runnable[run]
+    return runnable
+
+
+def regime_comparison(
+    study, targets: dict, attacks: dict, n_bootstrap: int = 1000, references: dict | None = None
+) -> pd.DataFrame:
     """03's comparison (calibration -> test) on every target of the regime study, ``targets`` being
     (regime, seed) -> model folder (:func:`mialib.experiment.prepare_regimes`). One row per regime, seed
     and run with 03's metric columns; ``tables/regime_metrics.csv``. Every target shares the study's
-    cache, whose keys hold the model's fingerprint."""
+    cache, whose keys hold the model's fingerprint. ``references`` (regime -> reference model folders): the
+    reference models of ``calibrate=reference`` runs; a regime without any skips those runs, with the
+    reason."""
     frames = []
     for (regime, seed), model in targets.items():
-        sub = regime_study(study, regime, seed, model)
-        comparison = compare(sub, attacks, n_bootstrap)
+        sub = regime_study(study, regime, seed, model, references)
+        comparison = compare(sub, _runnable(sub, regime, attacks), n_bootstrap)
         frames.append(
             comparison.table.drop(columns=["threshold"], errors="ignore").assign(
                 regime=regime, seed=seed, model=str(model)
@@ -808,7 +856,7 @@ def regime_table(summary: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
-def regime_dynamics(study, targets: dict, regimes: dict) -> pd.DataFrame | None:
+def regime_dynamics(study, targets: dict, regimes: dict, references: dict | None = None) -> pd.DataFrame | None:
     """05's training dynamics (every calibrated attack on the test split at each checkpoint) along the
     fine-tuning: for every seed of each regime that pretrains (``PRETRAIN_STEPS``), at its ``CHECKPOINTS``.
     ``tables/regime_dynamics.csv``; None (a recorded skip) when no regime fine-tunes."""
@@ -817,7 +865,7 @@ def regime_dynamics(study, targets: dict, regimes: dict) -> pd.DataFrame | None:
         overrides = regimes.get(regime) or {}
         if not overrides.get("PRETRAIN_STEPS"):
             continue
-        sub = regime_study(study, regime, seed, model)
+        sub = regime_study(study, regime, seed, model, references)
         dynamics = training_dynamics(sub, list(overrides.get("CHECKPOINTS", [])))
         if dynamics is not None:
             frames.append(dynamics.assign(regime=regime, seed=seed))
@@ -837,15 +885,23 @@ class RegimeAudit:
 
 
 def regime_audit(
-    study, targets: dict, attacks, sizes, fractions, null_sets: int, power_sets: int, level: float
+    study,
+    targets: dict,
+    attacks,
+    sizes,
+    fractions,
+    null_sets: int,
+    power_sets: int,
+    level: float,
+    references: dict | None = None,
 ) -> RegimeAudit | None:
     """06's validity and power studies on every target of the regime study (each seed's own features),
     then the images needed for 80 % power per regime from the power averaged over the seeds.
     ``tables/regime_audit_null.csv``, ``regime_audit_power.csv``, ``regime_images_needed.csv``."""
     nulls, powers = [], []
     for (regime, seed), model in targets.items():
-        sub = regime_study(study, regime, seed, model)
-        features = audit_features(sub, attacks)
+        sub = regime_study(study, regime, seed, model, references)
+        features = audit_features(sub, _runnable(sub, regime, attacks))
         if features is None:
             return None
         nulls.append(audit_null(sub, features, sizes, null_sets).assign(regime=regime, seed=seed))

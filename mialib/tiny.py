@@ -57,9 +57,10 @@ class TinyConfig:
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     # Memorisation regimes (07). The pool: the public split and ``filler_images`` extra catalogue images.
-    unet_data: str = (
-        "members"  # members: the U-Net trains on the members alone; members+pool: on the members mixed into the pool
-    )
+    # members: the U-Net trains on the members alone; members+pool: on the members mixed into the pool. Reference
+    # models (calibrate=reference) train without the members: stand-ins: on as many public images as there are
+    # members, drawn by ``seed`` (the members' recipe on other images); pool: on the pool alone
+    unet_data: str = "members"
     pretrain_steps: int = (
         0  # > 0: the U-Net first trains this many steps on the pool, then ``unet_steps`` on its data (fine-tuning)
     )
@@ -81,7 +82,7 @@ class TinyConfig:
 
     @property
     def uses_pool(self) -> bool:
-        return bool(self.pretrain_steps) or self.unet_data == "members+pool"
+        return bool(self.pretrain_steps) or self.unet_data in ("members+pool", "pool")
 
     @classmethod
     def from_saved(cls, saved: dict) -> "TinyConfig":
@@ -90,7 +91,7 @@ class TinyConfig:
         return cls(**{k: v for k, v in saved.items() if k in known})
 
 
-UNET_DATA = ("members", "members+pool")
+UNET_DATA = ("members", "members+pool", "stand-ins", "pool")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,13 +519,10 @@ def build_tiny_target(
             )
         if config.unet_data == "members+pool":
             latents, captions = torch.cat([latents, pool_latents]), captions + list(pool_captions)
-    desc = (
-        "train U-Net (members and pool)"
-        if config.unet_data == "members+pool"
-        else "fine-tune U-Net (members)"
-        if config.pretrain_steps
-        else "train U-Net (members)"
-    )
+        elif config.unet_data == "pool":
+            latents, captions = pool_latents, list(pool_captions)
+    data_name = {"members+pool": "members and pool", "stand-ins": "stand-ins"}.get(config.unet_data, config.unet_data)
+    desc = f"fine-tune U-Net ({data_name})" if config.pretrain_steps else f"train U-Net ({data_name})"
     losses = train_unet(components, latents, captions, config, target_dir, progress, desc=desc)
     if losses:
         log = target_dir / "training" / "unet_loss.json"

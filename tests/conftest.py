@@ -27,7 +27,7 @@ def pytest_configure(config):
     )
     # `make test-fast` (pytest -m "not slow") leaves these out; `make test` runs them. Marked automatically below.
     config.addinivalue_line(
-        "markers", "slow: trains the smoke target, executes notebooks, or takes over ~3 s; skipped by `make test-fast`"
+        "markers", "slow: trains the smoke target, executes notebooks, or takes over ~2 s; skipped by `make test-fast`"
     )
 
 
@@ -37,7 +37,7 @@ SLOW_FIXTURES = {"smoke_target_dir", "smoke_outputs", "imagefolder_outputs", "re
 # Whole modules: test_scale scores 100 and 1,000 images to compare peak memory; test_model_families builds
 # the tiny SD 1.x / 2.x / XL / sample-prediction zoo and scores each in three file forms (4-6 s a test).
 SLOW_MODULES = {"test_scale.py", "test_model_families.py"}
-# Single tests over ~3 s in `make test`'s --durations (a parameter id names one case only).
+# Single tests over ~2 s in `make test`'s --durations (a parameter id names one case only).
 SLOW_TESTS = {
     # 29 s: 4 subprocess runs, torchrun
     "test_experiment.py::test_a_killed_run_resumes_and_two_processes_give_the_one_process_tables",
@@ -50,6 +50,20 @@ SLOW_TESTS = {
     "test_target.py::test_fingerprint_is_the_same_in_processes_with_different_hash_seeds",  # 7 s: fresh processes
     "test_similarity.py::test_ms_ssim_matches_torchmetrics[256]",  # 7 s: MS-SSIM at 256 px
     "test_runs.py::test_batch_size_changes_scores_only_within_the_stated_tolerance",  # 4 s: every attack twice
+    # 9 s: every attack at two batch compositions (the fixture's setup)
+    "test_tolerances.py::test_batch_composition_moves_scores_within_the_tolerance",
+    "test_calibration.py::test_reference_calibration_uses_the_same_noise_per_image",  # 5 s: every attack, 2 models
+    "test_calibration.py::test_quantile_thresholds_hold_the_false_positive_rate",  # 3 s a case: Monte Carlo
+    "test_calibration.py::test_mialib_audit_takes_reference_calibrated_features",  # 15 s: five audits
+    # 2-3 s a case, 12 cases: every attack under every control
+    "test_caption_controls.py::test_every_attack_scores_the_control_as_its_function_on_those_texts",
+    # 4.5 s: a score run, an audit and an interrupted audit
+    "test_faults.py::test_an_audit_and_a_score_run_never_share_a_folder_and_an_interrupted_audit_leaves_nothing_stale",
+    "test_faults.py::test_another_run_into_an_existing_out_is_refused_and_report_checks_the_tables",  # 2 s: 3 runs
+    "test_experiment.py::test_score_on_a_users_imagefolder_equals_the_attack_functions",  # 4 s: every attack
+    "test_experiment.py::test_the_command_line_and_the_notebooks_write_the_same_run",  # 2.5 s: two runs
+    "test_blind.py::test_image_only_baseline_detects_a_shifted_split_and_not_a_fair_one",  # 3 s: two fits
+    "test_audit.py::test_power_near_one_for_a_clear_shift_and_combined_features_beat_single_and_noise",  # 2.5 s
 }
 
 

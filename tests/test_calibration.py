@@ -294,3 +294,48 @@ def test_folds_by_image_id_make_the_calibration_independent_of_row_order():
     positional = calibration.difficulty_calibrated(scores[order], features[order], fit[order])
     assert np.abs(positional - ours[order]).max() > 1e-6 * scale
     assert set(calibration.id_folds(ids)) == set(range(calibration.FOLDS))
+
+
+def test_mialib_audit_takes_reference_calibrated_features(models, tmp_path, capsys):
+    """`mialib audit --reference-model`: a calibrate=reference feature is the target's feature minus the
+    reference model's, image by image (each read from an audit of that model alone); calibrate=difficulty,
+    which needs labelled non-members, and a reference feature without a reference model are refused."""
+    import json
+
+    import pandas as pd
+
+    import helpers
+    from mialib import cli
+
+    suspect = helpers.write_imagefolder(tmp_path / "suspect", n=24, seed=1, subsets=False)
+    reference = helpers.write_imagefolder(tmp_path / "reference", n=24, seed=2, subsets=False)
+
+    def audit(model, attack, out, *extra):
+        cli.main(
+            [
+                "audit", "--model", str(model), "--suspect", f"imagefolder:{suspect}", "--reference",
+                f"imagefolder:{reference}", "--attack", attack, "--out", str(tmp_path / out), "--quiet",
+                "--permutations", "99", "--size", "32", *extra,
+            ]
+        )  # fmt: skip
+        return pd.read_parquet(tmp_path / out / "features.parquet").set_index("id")
+
+    calibrated = audit(
+        models / "target", "loss:calibrate=reference", "a", "--reference-model", str(models / "reference")
+    )
+    target, theirs = audit(models / "target", "loss", "b"), audit(models / "reference", "loss", "c")
+    column = "loss:calibrate=reference"
+    assert calibrated.columns.tolist() == [column, "set"]
+    np.testing.assert_array_equal(calibrated[column], target["loss"] - theirs["loss"].loc[target.index])
+    assert np.abs(calibrated[column]).min() > 0
+    assert json.loads((tmp_path / "a" / "audit.json").read_text())["parameters"]["reference_models"] == [
+        str(models / "reference")
+    ]
+    for attack, message in (
+        ("loss:calibrate=reference", "give its reference models with --reference-model"),
+        ("loss:calibrate=difficulty", "calibrate=difficulty is fitted on a labelled split"),
+    ):
+        with pytest.raises(SystemExit):
+            audit(models / "target", attack, "refused")
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

@@ -66,6 +66,61 @@ def test_regime_targets_expand_the_preset():
     assert isinstance(experiment.notebook_runs({**params, "DATA": "imagefolder:x"})["07_regimes"], str)
 
 
+def test_regime_references_train_each_recipe_without_the_members():
+    params = experiment.load_preset(ROOT / "configs" / "regimes.yaml")
+    references = experiment.regime_references(params)
+    seeds = params["REFERENCE_SEEDS"]
+    assert len(seeds) >= 2 and {r: len(p) for r, p in references.items()} == {
+        "from-scratch": len(seeds),
+        "fine-tuned": 1,  # the base model does not depend on a seed: built once
+        "weak": len(seeds),
+    }
+    configs = {(r, i): experiment.tiny_config(p) for r, presets in references.items() for i, p in enumerate(presets)}
+    targets = {key: experiment.tiny_config(p) for key, p in experiment.regime_targets(params).items()}
+    # from-scratch: the members' recipe (steps, learning rate, batch) on stand-ins, one draw per seed
+    scratch = configs[("from-scratch", 0)]
+    assert scratch.unet_data == "stand-ins" and [configs[("from-scratch", i)].seed for i in (0, 1)] == seeds[:2]
+    assert (scratch.unet_steps, scratch.unet_lr, scratch.pretrain_steps) == (
+        targets[("from-scratch", 0)].unet_steps,
+        targets[("from-scratch", 0)].unet_lr,
+        0,
+    )
+    # fine-tuned: the shared base model, no step of fine-tuning
+    base = configs[("fine-tuned", 0)]
+    fine = targets[("fine-tuned", 0)]
+    assert base.unet_steps == 0 and base.pretrain_steps == fine.pretrain_steps and base.shared_seed == fine.shared_seed
+    assert references["fine-tuned"][0]["MODEL"] == f"{params['MODEL']}-fine-tuned-base"
+    # weak: the same training on the pool alone
+    weak = configs[("weak", 0)]
+    assert weak.unet_data == "pool" and weak.unet_steps == targets[("weak", 0)].unet_steps and weak.uses_pool
+    assert references["weak"][1]["MODEL"] == f"{params['MODEL']}-weak-reference{seeds[1]}"
+    assert {c.shared_seed for c in configs.values()} == {params["TRAIN_SEED"]}  # the targets' VAE
+    with pytest.raises(ValueError, match="must not see the attacked images"):
+        experiment.regime_references({**params, "REGIME_REFERENCES": {"from-scratch": {}}})
+    with pytest.raises(ValueError, match="must not see the attacked images"):
+        experiment.regime_references({**params, "REGIME_REFERENCES": {"weak": {"UNET_DATA": "members+pool"}}})
+    with pytest.raises(ValueError, match="REGIMES does not have"):
+        experiment.regime_references({**params, "REGIME_REFERENCES": {"strong": {"UNET_DATA": "pool"}}})
+    with pytest.raises(ValueError, match="REFERENCE_SEEDS"):
+        experiment.regime_references({**params, "REFERENCE_SEEDS": []})
+    assert experiment.regime_references({**params, "REGIME_REFERENCES": {}}) == {}
+
+
+def test_stand_ins_are_public_images_drawn_per_seed():
+    from mialib import data
+
+    split = data.read_manifest(ROOT / "data" / "emoji_split.csv")
+    attacked = set(split.loc[split["split"].isin(["member", "nonmember"]), "id"])
+    draws = {seed: list(experiment.stand_ins(split, 128, seed)["id"]) for seed in (10, 11)}
+    for ids in draws.values():
+        assert len(set(ids)) == 128 and set(split.loc[split["id"].isin(ids), "split"]) == {"public"}
+        assert not set(ids) & attacked
+    assert draws[10] == list(experiment.stand_ins(split, 128, 10)["id"])  # reproducible
+    assert len(set(draws[10]) & set(draws[11])) < 100  # another seed, another subset
+    with pytest.raises(data.DataError, match="public split has"):
+        experiment.stand_ins(split, 10_000, 0)
+
+
 def test_the_filler_images_are_outside_every_split():
     from mialib import data
 
@@ -91,8 +146,11 @@ def regimes_run(smoke_params, smoke_target_dir, tmp_path_factory):
     attacks = {
         run: smoke_params["ATTACKS"][run] for run in ("structural_paper", "loss", "pia", "vae_control", "blind_caption")
     }
+    # two of them against each regime's reference models (REGIME_REFERENCES)
+    attacks.update(structural_reference="structural:calibrate=reference", pia_reference="pia:calibrate=reference")
     # and audit features that those runs already scored (structural t=100, loss t=100, PIA t=200)
     features = {run: smoke_params["AUDIT_ATTACKS"][run] for run in ("structural", "loss", "pia")}
+    features["structural_reference"] = "structural:calibrate=reference"
     params = dict(
         smoke_params,
         OUTPUT_DIR=str(folder / "outputs"),
@@ -228,3 +286,49 @@ def test_the_strong_preset_builds_a_stronger_target_in_its_own_folder():
     ours, theirs = experiment.tiny_config(strong), experiment.tiny_config(default)
     assert ours.vae_steps == 10 * theirs.vae_steps and ours.unet_steps > 3 * theirs.unet_steps
     assert not str(strong["MODEL"]).startswith(str(default["MODEL"])) and strong["OUTPUT_DIR"] != default["OUTPUT_DIR"]
+
+
+def test_07_reference_runs_score_against_each_regimes_own_references(regimes_run, tmp_path):
+    """The reference rows of 07 read the target's score against the regime's reference models: the
+    fine-tuned regime's base model (the difference), the others' two references (standardised), each
+    reference's values recomputed here on its own, in a fresh cache."""
+    from mialib import runs
+    from mialib.settings import Settings
+    from mialib.target import load_target
+
+    out, params, targets = regimes_run
+    references = experiment.prepare_regime_references(params, progress=False)
+    assert {r: len(f) for r, f in references.items()} == {"from-scratch": 2, "fine-tuned": 1, "weak": 2}
+    base = load_file(str(Path(references["fine-tuned"][0]) / "unet" / "diffusion_pytorch_model.safetensors"))
+    fine = load_file(str(Path(targets[("fine-tuned", 0)]) / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not np.array_equal(base[k].numpy(), fine[k].numpy()) for k in base)  # the fine-tuning moved it
+    imageset, settings = experiment.open_data(params), Settings.from_parameters(params)
+    size, batch = int(params["IMAGE_SIZE"]), int(params["BATCH_SIZE"])
+    own = {
+        regime: [
+            runs.score(
+                load_target(folder), imageset, {"s": "structural"}, settings, tmp_path / f"{regime}-{i}", batch, size,
+                progress=False,
+            )[0].set_index("id")["value"]
+            for i, folder in enumerate(folders)
+        ]
+        for regime, folders in references.items()
+    }  # fmt: skip
+    for (regime, seed), _ in targets.items():
+        scores = pd.read_parquet(out / "regimes" / f"{regime}-seed{seed}" / "scores.parquet")
+        calibrated = scores[scores["run"] == "structural_reference"].set_index("id")
+        raw = scores[scores["run"] == "structural_paper"].set_index("id").loc[calibrated.index]
+        assert (calibrated["calibrate"] == "reference").all()
+        np.testing.assert_array_equal(calibrated["raw_value"], raw["value"])
+        theirs = np.stack([values.loc[calibrated.index].to_numpy() for values in own[regime]])
+        if len(theirs) == 1:
+            expected = calibrated["raw_value"].to_numpy() - theirs[0]
+        else:
+            expected = (calibrated["raw_value"].to_numpy() - theirs.mean(0)) / np.sqrt(theirs.var(0, ddof=1).mean())
+        # the same float64 arithmetic on the same float32 values: equal to a few ulps of the largest term
+        np.testing.assert_allclose(calibrated["value"], expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+        assert np.abs(expected).max() > 0
+    metrics = pd.read_csv(out / "tables" / "regime_metrics.csv")
+    assert set(metrics.loc[metrics["run"] == "pia_reference", "regime"]) == set(params["REGIMES"])
+    audit_features = pd.read_parquet(out / "regimes" / "fine-tuned-seed0" / "audit_features.parquet")
+    assert audit_features["structural_reference"].notna().all()
