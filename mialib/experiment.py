@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 
 from . import data, imagesets, scoring
+from .imagesets.local import FILLER_MANIFEST
 from .paths import ROOT, resolve
 from .settings import Settings
 
@@ -119,6 +120,7 @@ def emoji_options(params: dict) -> dict:
         "MANIFEST": "split",
         "IMAGE_DIR": "images",
         "NONMEMBER_STYLE": "style",
+        "EXTRA_NONMEMBERS": "extra_nonmembers",
     }
     return {option: params[key] for key, option in keys.items() if key in params}
 
@@ -155,7 +157,7 @@ TINY_KEYS = {
     "FILLER_IMAGES": "filler_images",
     "SHARED_SEED": "shared_seed",
 }
-FILLER = "data/emoji_filler.csv"  # the catalogue's images outside the split: the regimes' extra training images
+FILLER = FILLER_MANIFEST  # the catalogue's images outside the split: the regimes' extra training images
 
 
 def tiny_config(params: dict):
@@ -257,6 +259,13 @@ def regime_targets(params: dict) -> dict[tuple[str, int], dict]:
     if not params.get("BUILD_TINY_TARGET", False) or data_kind(params) != "emoji":
         raise ValueError(
             "the regimes are recipes of the embedded tiny target: they need DATA=emoji and BUILD_TINY_TARGET=true"
+        )
+    extra = int(params.get("EXTRA_NONMEMBERS") or 0)
+    pooled = [regime for regime, overrides in regimes.items() if (overrides or {}).get("FILLER_IMAGES")]
+    if extra and pooled:
+        raise ValueError(
+            f"EXTRA_NONMEMBERS={extra} adds {FILLER} images to the test split as non-members, but the regimes "
+            f"{pooled} train on them (FILLER_IMAGES); the regime study needs EXTRA_NONMEMBERS: 0"
         )
     targets = {}
     base_seed = int(params.get("TRAIN_SEED", 0))
@@ -476,6 +485,7 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
     study = Study(params, notebook, out, settings, imageset)
     claim_output(study.cache)
     if load_model:
+        check_unseen_extras(params)
         opened = scoring.open_target(
             locate_model(params["MODEL"]),
             imageset.records,
@@ -489,6 +499,27 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
         study.target = opened.target
         study.references = load_references(params, settings)
     return study
+
+
+def check_unseen_extras(params: dict) -> None:
+    """``EXTRA_NONMEMBERS`` labels catalogue images outside the split (``data/emoji_filler.csv``) as test
+    non-members, which is true only of a target that never trained on them: an embedded target whose
+    recipe put them in its pool (``FILLER_IMAGES``, the fine-tuned and weak regimes) is refused. Any other
+    model's training data is the user's to vouch for."""
+    extra = int(params.get("EXTRA_NONMEMBERS") or 0)
+    if not extra or data_kind(params) != "emoji":
+        return
+    from .tiny import TinyConfig
+
+    saved = resolve(str(params["MODEL"])) / "tiny_config.json"
+    if saved.is_file():
+        config = TinyConfig.from_saved(json.loads(saved.read_text()))
+        if config.filler_images:
+            raise data.DataError(
+                f"EXTRA_NONMEMBERS={extra} adds {FILLER} images to the test split as non-members, but "
+                f"{params['MODEL']} trained on {config.filler_images} of them (FILLER_IMAGES): they are not "
+                "non-members of this target; set EXTRA_NONMEMBERS: 0"
+            )
 
 
 def load_references(params: dict, settings: Settings) -> list:

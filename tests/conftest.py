@@ -63,6 +63,7 @@ SLOW_TESTS = {
     "test_experiment.py::test_score_on_a_users_imagefolder_equals_the_attack_functions",  # 4 s: every attack
     "test_experiment.py::test_the_command_line_and_the_notebooks_write_the_same_run",  # 2.5 s: two runs
     "test_blind.py::test_image_only_baseline_detects_a_shifted_split_and_not_a_fair_one",  # 3 s: two fits
+    "test_regimes.py::test_extra_nonmembers_join_the_test_split_from_outside_the_split",  # 3 s: opens the set twice
     "test_audit.py::test_power_near_one_for_a_clear_shift_and_combined_features_beat_single_and_noise",  # 2.5 s
 }
 

@@ -270,19 +270,16 @@ def test_07_audit_null_rate_and_power_per_regime(regimes_run):
 
 
 def test_the_strong_preset_builds_a_stronger_target_in_its_own_folder():
-    """configs/strong.yaml: the default with an accurate autoencoder and stronger memorisation; its folder is
-    neither the default's nor a regime's (a folder built with other settings is refused, never overwritten)."""
+    """configs/strong.yaml: the default with an accurate autoencoder and stronger memorisation, and 500 test
+    non-members; its folder is neither the default's nor a regime's (a folder built with other settings is
+    refused, never overwritten)."""
     default = experiment.load_preset(ROOT / "configs" / "default.yaml")
     strong = experiment.load_preset(ROOT / "configs" / "strong.yaml")
-    assert {
-        k: v
-        for k, v in strong.items()
-        if k not in ("PRESET", "OUTPUT_DIR", "MODEL", "VAE_STEPS", "UNET_STEPS", "CHECKPOINTS")
-    } == {
-        k: v
-        for k, v in default.items()
-        if k not in ("PRESET", "OUTPUT_DIR", "MODEL", "VAE_STEPS", "UNET_STEPS", "CHECKPOINTS")
-    }
+    differ = ("PRESET", "OUTPUT_DIR", "MODEL", "VAE_STEPS", "UNET_STEPS", "CHECKPOINTS", "EXTRA_NONMEMBERS")
+    assert {k: v for k, v in strong.items() if k not in differ} == {k: v for k, v in default.items() if k not in differ}
+    # and 500 test non-members: the filler images that the strong target never saw
+    assert strong["N_NONMEMBERS"] // 2 + strong["EXTRA_NONMEMBERS"] >= 500 and default["EXTRA_NONMEMBERS"] == 0
+    experiment.check_unseen_extras(strong)  # not built here: nothing to refuse; built, its tiny_config has no filler
     ours, theirs = experiment.tiny_config(strong), experiment.tiny_config(default)
     assert ours.vae_steps == 10 * theirs.vae_steps and ours.unet_steps > 3 * theirs.unet_steps
     assert not str(strong["MODEL"]).startswith(str(default["MODEL"])) and strong["OUTPUT_DIR"] != default["OUTPUT_DIR"]
@@ -332,3 +329,34 @@ def test_07_reference_runs_score_against_each_regimes_own_references(regimes_run
     assert set(metrics.loc[metrics["run"] == "pia_reference", "regime"]) == set(params["REGIMES"])
     audit_features = pd.read_parquet(out / "regimes" / "fine-tuned-seed0" / "audit_features.parquet")
     assert audit_features["structural_reference"].notna().all()
+
+
+def test_extra_nonmembers_join_the_test_split_from_outside_the_split(tmp_path):
+    """EXTRA_NONMEMBERS: the first N catalogue images outside the split become test non-members (nothing
+    else changes); a target that trained on them, or a regime study that does, is refused."""
+    from mialib import data, imagesets
+
+    plain = imagesets.open_imageset("emoji").records
+    extended = imagesets.open_imageset("emoji?extra_nonmembers=20").records
+    filler = data.read_manifest(ROOT / experiment.FILLER)
+    added = extended[~extended["id"].isin(plain["id"])]
+    assert list(added["id"]) == list(filler["id"].head(20))
+    assert set(added["label"]) == {0} and set(added["subset"]) == {"test"}
+    kept = extended[extended["id"].isin(plain["id"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept[["id", "label", "subset"]], plain[["id", "label", "subset"]])
+    with pytest.raises(data.DataError, match="emoji_filler.csv has 696 images; extra_nonmembers asks for 700"):
+        imagesets.open_imageset("emoji?extra_nonmembers=700")
+    # a target whose pool held the filler images is refused; the default recipe's is not
+    for filler_images, refused in ((0, False), (32, True)):
+        folder = tmp_path / f"target-{filler_images}"
+        folder.mkdir()
+        (folder / "tiny_config.json").write_text(json.dumps({"filler_images": filler_images}))
+        params = {"DATA": "emoji", "MODEL": str(folder), "EXTRA_NONMEMBERS": 20}
+        if refused:
+            with pytest.raises(data.DataError, match="trained on 32 of them"):
+                experiment.check_unseen_extras(params)
+        else:
+            experiment.check_unseen_extras(params)
+    regimes = experiment.load_preset(ROOT / "configs" / "regimes.yaml")
+    with pytest.raises(ValueError, match="train on them"):
+        experiment.regime_targets({**regimes, "EXTRA_NONMEMBERS": 20})

@@ -53,7 +53,15 @@ ADAPTERS: dict[str, Adapter] = {
     "imagefolder": imagefolder_entries,
 }
 ADAPTER_OPTIONS: dict[str, dict] = {
-    "emoji": {"members": int, "nonmembers": int, "public": int, "style": str, "split": str, "images": str}
+    "emoji": {
+        "members": int,
+        "nonmembers": int,
+        "public": int,
+        "style": str,
+        "split": str,
+        "images": str,
+        "extra_nonmembers": int,
+    }
 }
 
 

@@ -313,7 +313,9 @@ EMOJI_DEFAULTS = {
     "nonmembers": 256,
     "public": 600,
     "style": "same",  # same: the fair split; shifted: non-members from a shifted source (biased split)
+    "extra_nonmembers": 0,  # catalogue images outside the split (data/emoji_filler.csv) added as test non-members
 }
+FILLER_MANIFEST = "data/emoji_filler.csv"  # the catalogue's images outside the split
 
 
 def emoji_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
@@ -338,7 +340,10 @@ def emoji_entries(arg: str, options: dict) -> tuple[list[Entry], Path, dict]:
         )
         for row in attacked.itertuples(index=False)
     ]
-    return entries, root, {"kind": "emoji", **{k: settings[k] for k in ("members", "nonmembers", "public", "style")}}
+    info = {k: settings[k] for k in ("members", "nonmembers", "public", "style")}
+    if int(settings.get("extra_nonmembers") or 0):
+        info["extra_nonmembers"] = int(settings["extra_nonmembers"])
+    return entries, root, {"kind": "emoji", **info}
 
 
 def emoji_images(settings: dict) -> pd.DataFrame:
@@ -353,4 +358,16 @@ def emoji_images(settings: dict) -> pd.DataFrame:
     chosen = data.subsample_manifest(
         full, int(settings["public"]), int(settings["members"]), int(settings["nonmembers"])
     )
+    extra = int(settings.get("extra_nonmembers") or 0)
+    if extra < 0:
+        raise DataError(f"extra_nonmembers={extra}: a count of images, 0 or more")
+    if extra:
+        # Non-members for the test split alone, to resolve low false-positive rates: the catalogue's images that
+        # the split left out (no variant group or pixel hash shared with it), the first ``extra`` in its order.
+        # Only for a target that never trained on them (the regimes' pool holds them: experiment checks).
+        filler = data.read_manifest(resolve(FILLER_MANIFEST))
+        if len(filler) < extra:
+            raise DataError(f"{FILLER_MANIFEST} has {len(filler)} images; extra_nonmembers asks for {extra}")
+        chosen = pd.concat([chosen, filler.head(extra).assign(split="nonmember", subset="test")], ignore_index=True)
+        data.validate_manifest(chosen)
     return data.materialise_images(chosen, resolve(settings["images"]))
