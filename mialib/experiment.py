@@ -140,7 +140,7 @@ def emoji_training_images(params: dict) -> pd.DataFrame:
     """Public, member and non-member rows of the embedded set (rendered), for the target's training."""
     from .imagesets.local import EMOJI_DEFAULTS, emoji_images
 
-    options = {k: v for k, v in emoji_options(params).items() if k != "style"}
+    options = {k: v for k, v in emoji_options(params).items() if k not in ("style", "extra_nonmembers")}
     return emoji_images({**EMOJI_DEFAULTS, **options})
 
 
@@ -207,6 +207,8 @@ def _prepare_tiny_target(params: dict, model: str, progress: bool) -> str:
         return str(build_tiny_target(target_dir, None, None, None, None, config, progress))
     images = emoji_training_images(params)
     public = data.load_tensors(images.loc[images["split"] == "public", "path"], config.image_size)
+    attacked = images[images["split"].isin(["member", "nonmember"])]
+    held_out = data.load_tensors(attacked["path"], config.image_size)  # never seen by the VAE: its held-out curve
     members = images[images["split"] == "member"]
     if config.unet_data == "stand-ins":
         members = stand_ins(images, len(members), config.seed)
@@ -229,6 +231,7 @@ def _prepare_tiny_target(params: dict, model: str, progress: bool) -> str:
             progress,
             emoji_tokenizer(config),
             shared=target_dir.parent / ".tiny-shared",
+            held_out_images=held_out,
             **pool,
         )
     )

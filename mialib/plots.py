@@ -82,6 +82,17 @@ def observation(curve: pd.DataFrame, images: pd.DataFrame):
     return fig, table
 
 
+def vae_curve(curve: pd.DataFrame):
+    """The autoencoder's mean reconstruction SSIM(x, D(E(x))) of images it never trained on, along its training."""
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    sns.lineplot(data=curve, x="step", y="ssim", marker="o", ax=ax)
+    ax.set(xlabel="VAE training step", ylabel="SSIM(x, D(E(x))), held out", ylim=(0, 1))
+    final = curve.iloc[-1]
+    ax.annotate(f"{final['ssim']:.3f}", (final["step"], final["ssim"]), textcoords="offset points", xytext=(-10, -14))
+    fig.tight_layout()
+    return fig
+
+
 def roc_curves(scores: pd.DataFrame, subset: str = "test"):
     """ROC of every run on one subset, in linear and log-log axes."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))

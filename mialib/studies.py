@@ -133,6 +133,27 @@ def memorisation(study, steps: int, images_per_class: int = 0) -> Samples:
     return Samples(values.reset_index(drop=True), originals, samples)
 
 
+def vae_curve(study) -> pd.DataFrame | None:
+    """The embedded target's autoencoder: mean SSIM(x, D(E(x))) of the attacked images, which it never
+    trained on (it trains on the public split), at steps along its training (:func:`mialib.tiny.train_vae`);
+    ``tables/vae_held_out_curve.csv``. None, with the reason recorded, for a model without that record (any
+    model but the embedded target, or one built before it was kept)."""
+    from .experiment import locate_model
+    from .tiny import HELD_OUT_CURVE
+
+    path = resolve(locate_model(study.params["MODEL"])) / "training" / "vae" / HELD_OUT_CURVE
+    if not path.is_file():
+        study.skip(
+            "autoencoder curve",
+            f"{study.params['MODEL']} has no training/vae/{HELD_OUT_CURVE} (the embedded target records it while "
+            "its VAE trains)",
+        )
+        return None
+    curve = pd.DataFrame(json.loads(path.read_text()))
+    curve.to_csv(study.tables / "vae_held_out_curve.csv", index=False)
+    return curve
+
+
 def observation(study, t_max: int, stride: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """SSIM (and MSE, latent MSE) between each image and its decoded inverted latent at t = 0, stride,
     ..., t_max, read off one cached inversion path. Returns (per-image curve, per-t AUC of raw SSIM)."""

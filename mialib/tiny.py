@@ -206,14 +206,42 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
             yield order[start : start + batch_size]
 
 
-def train_vae(vae: AutoencoderKL, images: torch.Tensor, config: TinyConfig, progress: bool = True) -> list[float]:
-    """Reconstruction (MSE) plus a small KL term, on the public split only."""
+HELD_OUT_CURVE = "held_out_ssim.json"  # in the VAE's folder: its reconstruction of images it never trained on
+HELD_OUT_POINTS = 20  # the curve's points along the training (and step 0)
+
+
+def reconstruction_ssim(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    """Mean SSIM(x, D(E(x))) over ``images`` in [-1, 1], with the posterior mode (no randomness drawn)."""
+    from .similarity import ssim
+
+    with torch.no_grad():
+        values = [
+            ssim(chunk, vae.decode(vae.encode(chunk).latent_dist.mode()).sample)  # unclamped, as the attacks
+            for chunk in images.split(64)
+        ]
+    return float(torch.cat(values).mean())
+
+
+def train_vae(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    config: TinyConfig,
+    progress: bool = True,
+    held_out: torch.Tensor | None = None,
+) -> tuple[list[float], list[dict]]:
+    """Reconstruction (MSE) plus a small KL term, on the public split only. Returns the training losses and,
+    with ``held_out`` (images the VAE never trains on), the curve of their reconstruction SSIM(x, D(E(x)))
+    at ``HELD_OUT_POINTS`` steps along the training: measured without drawing any random number, so the
+    weights are those of a training without it."""
     generator = torch.Generator().manual_seed(config.seed + 1)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     batches = _batches(len(images), config.batch_size, generator)
-    losses = []
+    losses, curve = [], []
+    every = max(config.vae_steps // HELD_OUT_POINTS, 1)
     vae.train()
     for step in tqdm(range(config.vae_steps), desc="train VAE (public split)", disable=not progress):
+        if held_out is not None and step % every == 0:
+            curve.append({"step": step, "ssim": reconstruction_ssim(vae, held_out)})
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(config.vae_lr, step, config.vae_steps)
         batch = images[next(batches)]
@@ -229,11 +257,13 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, config: TinyConfig, prog
         optimizer.step()
         losses.append(loss.item())
     vae.eval().requires_grad_(False)
+    if held_out is not None:
+        curve.append({"step": config.vae_steps, "ssim": reconstruction_ssim(vae, held_out)})
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mode() for i in range(0, len(images), 64)])
     # As for Stable Diffusion: scale latents to unit variance.
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    return losses
+    return losses, curve
 
 
 def _save_optimizer(optimizer: torch.optim.Optimizer, generator: torch.Generator, step: int, path: Path) -> None:
@@ -380,9 +410,11 @@ def _vae(
     target_dir: Path,
     shared: Path | None,
     progress: bool,
+    held_out: torch.Tensor | None = None,
 ) -> AutoencoderKL:
     """The target's VAE: its own training folder, else the shared copy trained with the same settings on the
-    same images (``key``), else trained now (seeded by ``shared_seed``) and shared."""
+    same images (``key``), else trained now (seeded by ``shared_seed``) and shared; a training records the
+    reconstruction curve of ``held_out`` (:func:`train_vae`) in the VAE's folder."""
     vae_dir = target_dir / "training" / "vae"
     weights = "diffusion_pytorch_model.safetensors"
     if not (vae_dir / weights).exists():
@@ -392,9 +424,11 @@ def _vae(
         else:
             vae_config = replace(config, seed=config.shared_seed)
             vae = build_components(vae_config, tokenizer)["vae"]
-            losses = train_vae(vae, public_images, vae_config, progress)
+            losses, curve = train_vae(vae, public_images, vae_config, progress, held_out=held_out)
             vae.save_pretrained(vae_dir, safe_serialization=True)
             (target_dir / "training" / "vae_loss.json").write_text(json.dumps(losses))
+            if curve:
+                (vae_dir / HELD_OUT_CURVE).write_text(json.dumps(curve))
             if cached is not None:
                 _copy_done(vae_dir, cached)
     return AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().requires_grad_(False)
@@ -443,6 +477,7 @@ def build_tiny_target(
     pool_images: torch.Tensor | None = None,
     pool_captions: list[str] | None = None,
     shared: str | Path | None = None,
+    held_out_images: torch.Tensor | None = None,
 ) -> Path:
     """Train (or finish training) the tiny target and save it as a pipeline folder; returns the folder.
 
@@ -458,6 +493,8 @@ def build_tiny_target(
     pretrained U-Net are kept, keyed by their settings and data, for other targets with the same
     ``shared_seed`` (the regimes' seeds share one VAE, and the fine-tuned seeds one base model). Training
     is deterministic, so a shared copy equals what the target would have trained itself.
+    ``held_out_images``: images the VAE never trains on (the attacked images); a VAE trained here records
+    their reconstruction SSIM along its training (``training/vae/held_out_ssim.json``, :func:`train_vae`).
     """
     target_dir = Path(target_dir)
     config_path = target_dir / "tiny_config.json"
@@ -486,7 +523,9 @@ def build_tiny_target(
         tokenizer = build_tokenizer(vocabulary_captions, config.max_tokens)
     components = build_components(config, tokenizer)
     vae_key = _digest(config, VAE_FIELDS, public_images)
-    vae = components["vae"] = _vae(config, tokenizer, public_images, vae_key, target_dir, shared, progress)
+    vae = components["vae"] = _vae(
+        config, tokenizer, public_images, vae_key, target_dir, shared, progress, held_out_images
+    )
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

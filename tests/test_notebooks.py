@@ -87,6 +87,14 @@ def test_02_observation_curve(smoke_outputs, smoke_params):
     scores = pd.read_parquet(smoke_outputs / "scores.parquet")
     vae = scores[scores["run"] == "vae_control"]
     np.testing.assert_allclose(observation.loc[0, "member"], vae[vae["label"] == 1]["score"].mean(), atol=1e-9)
+    # the autoencoder's held-out curve, recorded while the smoke target's VAE trained: steps 0 to VAE_STEPS, and
+    # at the end the VAE-only control's mean over the same (attacked) images, up to SSIM's float32 rounding
+    curve = pd.read_csv(smoke_outputs / "tables" / "vae_held_out_curve.csv")
+    assert curve["step"].iloc[0] == 0 and curve["step"].iloc[-1] == smoke_params["VAE_STEPS"]
+    assert curve["step"].is_monotonic_increasing and len(curve) >= 10
+    np.testing.assert_allclose(curve["ssim"].iloc[-1], vae["score"].mean(), rtol=0, atol=1e-4)
+    assert curve["ssim"].iloc[-1] > curve["ssim"].iloc[0]  # training improved the held-out reconstruction
+    assert (smoke_outputs / "figures" / "vae_held_out_curve.png").stat().st_size > 1000
     # the same inversion against D(E(x)) (structural:recon=true): at t = 0 the reconstruction against itself
     np.testing.assert_allclose(observation.loc[0, ["recon_member", "recon_nonmember"]], 1.0, rtol=0, atol=1e-6)
     np.testing.assert_allclose(

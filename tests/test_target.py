@@ -542,3 +542,24 @@ def test_an_existing_local_path_is_local_whatever_it_looks_like(no_network, monk
 
     with pytest.raises(FileNotFoundError, match="not sent to the Hugging Face hub"):
         experiment.locate_model("outputs/no-such-target")
+
+
+def test_the_vae_held_out_curve_leaves_the_training_unchanged():
+    """train_vae's held-out curve draws no random number: the weights and losses equal a training without it,
+    and its last point is the reconstruction SSIM of the trained VAE."""
+    from mialib.tiny import TinyConfig, build_components, build_tokenizer, reconstruction_ssim, train_vae
+
+    config = TinyConfig(vae_steps=8, unet_steps=1)
+    tokenizer = build_tokenizer(["a red apple", "a cat face"], config.max_tokens)
+    generator = torch.Generator().manual_seed(0)
+    images, held_out = (torch.rand(n, 3, 32, 32, generator=generator) * 2 - 1 for n in (16, 6))
+    torch.manual_seed(0)
+    with_curve = build_components(config, tokenizer)["vae"]
+    losses, curve = train_vae(with_curve, images, config, progress=False, held_out=held_out)
+    torch.manual_seed(0)
+    without = build_components(config, tokenizer)["vae"]
+    assert train_vae(without, images, config, progress=False) == (losses, [])
+    for name, value in with_curve.state_dict().items():
+        assert torch.equal(value, without.state_dict()[name]), name
+    assert [point["step"] for point in curve] == list(range(0, 9))
+    assert curve[-1]["ssim"] == reconstruction_ssim(without, held_out)
