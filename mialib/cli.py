@@ -87,6 +87,15 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="single-file --model only: its family's pipeline folder or hub id (configs, tokenizer, scheduler)",
     )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA adapter (.safetensors; diffusers', kohya's and the other formats diffusers reads) fused into "
+        "the model at SCALE (default 1; repeatable); the base model without it is the default reference of "
+        "calibrate=reference",
+    )
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -475,7 +484,7 @@ def score(args) -> None:
     from .data import claim_folder
     from .experiment import quiet_library_notices
     from .settings import Settings
-    from .target import check_source, load_target
+    from .target import check_source, parse_lora
 
     started = time.time()
     _check_out(args.out)
@@ -493,8 +502,12 @@ def score(args) -> None:
         args.model, args.model_config
     )  # a typo'd path or a bad file form fails here, before anything is read or written
     reference_sources = [check_source(reference) for reference in args.reference_model]
-    if any(r.calibrate == "reference" for r in requests.values()) and not reference_sources:
-        raise ValueError("an attack asks for calibrate=reference: give its reference models with --reference-model")
+    loras = [parse_lora(text) for text in args.lora]
+    if any(r.calibrate == "reference" for r in requests.values()) and not reference_sources and not loras:
+        raise ValueError(
+            "an attack asks for calibrate=reference: give its reference models with --reference-model (with --lora, "
+            "the base model is the default)"
+        )
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
     processes = _processes(cpu=args.device == "cpu")
@@ -514,9 +527,10 @@ def score(args) -> None:
         dtype=args.dtype,
         variant=args.variant,
         config=args.model_config,
+        loras=loras,
     )
     target, size = opened.target, opened.size
-    references = [load_target(source, device=device, dtype=args.dtype) for source in reference_sources]
+    references = _references(args, model, reference_sources, loras, requests, device)
     for model_ in (target, *references):
         runs.check_schedule(
             model_, requests.values()
@@ -597,6 +611,7 @@ def _score_tables(
         "given": imageset.given,
         "skipped": len(imageset.skipped),
         "fingerprint": target.fingerprint(),
+        "loras": [[path, scale] for path, scale in target.loras],
         "reference_models": args.reference_model,
         "reference_fingerprints": [reference.fingerprint() for reference in references],
         "image_set": imageset.info,
@@ -635,6 +650,20 @@ AUDIT_OUTPUTS = (
 )
 
 
+def _references(args, model: str, sources: list, loras: list, requests: dict, device: str) -> list:
+    """The reference models of calibrate=reference: those of --reference-model, else, for a model given with
+    --lora, the base model without its adapters (loaded as the target is)."""
+    from .target import load_target
+
+    if sources:
+        return [load_target(source, device=device, dtype=args.dtype) for source in sources]
+    if loras and any(r.calibrate == "reference" for r in requests.values()):
+        base = load_target(model, device=device, dtype=args.dtype, variant=args.variant, config=args.model_config)
+        print(f"reference model: {base.name}, the base model without its LoRA adapters", flush=True)
+        return [base]
+    return []
+
+
 def audit(args) -> None:
     import pandas as pd
     import torch
@@ -645,7 +674,7 @@ def audit(args) -> None:
     from .experiment import quiet_library_notices
     from .memo import write_text
     from .settings import Settings
-    from .target import check_source, load_target
+    from .target import check_source, parse_lora
 
     started = time.time()
     _check_out(args.out)
@@ -659,8 +688,12 @@ def audit(args) -> None:
     )  # fixed settings only: checked before any compute
     model = check_source(args.model, args.model_config)
     reference_sources = [check_source(reference) for reference in args.reference_model]
-    if any(r.calibrate == "reference" for r in requests.values()) and not reference_sources:
-        raise ValueError("a feature asks for calibrate=reference: give its reference models with --reference-model")
+    loras = [parse_lora(text) for text in args.lora]
+    if any(r.calibrate == "reference" for r in requests.values()) and not reference_sources and not loras:
+        raise ValueError(
+            "a feature asks for calibrate=reference: give its reference models with --reference-model (with --lora, "
+            "the base model is the default)"
+        )
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
     sets = {
@@ -685,9 +718,10 @@ def audit(args) -> None:
         dtype=args.dtype,
         variant=args.variant,
         config=args.model_config,
+        loras=loras,
     )
     target, size = opened.target, opened.size
-    references = tuple(load_target(source, device=args.device, dtype=args.dtype) for source in reference_sources)
+    references = tuple(_references(args, model, reference_sources, loras, requests, args.device))
     for model_ in (target, *references):
         runs.check_schedule(model_, requests.values())  # before anything is written
     out = claim_folder(args.out)
@@ -737,6 +771,7 @@ def audit(args) -> None:
             "suspect": args.suspect,
             "reference": args.reference,
             "reference_models": args.reference_model,
+            "loras": [[path, scale] for path, scale in loras],
             "attacks": {run: r.text() for run, r in requests.items()},
             "settings": settings.columns(),
             "size": size,

@@ -498,6 +498,7 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
             variant=params.get("VARIANT") or None,
             config=params.get("MODEL_CONFIG") or None,
             tables=out / "tables",
+            loras=params.get("LORA") or [],
         )
         study.target = opened.target
         study.references = load_references(params, settings)
@@ -527,12 +528,25 @@ def check_unseen_extras(params: dict) -> None:
 
 def load_references(params: dict, settings: Settings) -> list:
     """The reference models of ``calibrate=reference`` (``REFERENCE_MODELS``: a list of models in any form
-    ``MODEL`` takes), loaded as the target is; a reference must have the target's resolution."""
+    ``MODEL`` takes), loaded as the target is; a reference must have the target's resolution. Without any,
+    a target given with ``LORA`` adapters has its base model (``MODEL`` without them) as its reference."""
     from .target import load_target
 
     references = []
-    for model in params.get("REFERENCE_MODELS") or []:
-        reference = load_target(locate_model(model), device=params.get("DEVICE", "cpu"), dtype=settings.dtype)
+    models = list(params.get("REFERENCE_MODELS") or [])
+    if not models and params.get("LORA"):
+        models = [params["MODEL"]]
+    for model in models:
+        reference = load_target(
+            locate_model(model),
+            device=params.get("DEVICE", "cpu"),
+            dtype=settings.dtype,
+            **(
+                {"variant": params.get("VARIANT") or None, "config": params.get("MODEL_CONFIG") or None}
+                if model == params["MODEL"]
+                else {}
+            ),
+        )
         print(
             f"reference model {reference.name}: {reference.family}, fingerprint {reference.fingerprint()[:12]}",
             flush=True,

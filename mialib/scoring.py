@@ -74,11 +74,13 @@ def open_target(
     variant: str | None = None,
     config: str | os.PathLike | None = None,
     tables: Path | None = None,
+    loras=(),
 ) -> OpenedTarget:
     """Load ``model`` for the images ``records`` (an image set's records), check the attack size (``size``,
     else the native one) and print the target line. With ``tables``, the captions that the text encoder
-    cuts are written there as ``captions_truncated.csv`` (and said)."""
-    target = load_target(model, device=device, dtype=dtype, variant=variant, config=config)
+    cuts are written there as ``captions_truncated.csv`` (and said). ``loras``: LoRA adapters fused into the
+    model (``FILE[:SCALE]``, :func:`mialib.target.apply_loras`)."""
+    target = load_target(model, device=device, dtype=dtype, variant=variant, config=config, loras=loras)
     size = int(size or target.resolution)
     check_size(target, size)
     truncated = truncated_captions(target, records)

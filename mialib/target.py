@@ -90,6 +90,7 @@ class Target:
     tokenizer_2: object | None = None
     zero_empty_prompt: bool = False  # SDXL's force_zeros_for_empty_prompt: "" conditions on zeros
     sources: dict = field(default_factory=dict)  # component -> the safetensors files its weights came from
+    loras: tuple = ()  # (LoRA file, scale) fused into the weights, in order (:func:`apply_loras`)
     unet_evals: int = 0  # U-Net forward passes, counted per image (a batch of n counts n)
     _fingerprint: tuple | None = field(default=None, repr=False, compare=False)  # (weights' state, digest)
     _loaded_state: tuple | None = field(default=None, repr=False, compare=False)  # weights' state when loaded
@@ -158,6 +159,7 @@ class Target:
             "configs": {name: stable_config(module.config) for name, module in self.modules().items()},
             "tokenizers": [sorted(t.get_vocab().items()) for t in (self.tokenizer, self.tokenizer_2) if t is not None],
             "zero_empty_prompt": self.zero_empty_prompt,
+            "loras": [(Path(path).name, file_digest(path), scale) for path, scale in self.loras],
         }
         digest.update(json.dumps(described, sort_keys=True, default=str).encode())
         if from_files:
@@ -618,6 +620,7 @@ def load_target(
     checkpoint: str | os.PathLike | None = None,
     variant: str | None = None,
     config: str | os.PathLike | None = None,
+    loras=(),
 ) -> Target:
     """Load Stable Diffusion 1.x / 2.x / XL from a pipeline folder, a hub id or a single ``.safetensors`` file.
 
@@ -630,6 +633,7 @@ def load_target(
       tokenizer, scheduler), e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
     - ``checkpoint``: a folder holding ``unet/`` (and optionally ``text_encoder/``) that replace the model's
       own, for example a training checkpoint of the embedded target.
+    - ``loras``: LoRA adapters (``FILE[:SCALE]``, safetensors) fused into the loaded weights (:func:`apply_loras`).
 
     The scheduler is a ``DDIMScheduler`` built from the model's own scheduler config, so a PNDM- or
     Euler-configured model keeps its ``scaled_linear`` betas and its ``prediction_type``.
@@ -637,9 +641,10 @@ def load_target(
     dtype = as_dtype(dtype)
     check_dtype(dtype, device)
     source = check_source(model, config)
+    loras = [parse_lora(lora) for lora in loras]  # checked before anything loads
     path = Path(source)
     if path.is_file():
-        return _load_single_file(path, config, device, dtype)
+        return apply_loras(_load_single_file(path, config, device, dtype), loras)
     if path.exists():
         folder = path
     else:  # a hub id: read model_index.json first, so a refused family is not downloaded
@@ -696,7 +701,88 @@ def load_target(
         sources=sources,
         **extra,
     )
-    return _finish(target, device)
+    return apply_loras(_finish(target, device), loras)
+
+
+def parse_lora(text) -> tuple[str, float]:
+    """``FILE[:SCALE]`` (scale 1 when not given) -> (file, scale); a (file, scale) pair passes through, checked."""
+    if isinstance(text, (tuple, list)):
+        path, scale = text
+    else:
+        path, scale = str(text), 1.0
+        head, sep, tail = str(text).rpartition(":")
+        if sep and head:
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                pass  # a colon inside the path
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"LoRA {text!r}: the scale must be a number (FILE[:SCALE])") from None
+    if scale != scale or abs(scale) == float("inf"):
+        raise ValueError(f"LoRA {text!r}: the scale must be finite")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"LoRA file {file} does not exist (FILE[:SCALE], a .safetensors file)")
+    if file.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsupportedModel(
+            f"{file} is a pickled LoRA ({file.suffix}). mialib loads safetensors only and never unpickles a file; "
+            "convert it once to .safetensors if you trust it"
+        )
+    if file.suffix.lower() != ".safetensors":
+        raise UnsupportedModel(f"{file} is not a .safetensors LoRA file")
+    return str(file.resolve()), scale
+
+
+def apply_loras(target: Target, loras) -> Target:
+    """Fuse LoRA adapters into ``target``'s U-Net (and text encoders, where the file adapts them), each at its
+    scale, through diffusers' own LoRA loader (``load_lora_weights``, with peft: diffusers', kohya's and the
+    other formats it reads), then remove the adapter layers: the weights become W + scale * delta, the model
+    runs at the base model's speed, and scale 0 leaves every weight as it was. ``loras``: ``FILE[:SCALE]``
+    texts or (file, scale) pairs. The files (by content) and scales enter the fingerprint and the name."""
+    loras = [parse_lora(lora) for lora in loras]
+    if not loras:
+        return target
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if target.text_encoder_2 is not None:
+        pipeline = StableDiffusionXLPipeline(
+            vae=target.vae,
+            text_encoder=target.text_encoder,
+            text_encoder_2=target.text_encoder_2,
+            tokenizer=target.tokenizer,
+            tokenizer_2=target.tokenizer_2,
+            unet=target.unet,
+            scheduler=target.scheduler,
+        )
+    else:
+        pipeline = StableDiffusionPipeline(
+            vae=target.vae,
+            text_encoder=target.text_encoder,
+            tokenizer=target.tokenizer,
+            unet=target.unet,
+            scheduler=target.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    names = [f"mialib_lora_{i}" for i in range(len(loras))]
+    for name, (path, _) in zip(names, loras):
+        try:
+            pipeline.load_lora_weights(path, adapter_name=name, use_safetensors=True)
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise ValueError(f"LoRA {path} does not fit {target.name} ({target.family}): {error}") from None
+    pipeline.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    pipeline.fuse_lora(adapter_names=names)
+    pipeline.unload_lora_weights()  # the adapter layers go, the fused weights stay
+    target.loras = tuple(target.loras) + tuple(loras)
+    target.name += "".join(f"+{Path(path).name}:{scale:g}" for path, scale in loras)
+    for module in target.modules().values():
+        module.eval().requires_grad_(False)
+    # the weights are now a function of their files and of the adapters' files and scales, all in the fingerprint
+    target._loaded_state, target._fingerprint = target.weight_state(), None
+    return target
 
 
 def _finish(target: Target, device: str) -> Target:

@@ -35,8 +35,9 @@ def pytest_configure(config):
 # more each on 2 cores): every test that requests one, directly or through another fixture, is slow.
 SLOW_FIXTURES = {"smoke_target_dir", "smoke_outputs", "imagefolder_outputs", "regimes_run"}
 # Whole modules: test_scale scores 100 and 1,000 images to compare peak memory; test_model_families builds
-# the tiny SD 1.x / 2.x / XL / sample-prediction zoo and scores each in three file forms (4-6 s a test).
-SLOW_MODULES = {"test_scale.py", "test_model_families.py"}
+# the tiny SD 1.x / 2.x / XL / sample-prediction zoo and scores each in three file forms (4-6 s a test);
+# test_lora builds a pipeline and a LoRA and scores with it (5-10 s a test).
+SLOW_MODULES = {"test_scale.py", "test_model_families.py", "test_lora.py"}
 # Single tests over ~2 s in `make test`'s --durations (a parameter id names one case only).
 SLOW_TESTS = {
     # 29 s: 4 subprocess runs, torchrun

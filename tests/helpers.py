@@ -61,6 +61,33 @@ def save_tiny_pipeline(folder: Path):
     return pipeline
 
 
+LORA_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def save_tiny_lora(pipeline, folder: Path, rank: int = 4, alpha: int = 8, seed: int = 0) -> Path:
+    """A LoRA of ``pipeline``'s U-Net attention projections with random (nonzero) weights, made with peft and
+    saved with diffusers' ``save_lora_weights`` (safetensors, its rank and alpha in the metadata); returns the
+    file. ``pipeline`` is left without the adapter."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = copy.deepcopy(pipeline.unet)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_MODULES, init_lora_weights=False)
+    torch.manual_seed(seed)
+    unet.add_adapter(config)
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        unet_lora_adapter_metadata=config.to_dict(),
+        safe_serialization=True,
+    )
+    return Path(folder) / "pytorch_lora_weights.safetensors"
+
+
 def make_images(n: int = 2, size: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor:
     """Structured images in [-1, 1]: a smooth gradient, a bright disc and a little seeded noise."""
     generator = torch.Generator().manual_seed(seed)

@@ -1,0 +1,125 @@
+"""LoRA adapters (`--lora FILE[:SCALE]`, `LORA` in presets): fused through diffusers' own loader, checked
+against the hand computation W + scale * alpha / r * up @ down; scale 0 scores exactly as the base model;
+the adapter enters the fingerprint; the base model is the default reference of calibrate=reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import helpers
+
+RANK, ALPHA = 4, 8
+
+
+@pytest.fixture(scope="module")
+def lora_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    pipeline = helpers.save_tiny_pipeline(root / "base")
+    lora = helpers.save_tiny_lora(pipeline, root / "adapter", rank=RANK, alpha=ALPHA)
+    return root / "base", lora
+
+
+@pytest.fixture(scope="module")
+def lora_set(tmp_path_factory):
+    folder = helpers.write_imagefolder(tmp_path_factory.mktemp("lora_set") / "set", n=16)
+    return folder
+
+
+@pytest.mark.numerics
+def test_a_lora_fuses_as_its_hand_computation_and_scale_zero_is_the_base(lora_models):
+    from mialib.target import load_target
+
+    base_dir, lora = lora_models
+    base = load_target(base_dir)
+    zero = load_target(base_dir, loras=[f"{lora}:0"])
+    half = load_target(base_dir, loras=[(str(lora), 0.5)])
+    weights = {name: model.unet.state_dict() for name, model in (("base", base), ("zero", zero), ("half", half))}
+    assert set(weights["base"]) == set(weights["zero"]) == set(weights["half"])  # no adapter layer is left
+    for key, value in weights["base"].items():
+        assert torch.equal(value, weights["zero"][key]), key
+    adapter = load_file(str(lora))
+    adapted = {key[len("unet.") : -len(".lora.up.weight")] for key in adapter if key.endswith(".lora.up.weight")}
+    assert len(adapted) >= 8
+    changed = 0
+    for key, value in weights["base"].items():
+        module = key[: -len(".weight")]
+        if key.endswith(".weight") and module in adapted:
+            up, down = adapter[f"unet.{module}.lora.up.weight"], adapter[f"unet.{module}.lora.down.weight"]
+            expected = value + 0.5 * (ALPHA / RANK) * (up @ down)
+            # float32 rounding of one matmul and one add, relative to the weights' magnitude
+            torch.testing.assert_close(weights["half"][key], expected, rtol=0, atol=4e-7 * expected.abs().max().item())
+            assert not torch.equal(weights["half"][key], value)
+            changed += 1
+        else:
+            assert torch.equal(weights["half"][key], value), key  # layers the adapter does not touch
+    assert changed == len(adapted)
+    # the adapter and its scale enter the fingerprint and the name; the same files give the same fingerprint
+    prints = {base.fingerprint(), zero.fingerprint(), half.fingerprint()}
+    assert len(prints) == 3
+    assert load_target(base_dir, loras=[f"{lora}:0.5"]).fingerprint() == half.fingerprint()
+    assert half.name.endswith("+pytorch_lora_weights.safetensors:0.5") and half.loras == ((str(lora), 0.5),)
+
+
+def test_scale_zero_scores_exactly_as_the_base_model(lora_models, lora_set, tmp_path):
+    from mialib import imagesets, runs
+    from mialib.settings import Settings
+    from mialib.target import load_target
+
+    base_dir, lora = lora_models
+    imageset = imagesets.open_imageset(f"imagefolder:{lora_set}")
+    requests = {"loss": "loss:t=100", "structural": "structural", "clid": "clid"}
+    tables = {}
+    for name, loras in (("base", []), ("zero", [f"{lora}:0"]), ("one", [f"{lora}:1"])):
+        tables[name], _ = runs.score(
+            load_target(base_dir, loras=loras), imageset, requests, Settings(), tmp_path / name, 8, 32, progress=False
+        )
+    np.testing.assert_array_equal(tables["zero"]["value"], tables["base"]["value"])
+    assert not np.array_equal(tables["one"]["value"], tables["base"]["value"])
+
+
+def test_mialib_score_with_a_lora_takes_the_base_model_as_reference(lora_models, lora_set, tmp_path):
+    from mialib import cli
+
+    base_dir, lora = lora_models
+
+    def score(out, *extra):
+        cli.main(["score", "--model", str(base_dir), "--data", f"imagefolder:{lora_set}", "--out", str(tmp_path / out),
+                  "--quiet", "--bootstrap", "20", *extra])  # fmt: skip
+        return pd.read_parquet(tmp_path / out / "scores.parquet").set_index("id")
+
+    calibrated = score("adapted", "--lora", f"{lora}:0.5", "--attack", "loss:t=100,calibrate=reference")
+    adapted = score("adapted-raw", "--lora", f"{lora}:0.5", "--attack", "loss:t=100")
+    base = score("base", "--attack", "loss:t=100")
+    np.testing.assert_array_equal(calibrated["raw_value"], adapted.loc[calibrated.index, "value"])
+    np.testing.assert_array_equal(calibrated["value"], calibrated["raw_value"] - base.loc[calibrated.index, "value"])
+    assert np.abs(calibrated["value"]).min() > 0
+    parameters = json.loads((tmp_path / "adapted" / "parameters.json").read_text())
+    assert parameters["loras"] == [[str(lora), 0.5]]
+    assert parameters["reference_fingerprints"] != [parameters["fingerprint"]]
+
+
+def test_lora_files_are_checked_before_anything_loads(lora_models, tmp_path):
+    from mialib.target import UnsupportedModel, load_target, parse_lora
+
+    base_dir, lora = lora_models
+    assert parse_lora(str(lora)) == (str(lora), 1.0) and parse_lora(f"{lora}:-0.25") == (str(lora), -0.25)
+    pickled = tmp_path / "adapter.bin"
+    pickled.write_bytes(b"not read")
+    with pytest.raises(UnsupportedModel, match="pickled LoRA"):
+        parse_lora(str(pickled))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        parse_lora(str(tmp_path / "missing.safetensors:0.5"))
+    with pytest.raises(ValueError, match="finite"):
+        parse_lora(f"{lora}:nan")
+    unrelated = tmp_path / "unrelated.safetensors"
+    save_file({"unet.no_such_block.to_q.lora.up.weight": torch.ones(4, 4)}, str(unrelated))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_target(base_dir, loras=[str(unrelated)])
+    assert Path(lora).exists()
