@@ -40,7 +40,7 @@ SETTING_COLUMNS = ["guidance", "prompt", "encode_mode", "schedule", "seed", "dat
 SCORE_COLUMNS = [
     "id", "label", "subset", "run", "attack", "display", "setting", "direction", "score", "value",
     "calibrate", "raw_value",
-    *PARAMETER_COLUMNS, "params", *SETTING_COLUMNS, "size",
+    *PARAMETER_COLUMNS, "params", *SETTING_COLUMNS, "size", "model",
     "unet_evals", "unet_evals_run", "seconds_per_image", "peak_memory_mb",
 ]  # fmt: skip
 
@@ -339,7 +339,7 @@ def run_request(
     at_choice = values
     for key, value in chosen_grid.items():
         at_choice = at_choice[at_choice[key] == value]
-    rows = score_rows(imageset.records, at_choice, request, chosen, direction, settings, size)
+    rows = score_rows(imageset.records, at_choice, request, chosen, direction, settings, size, model=target.name)
     return RequestResult(request, values, chosen, direction, cal_auc, rows)
 
 
@@ -451,9 +451,11 @@ def score_rows(
     direction: int,
     settings: Settings,
     size: int,
+    model: str = "",
 ) -> pd.DataFrame:
     """Scores-table rows for one request at one parameter point: ``score = direction * value``, applied
-    here and nowhere else; parameters and settings as columns. Every record must have a value."""
+    here and nowhere else; parameters, settings and the model's name (with its LoRA adapters and scales) as
+    columns. Every record must have a value."""
     spec = request.spec
     merged = records[["id", "label", "subset"]].merge(
         values.rename(columns={"score": "value"}), on="id", how="left", validate="one_to_one"
@@ -475,6 +477,7 @@ def score_rows(
     for column, value in settings.columns().items():
         merged[column] = value
     merged["size"] = size
+    merged["model"] = model
     return merged[SCORE_COLUMNS]
 
 

@@ -102,6 +102,7 @@ def test_mialib_score_with_a_lora_takes_the_base_model_as_reference(lora_models,
     assert np.abs(calibrated["value"]).min() > 0
     parameters = json.loads((tmp_path / "adapted" / "parameters.json").read_text())
     assert parameters["loras"] == [[str(lora), 0.5]]
+    assert set(calibrated["model"]) == {"base+pytorch_lora_weights.safetensors:0.5"} and set(base["model"]) == {"base"}
     assert parameters["reference_fingerprints"] != [parameters["fingerprint"]]
 
 
