@@ -609,7 +609,13 @@ class AttackRequest:
     def _display(self) -> str:
         spec = self.spec
         if self.grid:
-            return f"{spec.label} (calibrated)"
+            # settings held fixed away from the defaults are named, so two grids of one attack differ
+            held = [
+                f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                for k, v in self.fixed.items()
+                if spec.defaults.get(k) != v
+            ]
+            return f"{spec.label} (calibrated{''.join(', ' + h for h in held)})"
         if spec.setting_name and spec.params(self.fixed) == spec.defaults and self.direction in ("method", 1):
             return f"{spec.label} ({spec.setting_name})"
         if not self.fixed:
