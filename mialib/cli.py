@@ -484,7 +484,7 @@ def score(args) -> None:
     from .data import claim_folder
     from .experiment import quiet_library_notices
     from .settings import Settings
-    from .target import check_source, parse_lora
+    from .target import check_source
 
     started = time.time()
     _check_out(args.out)
@@ -501,13 +501,7 @@ def score(args) -> None:
     model = check_source(
         args.model, args.model_config
     )  # a typo'd path or a bad file form fails here, before anything is read or written
-    reference_sources = [check_source(reference) for reference in args.reference_model]
-    loras = [parse_lora(text) for text in args.lora]
-    if any(r.calibrate == "reference" for r in requests.values()) and not reference_sources and not loras:
-        raise ValueError(
-            "an attack asks for calibrate=reference: give its reference models with --reference-model (with --lora, "
-            "the base model is the default)"
-        )
+    reference_sources, loras = _sources(args, requests, "an attack")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
     processes = _processes(cpu=args.device == "cpu")
@@ -650,6 +644,21 @@ AUDIT_OUTPUTS = (
 )
 
 
+def _sources(args, requests: dict, what: str) -> tuple[list, list]:
+    """The reference models and LoRA adapters the options name, checked before anything loads: a request
+    with calibrate=reference needs a reference model or a LoRA (whose base is then the reference)."""
+    from .target import check_source, parse_lora
+
+    sources = [check_source(reference) for reference in args.reference_model]
+    loras = [parse_lora(text) for text in args.lora]
+    if any(r.calibrate == "reference" for r in requests.values()) and not sources and not loras:
+        raise ValueError(
+            f"{what} asks for calibrate=reference: give its reference models with --reference-model (with --lora, "
+            "the base model is the default)"
+        )
+    return sources, loras
+
+
 def _references(args, model: str, sources: list, loras: list, requests: dict, device: str) -> list:
     """The reference models of calibrate=reference: those of --reference-model, else, for a model given with
     --lora, the base model without its adapters (loaded as the target is)."""
@@ -674,7 +683,7 @@ def audit(args) -> None:
     from .experiment import quiet_library_notices
     from .memo import write_text
     from .settings import Settings
-    from .target import check_source, parse_lora
+    from .target import check_source
 
     started = time.time()
     _check_out(args.out)
@@ -687,13 +696,7 @@ def audit(args) -> None:
         args.attack or list(AUDIT_DEFAULT)
     )  # fixed settings only: checked before any compute
     model = check_source(args.model, args.model_config)
-    reference_sources = [check_source(reference) for reference in args.reference_model]
-    loras = [parse_lora(text) for text in args.lora]
-    if any(r.calibrate == "reference" for r in requests.values()) and not reference_sources and not loras:
-        raise ValueError(
-            "a feature asks for calibrate=reference: give its reference models with --reference-model (with --lora, "
-            "the base model is the default)"
-        )
+    reference_sources, loras = _sources(args, requests, "a feature")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
     sets = {

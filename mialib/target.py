@@ -746,26 +746,17 @@ def apply_loras(target: Target, loras) -> Target:
         return target
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    components = dict(
+        vae=target.vae, text_encoder=target.text_encoder, tokenizer=target.tokenizer, unet=target.unet,
+        scheduler=target.scheduler,
+    )  # fmt: skip
     if target.text_encoder_2 is not None:
         pipeline = StableDiffusionXLPipeline(
-            vae=target.vae,
-            text_encoder=target.text_encoder,
-            text_encoder_2=target.text_encoder_2,
-            tokenizer=target.tokenizer,
-            tokenizer_2=target.tokenizer_2,
-            unet=target.unet,
-            scheduler=target.scheduler,
+            **components, text_encoder_2=target.text_encoder_2, tokenizer_2=target.tokenizer_2
         )
     else:
         pipeline = StableDiffusionPipeline(
-            vae=target.vae,
-            text_encoder=target.text_encoder,
-            tokenizer=target.tokenizer,
-            unet=target.unet,
-            scheduler=target.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     names = [f"mialib_lora_{i}" for i in range(len(loras))]
     for name, (path, _) in zip(names, loras):
