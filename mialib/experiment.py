@@ -316,13 +316,13 @@ def regime_references(params: dict) -> dict[str, list[dict]]:
         if wrong:
             raise ValueError(f"REGIME_REFERENCES[{regime!r}] sets {sorted(wrong)}; it may set {sorted(REGIME_KEYS)}")
         recipe = {**params, **(regimes[regime] or {}), **changes}
-        if recipe.get("UNET_DATA", "members") in ("members", "members+pool") and int(recipe.get("UNET_STEPS", 1)):
+        fixed = int(recipe["UNET_STEPS"]) == 0  # no training step: the base model itself, whatever the seed
+        if recipe.get("UNET_DATA", "members") in ("members", "members+pool") and not fixed:
             raise ValueError(
                 f"REGIME_REFERENCES[{regime!r}] would train on the members (UNET_DATA="
                 f"{recipe.get('UNET_DATA', 'members')!r}): a reference must not see the attacked images; use "
                 "UNET_DATA: stand-ins or pool, or UNET_STEPS: 0 for a fine-tune's base model"
             )
-        fixed = int(recipe.get("UNET_STEPS", 1)) == 0
         references[regime] = [
             {
                 **recipe,
