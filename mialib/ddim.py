@@ -129,7 +129,7 @@ def sample(
     scheduler = target.scheduler
     scheduler.set_timesteps(steps)
     timesteps = [int(t) for t in scheduler.timesteps]
-    channels, size = target.unet.config.in_channels, size or target.unet.config.sample_size
+    channels, size = target.latent_channels, size or target.resolution // target.downscale
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn((len(captions), channels, size, size), generator=generator).to(target.device, target.dtype)
     cond = target.encode_prompts(list(captions))

@@ -33,6 +33,7 @@ from .imagesets.core import read_threads
 from .inversion import prompt_texts
 from .memo import set_aside
 from .settings import Settings
+from .target import UnsupportedModel
 from .trajectories import TrajectoryCache
 
 PARAMETER_COLUMNS = ["t", "stride", "measure", "metric", "t_sec", "interval", "p", "n_noise"]
@@ -582,10 +583,15 @@ def num_train_timesteps(target) -> int:
 
 def check_schedule(target, requests) -> None:
     """Raise before any compute (and before anything is written) when a request's timesteps fall outside
-    the model's schedule; the message names the attack and the parameter."""
+    the model's schedule, or when it contrasts a caption with the unconditional branch of a model that has none
+    (FLUX.1: :attr:`Target.unconditional`); the message names the attack and the parameter or the reason."""
     steps = num_train_timesteps(target)
     for request in requests:
         request.check_schedule(steps)
+        if request.spec.unconditional and target.unconditional:
+            raise UnsupportedModel(
+                f"{request.run} ({request.spec.label}) does not apply to {target.name}: {target.unconditional}"
+            )
 
 
 def _difficulty_shortfall(request, records) -> str | None:

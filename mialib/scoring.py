@@ -26,10 +26,11 @@ SCORE_OUTPUTS = ("scores.parquet", "chosen_settings.json", "metrics.csv", "metri
 
 
 def check_size(target: Target, size: int) -> None:
-    """The attack size must be a multiple of the VAE's downscale factor; another size than the model's
-    native one is allowed (a study) but said."""
-    if size % target.downscale:
-        raise ValueError(f"image size {size} px is not a multiple of the VAE's downscale factor {target.downscale}")
+    """The attack size must be a multiple of the VAE's downscale factor (times a flow transformer's patch size);
+    another size than the model's native one is allowed (a study) but said."""
+    if size % target.size_factor:
+        what = "the VAE's downscale factor" if target.size_factor == target.downscale else "the latent patch size"
+        raise ValueError(f"image size {size} px is not a multiple of {what} {target.size_factor}")
     if size != target.resolution:
         print(f"note: the image size {size} px differs from the model's native {target.resolution} px", flush=True)
 

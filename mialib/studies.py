@@ -546,12 +546,12 @@ class Ablations:
         return self.table(prefix="T (").pivot_table(index="value", columns="study", values="auc", sort=False)
 
     def sizes(self, sizes: list[int]) -> list[int]:
-        """The attack sizes that the model's VAE can take (multiples of its downscale factor); the
-        others are skipped with their reason before any compute."""
-        factor = self.study.target.downscale
+        """The attack sizes that the model can take (multiples of its VAE's downscale factor, times a flow
+        transformer's patch size); the others are skipped with their reason before any compute."""
+        factor = self.study.target.size_factor
         for size in sizes:
             if size % factor:
-                self.study.skip(f"resolution {size} px", f"not a multiple of the VAE's downscale factor {factor}")
+                self.study.skip(f"resolution {size} px", f"not a multiple of the model's size factor {factor}")
         return [size for size in sizes if size % factor == 0]
 
     def table(self, prefix: str | None = None, exclude: str | None = None) -> pd.DataFrame:

@@ -1,8 +1,10 @@
-"""The attacked model: a Stable Diffusion 1.x / 2.x / XL pipeline folder, hub id or single file, from safetensors.
+"""The attacked model: Stable Diffusion 1.x / 2.x / XL, SD3 / SD3.5 or FLUX.1, as a pipeline folder, hub id or
+single file (SD 1.x / 2.x / XL), from safetensors.
 
-``Target`` bundles the VAE, U-Net, text encoder(s), tokenizer(s) and a DDIM scheduler built ``from_config``
-of the model's own scheduler (so ``alphas_cumprod`` and ``prediction_type`` are the model's). The attacks
-see three calls and nothing of the model family:
+``Target`` bundles the VAE, U-Net (a flow model's transformer), text encoder(s), tokenizer(s) and a DDIM
+scheduler built ``from_config`` of the model's own scheduler (so ``alphas_cumprod`` and ``prediction_type`` are
+the model's; a flow-matching model's is its exact variance-preserving equivalent, :mod:`mialib.flow`). The
+attacks see three calls and nothing of the model family:
 
 - :meth:`Target.encode_prompts` builds a :class:`Conditioning` (SD: the text encoder's hidden states; SDXL:
   both encoders' penultimate hidden states concatenated, plus the pooled embedding of the second);
@@ -28,13 +30,30 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from . import flow
+
+PREDICTION_TYPES = (
+    "epsilon",
+    "v_prediction",
+    "sample",
+)  # of Stable Diffusion's U-Nets; flow models: flow.FLOW_PREDICTION
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# flow-matching pipelines the attacks run on (mialib.flow), by family
+FLOW_FAMILIES = {
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
+    "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
+}
+FLOW_TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+# the text encoders and tokenizers a flow pipeline may name in model_index.json (transformers classes)
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
+# FluxPipeline's default value of the guidance embedding (FLUX.1-dev is guidance-distilled)
+FLUX_DISTILLED_GUIDANCE = 3.5
+# flow-matching families that are refused, by name
 FLOW_PIPELINES = {
-    "StableDiffusion3Pipeline": "Stable Diffusion 3",
-    "StableDiffusion3Img2ImgPipeline": "Stable Diffusion 3",
-    "FluxPipeline": "FLUX",
-    "FluxImg2ImgPipeline": "FLUX",
+    "Flux2Pipeline": "FLUX.2",
     "AuraFlowPipeline": "AuraFlow",
     "SanaPipeline": "Sana",
     "LuminaText2ImgPipeline": "Lumina",
@@ -55,9 +74,10 @@ class UnsupportedModel(ValueError):
 class Conditioning:
     """The text conditioning of a batch, as :meth:`Target.eps` hands it to the U-Net.
 
-    ``hidden``: (n, tokens, dim) hidden states (cross-attention). ``pooled``: (n, dim) pooled text embedding
-    (SDXL only). SDXL's size and crop conditioning (``time_ids``) depends on the latents' size, so
-    :meth:`Target.eps` builds it per call. Indexing selects images: ``cond[index]``.
+    ``hidden``: (n, tokens, dim) hidden states (cross-attention; SD3 and FLUX: the joint text tokens).
+    ``pooled``: (n, dim) pooled text embedding (SDXL, SD3, FLUX). SDXL's size and crop conditioning
+    (``time_ids``) depends on the latents' size, so :meth:`Target.eps` builds it per call. Indexing selects
+    images: ``cond[index]``.
     """
 
     hidden: torch.Tensor
@@ -89,17 +109,39 @@ class Target:
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second (OpenCLIP bigG, with projection) encoder
     tokenizer_2: object | None = None
     zero_empty_prompt: bool = False  # SDXL's force_zeros_for_empty_prompt: "" conditions on zeros
+    text_encoder_3: torch.nn.Module | None = None  # SD3's T5 encoder (absent in SD3 without T5)
+    tokenizer_3: object | None = None
+    flow: str | None = None  # "sd3" or "flux": a flow-matching model, whose transformer is held as ``unet``
+    flow_scheduler: object | None = None  # its own FlowMatchEulerDiscreteScheduler (``scheduler``: the DDIM equivalent)
+    noise_levels: torch.Tensor | None = None  # flow: the noise level s(t) of every integer timestep (float64)
+    distilled_guidance: float | None = None  # FLUX.1-dev: the value its guidance embedding receives
     sources: dict = field(default_factory=dict)  # component -> the safetensors files its weights came from
     loras: tuple = ()  # (LoRA file, scale) fused into the weights, in order (:func:`apply_loras`)
     unet_evals: int = 0  # U-Net forward passes, counted per image (a batch of n counts n)
     _fingerprint: tuple | None = field(default=None, repr=False, compare=False)  # (weights' state, digest)
     _loaded_state: tuple | None = field(default=None, repr=False, compare=False)  # weights' state when loaded
     _tokens: list = field(default_factory=list, repr=False, compare=False)  # [(tokenizer, {caption: token ids})]
+    _pipeline: object | None = field(default=None, repr=False, compare=False)  # :meth:`pipeline`, built once
 
     # ----------------------------------------------------------------------------------------------
     @property
     def family(self) -> str:
+        """sd (1.x / 2.x), sdxl, sd3 (SD3 / SD3.5) or flux (FLUX.1)."""
+        if self.flow is not None:
+            return self.flow
         return "sdxl" if self.text_encoder_2 is not None else "sd"
+
+    @property
+    def unconditional(self) -> str | None:
+        """Why the model has no trained unconditional branch (classifier-free guidance, CLiD's null caption
+        contrast), or None where it has one."""
+        if self.flow == "flux":
+            return (
+                "FLUX.1 has no trained unconditional branch: dev is guidance-distilled (the guidance scale is an input "
+                "of the transformer) and schnell is adversarially distilled, so contrasting a caption with the empty "
+                "prompt, or classifier-free guidance, measures nothing the model was trained on"
+            )
+        return None
 
     @property
     def prediction_type(self) -> str:
@@ -115,15 +157,63 @@ class Target:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def size_factor(self) -> int:
+        """Attack sizes must be multiples of this: the VAE's downscale factor, times a flow transformer's patch."""
+        if self.flow == "sd3":
+            return self.downscale * int(self.unet.config.patch_size)
+        return self.downscale * (2 if self.flow == "flux" else 1)  # FLUX packs 2x2 latent patches
+
+    @property
     def resolution(self) -> int:
-        """Native image size: latent sample size times the VAE's downscale factor."""
-        return int(self.unet.config.sample_size) * self.downscale
+        """Native image size: latent sample size times the VAE's downscale factor (FLUX's transformer has no
+        sample size: its VAE's)."""
+        sample_size = self.unet.config.get("sample_size")
+        if sample_size is None:
+            return int(self.vae.config.sample_size)
+        return int(sample_size) * self.downscale
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        named = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
-        if self.text_encoder_2 is not None:
-            named["text_encoder_2"] = self.text_encoder_2
+        named = {"transformer" if self.flow else "unet": self.unet, "vae": self.vae}
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(self, name) is not None:
+                named[name] = getattr(self, name)
         return named
+
+    def pipeline(self):
+        """The diffusers pipeline of this model's family over its components (built once; it shares them): its
+        prompt encoding (SD3, FLUX) and LoRA loading are diffusers' own."""
+        if self._pipeline is not None:
+            return self._pipeline
+        import diffusers
+
+        text = dict(text_encoder=self.text_encoder, tokenizer=self.tokenizer)
+        if self.flow == "sd3":
+            self._pipeline = diffusers.StableDiffusion3Pipeline(
+                transformer=self.unet, scheduler=self.flow_scheduler, vae=self.vae, **text,
+                text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+                text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3,
+            )  # fmt: skip
+        elif self.flow == "flux":
+            self._pipeline = diffusers.FluxPipeline(
+                transformer=self.unet, scheduler=self.flow_scheduler, vae=self.vae, **text,
+                text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+            )  # fmt: skip
+        elif self.text_encoder_2 is not None:
+            self._pipeline = diffusers.StableDiffusionXLPipeline(
+                vae=self.vae, unet=self.unet, scheduler=self.scheduler, **text,
+                text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+            )  # fmt: skip
+        else:
+            self._pipeline = diffusers.StableDiffusionPipeline(
+                vae=self.vae, unet=self.unet, scheduler=self.scheduler, **text,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )  # fmt: skip
+        self._pipeline.set_progress_bar_config(disable=True)
+        return self._pipeline
 
     # ----------------------------------------------------------------------------------------------
     def weight_state(self) -> tuple:
@@ -157,8 +247,15 @@ class Target:
             "vae_dtype": str(self.vae.dtype),
             "scheduler": stable_config(self.scheduler.config),
             "configs": {name: stable_config(module.config) for name, module in self.modules().items()},
-            "tokenizers": [sorted(t.get_vocab().items()) for t in (self.tokenizer, self.tokenizer_2) if t is not None],
+            "tokenizers": [
+                sorted(t.get_vocab().items())
+                for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3)
+                if t is not None
+            ],
             "zero_empty_prompt": self.zero_empty_prompt,
+            "flow": self.flow,
+            "flow_scheduler": stable_config(self.flow_scheduler.config) if self.flow_scheduler is not None else None,
+            "distilled_guidance": self.distilled_guidance,
             "loras": [(Path(path).name, file_digest(path), scale) for path, scale in self.loras],
         }
         digest.update(json.dumps(described, sort_keys=True, default=str).encode())
@@ -195,8 +292,18 @@ class Target:
         SD 1.x / 2.x: the text encoder's output hidden states. SDXL, as its pipeline builds them: both
         encoders' penultimate hidden states concatenated, and the second encoder's projected pooled
         embedding; with ``force_zeros_for_empty_prompt`` (SDXL's default) the empty caption is zeros.
+        SD3 and FLUX: their pipeline's own ``encode_prompt`` (CLIP pooled embeddings and T5 tokens at the
+        pipeline's default sequence length), with no negative prompt.
         """
         captions = list(captions)
+        if self.flow == "sd3":
+            hidden, _, pooled, _ = self.pipeline().encode_prompt(
+                prompt=captions, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False
+            )
+            return Conditioning(hidden.to(self.dtype), pooled.to(self.dtype))
+        if self.flow == "flux":
+            hidden, pooled, _ = self.pipeline().encode_prompt(prompt=captions, prompt_2=None, device=self.device)
+            return Conditioning(hidden.to(self.dtype), pooled.to(self.dtype))
         if self.text_encoder_2 is None:
             hidden = self.text_encoder(self._token_ids(self.tokenizer, captions).to(self.device))[0]
             return Conditioning(hidden.to(self.dtype))
@@ -221,10 +328,12 @@ class Target:
 
     # ----------------------------------------------------------------------------------------------
     def _vae_shift(self, device, dtype) -> tuple:
-        """(mean, std) of the VAE's latents where its config gives them (else (0, 1))."""
+        """(mean, std) of the VAE's latents where its config gives them; else (shift_factor, 1) where it has one
+        (SD3, FLUX); else (0, 1)."""
         mean, std = self.vae.config.get("latents_mean"), self.vae.config.get("latents_std")
         if mean is None or std is None:
-            return 0.0, 1.0
+            shift = self.vae.config.get("shift_factor")
+            return (0.0 if shift is None else float(shift)), 1.0
         shape = (1, len(mean), 1, 1)
         return (
             torch.tensor(mean, device=device, dtype=dtype).view(shape),
@@ -283,9 +392,13 @@ class Target:
         - ``epsilon``: eps = out;
         - ``v_prediction`` (SD 2.x at 768 px): v = sqrt(a_t) eps - sqrt(1 - a_t) x0, so
           eps = sqrt(a_t) * v + sqrt(1 - a_t) * z_t;
-        - ``sample`` (the model predicts x0): eps = (z_t - sqrt(a_t) * x0) / sqrt(1 - a_t).
+        - ``sample`` (the model predicts x0): eps = (z_t - sqrt(a_t) * x0) / sqrt(1 - a_t);
+        - ``flow_prediction`` (SD3, FLUX: the velocity v = noise - x0 at noise level s(t)): eps = x_s + (1 - s) v
+          with x_s = r(s) z_t (:mod:`mialib.flow`).
         """
         timestep = torch.full((latents.shape[0],), int(t), device=self.device, dtype=torch.long)
+        if guidance != 1.0 and self.unconditional:
+            raise UnsupportedModel(f"guidance {guidance:g} needs an unconditional branch. {self.unconditional}")
         if guidance == 1.0:
             output = self._unet(latents, timestep, cond)
         elif uncond is None:
@@ -303,6 +416,8 @@ class Target:
         prediction = self.prediction_type
         if prediction == "epsilon":
             return output
+        if prediction == flow.FLOW_PREDICTION and self.flow is not None:
+            return flow.velocity_to_epsilon(output, latents, float(self.noise_levels[int(t)]))
         a_t = float(self.scheduler.alphas_cumprod[int(t)])
         if prediction == "v_prediction":
             return a_t**0.5 * output + (1.0 - a_t) ** 0.5 * latents
@@ -315,6 +430,8 @@ class Target:
     def _unet(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning | torch.Tensor) -> torch.Tensor:
         if isinstance(cond, torch.Tensor):
             cond = Conditioning(cond)
+        if self.flow is not None:
+            return self._transformer(latents, int(timestep[0]), cond)
         kwargs = {}
         if self.text_encoder_2 is not None:
             if cond.pooled is None:
@@ -327,6 +444,38 @@ class Target:
             }
         self.unet_evals += latents.shape[0]
         return self.unet(latents, timestep, encoder_hidden_states=cond.hidden, **kwargs).sample
+
+    def _transformer(self, latents: torch.Tensor, t: int, cond: Conditioning) -> torch.Tensor:
+        """A flow transformer's velocity at timestep t: its input is x_s = r(s) z_t, its timestep 1000 s (FLUX: s,
+        scaled inside), as the SD3 and FLUX pipelines call them; FLUX's latents are packed into 2x2 patches
+        with their position ids, and its guidance embedding gets ``distilled_guidance``."""
+        if cond.pooled is None:
+            raise ValueError(f"a {self.family} transformer needs the pooled text embedding: use encode_prompts")
+        level = float(self.noise_levels[int(t)])
+        sample = flow.to_flow(latents, level).to(self.dtype)
+        n = sample.shape[0]
+        self.unet_evals += n
+        if self.flow == "sd3":
+            timestep = torch.full((n,), level * 1000, device=self.device, dtype=self.dtype)
+            return self.unet(
+                hidden_states=sample, timestep=timestep, encoder_hidden_states=cond.hidden,
+                pooled_projections=cond.pooled, return_dict=False,
+            )[0]  # fmt: skip
+        from diffusers import FluxPipeline
+
+        channels, height, width = sample.shape[1:]
+        packed = FluxPipeline._pack_latents(sample, n, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(n, height // 2, width // 2, self.device, self.dtype)
+        text_ids = torch.zeros(cond.hidden.shape[1], 3, device=self.device, dtype=self.dtype)
+        guidance = None
+        if self.unet.config.get("guidance_embeds"):
+            guidance = torch.full((n,), float(self.distilled_guidance), device=self.device, dtype=torch.float32)
+        velocity = self.unet(
+            hidden_states=packed, timestep=torch.full((n,), level, device=self.device, dtype=self.dtype),
+            guidance=guidance, pooled_projections=cond.pooled, encoder_hidden_states=cond.hidden,
+            txt_ids=text_ids, img_ids=image_ids, return_dict=False,
+        )[0]  # fmt: skip
+        return FluxPipeline._unpack_latents(velocity, height * self.downscale, width * self.downscale, self.downscale)
 
     def time_ids(self, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """SDXL's size and crop conditioning for uncropped images at the attacked size:
@@ -523,16 +672,24 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+SUPPORTED = (
+    "Stable Diffusion 1.x and 2.x (epsilon, v or sample prediction), SDXL, and the flow-matching SD3 / SD3.5 "
+    "(StableDiffusion3Pipeline) and FLUX.1 (FluxPipeline)"
+)
+
+
 def check_family(pipeline_class: str, scheduler_config: dict, where: str) -> None:
-    """Refuse flow-matching families (SD3, FLUX, ...) and prediction types the attacks cannot read."""
+    """Refuse the flow-matching families other than SD3 and FLUX.1 (FLUX.2, AuraFlow, Sana, ...) and prediction
+    types the attacks cannot read."""
+    if pipeline_class in FLOW_FAMILIES:
+        return
     scheduler_class = scheduler_config.get("_class_name", "")
     family = FLOW_PIPELINES.get(pipeline_class) or ("a flow-matching model" if "FlowMatch" in scheduler_class else None)
     if family:
         raise UnsupportedModel(
-            f"{where} is {family} ({pipeline_class or scheduler_class}), a flow-matching model: it predicts a velocity "
-            "along a straight noise-to-data path, not diffusion noise under a DDPM schedule, so DDIM inversion and the "
-            "attacks here do not apply. Supported: Stable Diffusion 1.x and 2.x (epsilon, v or sample prediction) "
-            "and SDXL."
+            f"{where} is {family} ({pipeline_class or scheduler_class}), a flow-matching model that mialib does not "
+            "read: it reads flow models as SD3 / SD3.5 and FLUX.1 pipelines, named so in model_index.json. "
+            f"Supported: {SUPPORTED}."
         )
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
@@ -622,7 +779,8 @@ def load_target(
     config: str | os.PathLike | None = None,
     loras=(),
 ) -> Target:
-    """Load Stable Diffusion 1.x / 2.x / XL from a pipeline folder, a hub id or a single ``.safetensors`` file.
+    """Load Stable Diffusion 1.x / 2.x / XL from a pipeline folder, a hub id or a single ``.safetensors`` file, or
+    SD3 / SD3.5 / FLUX.1 from a pipeline folder or hub id (:func:`_load_flow`).
 
     - ``dtype`` (float32, bfloat16, float16) is the weights' dtype, passed to ``from_pretrained`` (no cast
       afterwards); a float16 model's VAE stays float32 where its config says ``force_upcast``. float16 on the
@@ -631,8 +789,8 @@ def load_target(
       loads it without being told.
     - ``config``: for a single-file checkpoint, the pipeline folder or hub id of its family (configs,
       tokenizer, scheduler), e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
-    - ``checkpoint``: a folder holding ``unet/`` (and optionally ``text_encoder/``) that replace the model's
-      own, for example a training checkpoint of the embedded target.
+    - ``checkpoint``: a folder holding ``unet/`` (a flow model's ``transformer/``; and optionally
+      ``text_encoder/``) that replace the model's own, for example a training checkpoint of the embedded target.
     - ``loras``: LoRA adapters (``FILE[:SCALE]``, safetensors) fused into the loaded weights (:func:`apply_loras`).
 
     The scheduler is a ``DDIMScheduler`` built from the model's own scheduler config, so a PNDM- or
@@ -662,6 +820,10 @@ def load_target(
         )
     scheduler_config = DDIMScheduler.load_config(str(folder), subfolder="scheduler")
     check_family(pipeline_class, scheduler_config, str(source))
+    if pipeline_class in FLOW_FAMILIES:
+        target = _load_flow(folder, FLOW_FAMILIES[pipeline_class], scheduler_config, dtype, variant, checkpoint)
+        target.name = name if checkpoint is None else f"{name}@{Path(checkpoint).name}"
+        return apply_loras(_finish(target, device), loras)
     sources: dict[str, list[str]] = {}
     vae_config = AutoencoderKL.load_config(str(folder), subfolder="vae") if (folder / "vae").is_dir() else {}
     vae = _load_component(AutoencoderKL, folder, "vae", _upcast_vae(vae_config, dtype), variant, sources)
@@ -704,6 +866,55 @@ def load_target(
     return apply_loras(_finish(target, device), loras)
 
 
+def _load_flow(
+    folder: Path, family: str, scheduler_config: dict, dtype: torch.dtype, variant: str | None, checkpoint
+) -> Target:
+    """SD3 / SD3.5 or FLUX.1 from a pipeline folder: its transformer, VAE, and the text encoders and tokenizers
+    that ``model_index.json`` names (transformers' CLIP and T5 classes only; SD3 without T5 has none third),
+    and its flow scheduler, whose noise levels at the native size give the DDIM-equivalent schedule."""
+    import diffusers
+    import transformers
+
+    index = _read_json(folder / "model_index.json")
+    sources: dict[str, list[str]] = {}
+    vae_config = AutoencoderKL.load_config(str(folder), subfolder="vae")
+    vae = _load_component(AutoencoderKL, folder, "vae", _upcast_vae(vae_config, dtype), variant, sources)
+    transformer_folder = Path(checkpoint) if checkpoint is not None else folder
+    transformer = _load_component(
+        getattr(diffusers, FLOW_TRANSFORMERS[family]), transformer_folder, "transformer", dtype,
+        None if checkpoint is not None else variant, sources,
+    )  # fmt: skip
+    text = {}
+    for suffix in ("", "_2", "_3"):
+        encoder, tokenizer = index.get(f"text_encoder{suffix}"), index.get(f"tokenizer{suffix}")
+        if not encoder or encoder[1] is None:
+            continue
+        if encoder[1] not in TEXT_ENCODER_CLASSES or not tokenizer or tokenizer[1] not in TOKENIZER_CLASSES:
+            raise UnsupportedModel(
+                f"{folder}: text_encoder{suffix} is {encoder[1]} with tokenizer {tokenizer and tokenizer[1]}; a "
+                f"{family} pipeline here takes {', '.join(TEXT_ENCODER_CLASSES)} with {', '.join(TOKENIZER_CLASSES)}"
+            )
+        text[f"text_encoder{suffix}"] = _load_component(
+            getattr(transformers, encoder[1]), folder, f"text_encoder{suffix}", dtype, variant, sources
+        )
+        text[f"tokenizer{suffix}"] = getattr(transformers, tokenizer[1]).from_pretrained(
+            str(folder), subfolder=f"tokenizer{suffix}"
+        )
+    if "text_encoder" not in text or (family == "flux" and "text_encoder_2" not in text):
+        raise FileNotFoundError(f"{folder}: model_index.json names no text encoder (or FLUX's T5 text_encoder_2)")
+    downscale = 2 ** (len(vae.config.block_out_channels) - 1)
+    native = transformer.config.get("sample_size")
+    native = int(native) * downscale if native is not None else int(vae.config.sample_size)
+    levels = flow.noise_levels(scheduler_config, flow.native_sequence_length(native, downscale))
+    flow_scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    guidance = FLUX_DISTILLED_GUIDANCE if family == "flux" and transformer.config.get("guidance_embeds") else None
+    return Target(
+        vae, transformer, text.pop("text_encoder"), text.pop("tokenizer"), flow.ddim_equivalent(levels),
+        dtype=dtype, sources=sources, flow=family, flow_scheduler=flow_scheduler,
+        noise_levels=torch.from_numpy(levels), distilled_guidance=guidance, **text,
+    )  # fmt: skip
+
+
 def parse_lora(text) -> tuple[str, float]:
     """``FILE[:SCALE]`` (scale 1 when not given) -> (file, scale); a (file, scale) pair passes through, checked."""
     if isinstance(text, (tuple, list)):
@@ -736,28 +947,15 @@ def parse_lora(text) -> tuple[str, float]:
 
 
 def apply_loras(target: Target, loras) -> Target:
-    """Fuse LoRA adapters into ``target``'s U-Net (and text encoders, where the file adapts them), each at its
-    scale, through diffusers' own LoRA loader (``load_lora_weights``, with peft: diffusers', kohya's and the
-    other formats it reads), then remove the adapter layers: the weights become W + scale * delta, the model
+    """Fuse LoRA adapters into ``target``'s U-Net or transformer (and text encoders, where the file adapts them),
+    each at its scale, through diffusers' own LoRA loader (``load_lora_weights``, with peft: diffusers', kohya's
+    and the other formats it reads), then remove the adapter layers: the weights become W + scale * delta, the model
     runs at the base model's speed, and scale 0 leaves every weight as it was. ``loras``: ``FILE[:SCALE]``
     texts or (file, scale) pairs. The files (by content) and scales enter the fingerprint and the name."""
     loras = [parse_lora(lora) for lora in loras]
     if not loras:
         return target
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    components = dict(
-        vae=target.vae, text_encoder=target.text_encoder, tokenizer=target.tokenizer, unet=target.unet,
-        scheduler=target.scheduler,
-    )  # fmt: skip
-    if target.text_encoder_2 is not None:
-        pipeline = StableDiffusionXLPipeline(
-            **components, text_encoder_2=target.text_encoder_2, tokenizer_2=target.tokenizer_2
-        )
-    else:
-        pipeline = StableDiffusionPipeline(
-            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+    pipeline = target.pipeline()
     names = [f"mialib_lora_{i}" for i in range(len(loras))]
     for name, (path, _) in zip(names, loras):
         try:
@@ -835,6 +1033,12 @@ def _load_single_file(file: Path, config, device: str, dtype: torch.dtype) -> Ta
     pipeline_class = index.get("_class_name", "")
     scheduler_config = DDIMScheduler.load_config(config_source, subfolder="scheduler")
     check_family(pipeline_class, scheduler_config, str(config_source))
+    if pipeline_class in FLOW_FAMILIES:
+        raise UnsupportedModel(
+            f"{file}: single-file {FLOW_FAMILIES[pipeline_class]} checkpoints are not read here; pass the diffusers "
+            f"pipeline folder or hub id (for example {config_source}), or load the file into it with diffusers' "
+            "from_single_file and save_pretrained it (safetensors)"
+        )
     xl = pipeline_class in XL_PIPELINES or (local and (Path(config_source) / "text_encoder_2").is_dir())
     kwargs = {"config": str(config_source), "torch_dtype": dtype, "local_files_only": local}
     if xl:

@@ -105,6 +105,8 @@ MAX_TOKENS = 16
 # Deliberately not Stable Diffusion's 0.18215 (nor SDXL's 0.13025), so a hard-coded constant would show up.
 SCALING_FACTOR = 0.7
 SDXL_SCALING_FACTOR = 0.6
+# SD3 / FLUX VAEs shift their latents too (SD3: 1.5305 and 0.0609); other numbers here, for the same reason
+FLOW_SCALING_FACTOR, FLOW_SHIFT_FACTOR = 0.9, 0.05
 
 # Stable Diffusion's training noise schedule (v1, v2 and XL alike).
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -311,10 +313,119 @@ def build_sdxl(folder, image_size: int = 32):
     return _finish(pipeline, folder)
 
 
-def build_flow(folder) -> Path:
-    """A folder that looks like an SD3 repo as far as a loader first sees: ``model_index.json`` with
-    ``_class_name`` ``StableDiffusion3Pipeline`` (SD3's component list) and ``scheduler/scheduler_config.json`` of a
-    ``FlowMatchEulerDiscreteScheduler`` (SD3's shift 3.0) written by diffusers. No weights. Returns the folder."""
+def _t5_tokenizer():
+    """A T5-style tokenizer built offline: a ``tokenizers`` Unigram model over the captions' words (with the
+    SentencePiece word marker) and the letters, ``</s>`` appended, ``<pad>`` 0, as T5's; saved and loaded by
+    transformers' ``T5TokenizerFast`` like a real one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = sorted({w for caption in CAPTIONS for w in caption.lower().split()})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -1.0) for w in words] + [(c, -5.0) for c in "\u2581abcdefghijklmnopqrstuvwxyz"]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+        model_max_length=512,
+    )  # fmt: skip
+
+
+def _t5(tokenizer, d_model=32):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5EncoderModel(config)
+
+
+def _flow_vae(image_size, latent_channels):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+        latent_channels=latent_channels, sample_size=image_size, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=FLOW_SCALING_FACTOR, shift_factor=FLOW_SHIFT_FACTOR, force_upcast=True,
+    )  # fmt: skip
+
+
+def build_sd3(folder, image_size: int = 32, t5: bool = True):
+    """SD3 / SD3.5-shaped ``StableDiffusion3Pipeline`` saved to ``folder``; returns the pipeline.
+
+    As diffusers' SD3 test fixture, in SD3's proportions: an ``SD3Transformer2DModel`` with ``patch_size=2``
+    (1 joint layer, 4 heads of 8), two ``CLIPTextModelWithProjection`` encoders (widths 32 and 64 as CLIP-L and
+    bigG differ; projections 32 + 32 = the transformer's ``pooled_projection_dim`` 64), a T5 encoder of width 64
+    (= ``joint_attention_dim``, which the CLIP states are padded to) with its offline tokenizer, or none
+    (``t5=False``: SD3 without T5), a 16-channel-free 4-channel VAE without quant convs whose config has
+    ``shift_factor`` and ``scaling_factor`` (SD3's VAE has both), and SD3's ``FlowMatchEulerDiscreteScheduler``
+    (shift 3.0).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = _tokenizer(), _tokenizer()
+    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, hidden_size=32, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(tokenizer_2, hidden_size=64, hidden_act="gelu", projection_dim=32)
+    )
+    tokenizer_3 = _t5_tokenizer() if t5 else None
+    text_encoder_3 = _t5(tokenizer_3, d_model=64) if t5 else None
+    transformer = SD3Transformer2DModel(
+        sample_size=image_size // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+        pooled_projection_dim=64, pos_embed_max_size=16,
+    )  # fmt: skip
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_flow_vae(image_size, 4), text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )  # fmt: skip
+    return _finish(pipeline, folder)
+
+
+def build_flux(folder, image_size: int = 32, guidance_embeds: bool = True):
+    """FLUX.1-shaped ``FluxPipeline`` saved to ``folder``; returns the pipeline.
+
+    As diffusers' FLUX test fixture: a ``FluxTransformer2DModel`` (1 double and 1 single block, 2 heads of 16,
+    rope axes (4, 4, 8)) over 2x2-packed latents of a 4-channel VAE (``in_channels`` 16; FLUX.1's VAE has 16
+    channels, packed to 64), with the guidance embedding of FLUX.1-dev (``guidance_embeds=False``: schnell), a
+    ``CLIPTextModel`` (pooled, 32) and a T5 encoder (32 = ``joint_attention_dim``) with its offline tokenizer,
+    and FLUX's dynamically shifted ``FlowMatchEulerDiscreteScheduler`` (base_shift 0.5, max_shift 1.15 over 256 to
+    4096 image tokens).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = _tokenizer(), _t5_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_size=32, hidden_act="gelu"))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=guidance_embeds,
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )  # fmt: skip
+    pipeline = FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=_flow_vae(image_size, 4), text_encoder=text_encoder,
+        tokenizer=tokenizer, text_encoder_2=_t5(tokenizer_2, d_model=32), tokenizer_2=tokenizer_2,
+    )  # fmt: skip
+    return _finish(pipeline, folder)
+
+
+def build_flow(folder, pipeline_class: str = "AuraFlowPipeline") -> Path:
+    """A folder that looks like a flow-matching repo as far as a loader first sees: ``model_index.json`` with
+    ``_class_name`` ``pipeline_class`` and ``scheduler/scheduler_config.json`` of a ``FlowMatchEulerDiscreteScheduler``
+    written by diffusers. No weights. Returns the folder."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -322,16 +433,10 @@ def build_flow(folder) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_config(folder / "scheduler")
     index = {
-        "_class_name": "StableDiffusion3Pipeline",
+        "_class_name": pipeline_class,
         "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "text_encoder_3": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "tokenizer_3": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "transformer": ["diffusers", "AuraFlowTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

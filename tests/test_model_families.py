@@ -206,21 +206,6 @@ def test_sdxl_conditioning_matches_the_sdxl_pipeline(zoo):
 # --------------------------------------------------------------------------------------------------
 # Refusals
 # --------------------------------------------------------------------------------------------------
-def test_flow_matching_families_are_refused_by_name(tmp_path):
-    folder = model_zoo.build_flow(tmp_path / "sd3")
-    with pytest.raises(
-        UnsupportedModel,
-        match=(
-            r"is Stable Diffusion 3 \(StableDiffusion3Pipeline\), a flow-matching model"
-            r".*Supported: Stable Diffusion 1.x and 2.x"
-        ),
-    ):
-        load_target(folder)
-    (folder / "model_index.json").unlink()  # the scheduler alone gives it away
-    with pytest.raises(UnsupportedModel, match=r"a flow-matching model \(FlowMatchEulerDiscreteScheduler\)"):
-        load_target(folder)
-
-
 @pytest.mark.parametrize("component", ["unet", "text_encoder"])
 def test_pickled_components_are_refused_with_a_conversion_hint(zoo, tmp_path, component):
     folder = model_zoo.pickle_copy(zoo["sd1"]["folder"], tmp_path / "pickled", component=component)
@@ -285,8 +270,8 @@ def test_a_hub_id_is_checked_then_downloaded_safetensors_only(zoo, monkeypatch):
         )
     ]
     monkeypatch.setattr(
-        DiffusionPipeline, "load_config", classmethod(lambda cls, name, **kw: {"_class_name": "FluxPipeline"})
+        DiffusionPipeline, "load_config", classmethod(lambda cls, name, **kw: {"_class_name": "Flux2Pipeline"})
     )
-    with pytest.raises(UnsupportedModel, match="is FLUX"):
-        load_target("black-forest-labs/FLUX.1-dev")
+    with pytest.raises(UnsupportedModel, match=r"is FLUX.2 \(Flux2Pipeline\)"):
+        load_target("black-forest-labs/FLUX.2-dev")
     assert len(calls) == 1  # refused before any download

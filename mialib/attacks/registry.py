@@ -207,6 +207,7 @@ class AttackSpec:
     setting_name: str = ""  # how the defaults are known ("paper": Li et al.'s setting)
     citation: str = ""
     requires: Callable | None = None  # records -> why the attack cannot run on them (None: it can)
+    unconditional: bool = False  # contrasts a caption with the unconditional branch (refused where there is none)
     schema: dict = field(default_factory=dict)  # parameter -> Param: what each one may be
     rules: tuple = ()  # params -> None, or what is wrong with a combination of parameters
     deepest: Callable | None = None  # params -> (the deepest timestep visited, how it is reached): check_schedule
@@ -458,6 +459,7 @@ REGISTRY: dict[str, AttackSpec] = {
             {"t": [200, 300, 450, 600]},
             cost=lambda p, s: 3 * int(p["n_noise"]),
             measure=lambda p: "+loss gap",
+            unconditional=True,
             citation="Zhai et al., NeurIPS 2024",
             schema={"t": _timestep(), "n_noise": Param("int", low=1)},
             # tolerance = 64 eps * (g(L_full) + g(L_reduced) / 2 + g(L_null) / 2), g(L) = 2 sqrt(L) (2 + sqrt(L)):
