@@ -22,7 +22,7 @@ notebooks: $(STAMP) ## only execute the notebooks (data and target must exist)
 test: ## the test suite (trains a smoke-size target once, executes every notebook at smoke size), then its numerics on the default CPU kernels
 	$(MAKE) -j2 $(STAMP) $(I2D_STAMP)  # the two environments install side by side
 	$(MAKE) lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadscope  # two workers, one thread each; a module's tests share a worker (tests/conftest.py)
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -m numerics -q -p no:cacheprovider  # the tolerances hold on other instruction sets
 
 test-fast: $(STAMP) ## the tests not marked slow (no target training, no notebooks, none over ~2 s; tests/conftest.py): under 2 minutes

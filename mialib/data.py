@@ -24,6 +24,8 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from .memo import atomic_write
+
 SPLITS = (
     "public",
     "member",
@@ -302,7 +304,7 @@ def materialise_images(manifest: pd.DataFrame, image_dir: str | os.PathLike) -> 
                 image = None  # a corrupt cached render is re-rendered, never used
         if image is None or pixel_sha256(image) != expected:
             image = render_emoji(emoji_id)
-            image.save(path)
+            atomic_write(path, lambda partial, image=image: image.save(partial, format="PNG"))  # concurrent runs
         if pixel_sha256(image) != expected:
             mismatched.append(emoji_id)
         paths.append(str(path))
@@ -474,6 +476,7 @@ def with_nonmember_style(images: pd.DataFrame, style: str, image_dir: str | os.P
     for index in images.index[images["split"] == "nonmember"]:
         path = folder / f"{images.at[index, 'id']}.png"
         with Image.open(images.at[index, "path"]) as source:
-            shift_source(source).save(path)
+            shifted = shift_source(source)
+        atomic_write(path, lambda partial, image=shifted: image.save(partial, format="PNG"))  # concurrent runs
         images.at[index, "path"] = str(path)
     return images

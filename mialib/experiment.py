@@ -40,7 +40,10 @@ NOTEBOOKS = (
     "06_set_audit",
 )
 # Keys read by `prepare` (the embedded target's training) and the runner, not by every notebook.
-TARGET_KEYS = {"PRESET", "VAE_STEPS", "UNET_STEPS", "TRAIN_SEED", "TRAIN_BATCH_SIZE", "BUILD_TINY_TARGET", "NOTEBOOKS"}
+TARGET_KEYS = {
+    "PRESET", "VAE_STEPS", "UNET_STEPS", "TRAIN_SEED", "TRAIN_BATCH_SIZE", "BUILD_TINY_TARGET", "NOTEBOOKS",
+    "TINY_FAMILY",
+}  # fmt: skip
 
 
 def load_preset(path: str | os.PathLike) -> dict:
@@ -156,6 +159,7 @@ TINY_KEYS = {
     "PRETRAIN_STEPS": "pretrain_steps",
     "FILLER_IMAGES": "filler_images",
     "SHARED_SEED": "shared_seed",
+    "TINY_FAMILY": "family",  # sd (default) or sd3: the flow-matching tiny target (configs/flow.yaml)
 }
 FILLER = FILLER_MANIFEST  # the catalogue's images outside the split: the regimes' extra training images
 

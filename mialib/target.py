@@ -894,9 +894,12 @@ def _load_flow(
                 f"{folder}: text_encoder{suffix} is {encoder[1]} with tokenizer {tokenizer and tokenizer[1]}; a "
                 f"{family} pipeline here takes {', '.join(TEXT_ENCODER_CLASSES)} with {', '.join(TOKENIZER_CLASSES)}"
             )
+        trained = Path(checkpoint) if checkpoint is not None else None  # a checkpoint's text encoders replace them
+        own = trained if trained is not None and (trained / f"text_encoder{suffix}").is_dir() else folder
         text[f"text_encoder{suffix}"] = _load_component(
-            getattr(transformers, encoder[1]), folder, f"text_encoder{suffix}", dtype, variant, sources
-        )
+            getattr(transformers, encoder[1]), own, f"text_encoder{suffix}", dtype,
+            variant if own == folder else None, sources,
+        )  # fmt: skip
         text[f"tokenizer{suffix}"] = getattr(transformers, tokenizer[1]).from_pretrained(
             str(folder), subfolder=f"tokenizer{suffix}"
         )

@@ -12,6 +12,12 @@ the same embedding (mean cosine similarity 0.92 measured), so captions could not
 Training resumes after an interruption from its last checkpoint, optimizer and random state included, so a
 resumed run ends with the same weights.
 
+``family="sd3"`` builds the flow-matching counterpart (``configs/flow.yaml``): an SD3-shaped
+``SD3Transformer2DModel`` (2x2 patches) with SD3's two CLIP text encoders (with projection; no T5, as SD3 can
+run without it), the same VAE, trained on the rectified-flow objective (velocity ``noise - x0`` at a noise
+level drawn logit-normally through SD3's shift, as diffusers' SD3 training script does) and saved as a
+``StableDiffusion3Pipeline``; it loads through :func:`mialib.target.load_target` like SD3.
+
 Memorisation regimes (notebook 07) are recipes of the same training: ``pretrain_steps`` pretrains the
 U-Net on a pool of other images from the same catalogue before it trains on the members (fine-tuned);
 ``unet_data="members+pool"`` mixes the members into that pool, each image drawn alike (weak).
@@ -68,6 +74,8 @@ class TinyConfig:
     # seed of the VAE and the pretrained U-Net (-1: ``seed``); targets sharing it share both, as fine-tunes of one
     # base model do
     shared_seed: int = -1
+    # sd: the U-Net of SD 1.x; sd3: an SD3-shaped flow transformer with SD3's two CLIP encoders (no T5)
+    family: str = "sd"
 
     def __post_init__(self):
         self.vae_channels = tuple(self.vae_channels)
@@ -79,6 +87,10 @@ class TinyConfig:
             self.shared_seed = self.seed
         if self.unet_data not in UNET_DATA:
             raise ValueError(f"unet_data={self.unet_data!r}: one of {UNET_DATA}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r}: one of {FAMILIES}")
+        if self.family != "sd" and (self.uses_pool or self.unet_data != "members"):
+            raise ValueError("the memorisation regimes' recipes train the SD-shaped target only (family='sd')")
 
     @property
     def uses_pool(self) -> bool:
@@ -92,6 +104,8 @@ class TinyConfig:
 
 
 UNET_DATA = ("members", "members+pool", "stand-ins", "pool")
+FAMILIES = ("sd", "sd3")
+FLOW_SHIFT = 3.0  # SD3's scheduler shift
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,20 +142,12 @@ def build_tokenizer(captions: list[str], max_tokens: int) -> CLIPTokenizer:
 
 
 def build_components(config: TinyConfig, tokenizer: CLIPTokenizer) -> dict:
-    """Untrained VAE, U-Net and text encoder, and Stable Diffusion's scheduler, all seeded."""
+    """Untrained VAE, U-Net and text encoder, and Stable Diffusion's scheduler, all seeded (``family="sd3"``:
+    :func:`build_flow_components`)."""
+    if config.family == "sd3":
+        return build_flow_components(config, tokenizer)
     torch.manual_seed(config.seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
-        block_out_channels=config.vae_channels,
-        layers_per_block=1,
-        latent_channels=config.latent_channels,
-        norm_num_groups=16,
-        mid_block_add_attention=False,
-        sample_size=config.image_size,
-    )
+    vae = _vae_of(config)
     downscale = 2 ** (len(config.vae_channels) - 1)
     n = len(config.unet_channels)
     unet = UNet2DConditionModel(
@@ -187,6 +193,74 @@ def build_components(config: TinyConfig, tokenizer: CLIPTokenizer) -> dict:
         tokenizer=tokenizer,
         scheduler=scheduler,
     )
+
+
+def _vae_of(config: TinyConfig) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
+        block_out_channels=config.vae_channels,
+        layers_per_block=1,
+        latent_channels=config.latent_channels,
+        norm_num_groups=16,
+        mid_block_add_attention=False,
+        sample_size=config.image_size,
+    )
+
+
+def build_flow_components(config: TinyConfig, tokenizer: CLIPTokenizer) -> dict:
+    """The flow-matching counterpart, seeded: the same VAE, an SD3-shaped ``SD3Transformer2DModel`` (2x2 patches,
+    four joint blocks of width 64; its joint attention width is the two CLIP encoders' hidden states side by
+    side, as SD3 concatenates them), two ``CLIPTextModelWithProjection`` encoders sharing the tokenizer (their
+    projections side by side are the pooled embedding), and SD3's ``FlowMatchEulerDiscreteScheduler``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(config.seed)
+    vae = _vae_of(config)
+    latent = config.image_size // 2 ** (len(config.vae_channels) - 1)
+    projection = config.text_dim // 2
+
+    def encoder():
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=config.text_dim, intermediate_size=2 * config.text_dim,
+                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=config.max_tokens,
+                projection_dim=projection, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            )
+        )  # fmt: skip
+
+    text_encoder, text_encoder_2 = encoder(), encoder()
+    transformer = SD3Transformer2DModel(
+        sample_size=latent, patch_size=2, in_channels=config.latent_channels, out_channels=config.latent_channels,
+        num_layers=4, attention_head_dim=16, num_attention_heads=4, joint_attention_dim=2 * config.text_dim,
+        caption_projection_dim=64, pooled_projection_dim=2 * projection, pos_embed_max_size=latent // 2,
+    )  # fmt: skip
+    return dict(
+        vae=vae,
+        transformer=transformer,
+        text_encoder=text_encoder.eval().requires_grad_(False),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval().requires_grad_(False),
+        tokenizer_2=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT),
+    )
+
+
+def flow_pipeline(components: dict):
+    """The ``StableDiffusion3Pipeline`` of flow components (no T5): its ``encode_prompt`` conditions training as
+    :meth:`mialib.target.Target.encode_prompts` conditions the attacks, and it is what is saved."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=components["transformer"], scheduler=components["scheduler"], vae=components["vae"],
+        text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        text_encoder_2=components["text_encoder_2"], tokenizer_2=components["tokenizer_2"],
+        text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,30 +376,41 @@ def train_unet(
     desc: str = "train U-Net (members)",
 ) -> list[float]:
     """Epsilon-prediction training of the U-Net and text encoder on the member latents, with
-    checkpoints and exact resume."""
-    unet, scheduler = components["unet"], components["scheduler"]
+    checkpoints and exact resume. Flow components (``family="sd3"``): the transformer and both text encoders
+    on the rectified-flow objective, the velocity ``noise - x0`` at noise level s (logit-normal u through
+    SD3's shift, on the 1,000-step grid, as diffusers' SD3 training script draws it), conditioned through the
+    SD3 pipeline's own ``encode_prompt``."""
+    flow = "transformer" in components
+    names = ("transformer", "text_encoder", "text_encoder_2") if flow else ("unet", "text_encoder")
+    modules = torch.nn.ModuleDict({name: components[name] for name in names})
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
-    tokens = tokenizer(
-        list(captions) + [""], padding="max_length", max_length=config.max_tokens, truncation=True, return_tensors="pt"
-    ).input_ids
-    caption_tokens, null_tokens = tokens[:-1], tokens[-1:]
+    if flow:
+        from .flow import noise_levels
+
+        pipeline = flow_pipeline(components)
+        levels = torch.from_numpy(noise_levels(components["scheduler"].config)).float()
+    else:
+        unet, scheduler = components["unet"], components["scheduler"]
+        tokens = tokenizer(
+            list(captions) + [""], padding="max_length", max_length=config.max_tokens, truncation=True,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+        caption_tokens, null_tokens = tokens[:-1], tokens[-1:]
     generator = torch.Generator().manual_seed(config.seed + 2)
-    modules = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.unet_lr)
     state_path = target_dir / "training" / "unet_optimizer.safetensors"
     start = 0
     done = [
         s
         for s in config.checkpoints
-        if (checkpoint_dir(target_dir, s) / "unet" / "diffusion_pytorch_model.safetensors").exists()
+        if (checkpoint_dir(target_dir, s) / names[0] / "diffusion_pytorch_model.safetensors").exists()
     ]
     if done and state_path.exists():
         start = max(done)
         folder = checkpoint_dir(target_dir, start)
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).state_dict())
-        text_encoder.load_state_dict(
-            CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True).state_dict()
-        )
+        for name in names:
+            saved = type(modules[name]).from_pretrained(folder / name, use_safetensors=True)
+            modules[name].load_state_dict(saved.state_dict())
         _load_optimizer(optimizer, generator, state_path)
     # The generator state was restored, so the batch stream continues where the run stopped.
     batches = _batches(len(latents), config.batch_size, generator)
@@ -339,12 +424,26 @@ def train_unet(
         index = next(batches)
         z0 = latents[index]
         noise = torch.randn(z0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
-        drop = torch.rand(len(index), generator=generator) < config.caption_dropout
-        batch_tokens = torch.where(drop[:, None], null_tokens, caption_tokens[index])
-        cond = text_encoder(batch_tokens)[0]
-        pred = unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
+        if flow:
+            u = torch.sigmoid(torch.randn(len(index), generator=generator))  # logit-normal(0, 1)
+            level = levels[(u * len(levels)).long().clamp(1, len(levels) - 1)]
+            drop = torch.rand(len(index), generator=generator) < config.caption_dropout
+            prompts = ["" if dropped else captions[i] for dropped, i in zip(drop.tolist(), index.tolist())]
+            hidden, _, pooled, _ = pipeline.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device="cpu", do_classifier_free_guidance=False
+            )
+            noisy = (1 - level[:, None, None, None]) * z0 + level[:, None, None, None] * noise
+            pred = modules["transformer"](
+                hidden_states=noisy, timestep=level * 1000, encoder_hidden_states=hidden, pooled_projections=pooled
+            ).sample
+            loss = F.mse_loss(pred, noise - z0)
+        else:
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+            drop = torch.rand(len(index), generator=generator) < config.caption_dropout
+            batch_tokens = torch.where(drop[:, None], null_tokens, caption_tokens[index])
+            cond = text_encoder(batch_tokens)[0]
+            pred = unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -353,8 +452,8 @@ def train_unet(
             # A new batch stream starts after every checkpoint so that a resumed run sees the same batches.
             batches = _batches(len(latents), config.batch_size, generator)
             folder = checkpoint_dir(target_dir, step)
-            unet.save_pretrained(folder / "unet", safe_serialization=True)
-            text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+            for name in names:
+                modules[name].save_pretrained(folder / name, safe_serialization=True)
             state_path.parent.mkdir(parents=True, exist_ok=True)
             _save_optimizer(optimizer, generator, step, state_path)
     modules.eval().requires_grad_(False)
@@ -567,16 +666,14 @@ def build_tiny_target(
         log = target_dir / "training" / "unet_loss.json"
         previous = json.loads(log.read_text()) if log.exists() else []
         log.write_text(json.dumps(previous + losses))
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=components["text_encoder"],
-        tokenizer=tokenizer,
-        unet=components["unet"],
-        scheduler=components["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if config.family == "sd3":
+        pipeline = flow_pipeline(components)
+    else:
+        pipeline = StableDiffusionPipeline(
+            vae=vae, text_encoder=components["text_encoder"], tokenizer=tokenizer, unet=components["unet"],
+            scheduler=components["scheduler"], safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )  # fmt: skip
     pipeline.save_pretrained(target_dir, safe_serialization=True)
     config_path.write_text(json.dumps(asdict(config), indent=2))
     return target_dir

@@ -11,6 +11,16 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two pytest-xdist workers on the machine's 2 cores: one thread each (the notebooks' kernels
+# and the subprocesses inherit it), as two threads each would oversubscribe the cores. Set before torch loads.
+# Tests are sent to the workers module by module (--dist loadscope), so a module's session and module fixtures
+# (test_notebooks.py's executed notebooks, test_regimes.py's targets) are built on one worker only; the smoke
+# target, which several modules use, is built once for both (smoke_preset). (--dist loadgroup would group by
+# mark, but its xdist_group marks have no effect with pytest 9.2, whose nodes no longer read ``_nodeid``.)
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 # On a user's imagefolder: the data split (its skips), the comparison (and the biased split's refusal), and
@@ -83,10 +93,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def smoke_preset(tmp_path_factory) -> Path:
-    """configs/smoke.yaml with the target and outputs redirected to a fresh temporary folder."""
+    """configs/smoke.yaml with the target and outputs redirected to a fresh temporary folder. Under
+    pytest-xdist the target's folder is one for all workers (the run's shared temporary root), built by the
+    first worker that needs it while the others wait on a file lock (:func:`smoke_target_dir`)."""
     folder = tmp_path_factory.mktemp("smoke")
+    shared = tmp_path_factory.getbasetemp().parent if WORKER else folder
     params = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
-    params["MODEL"] = str(folder / "target")
+    params["MODEL"] = str(shared / "smoke-target")
     params["OUTPUT_DIR"] = str(folder / "outputs")
     path = folder / "smoke.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -102,10 +115,13 @@ def smoke_params(smoke_preset) -> dict:
 
 @pytest.fixture(scope="session")
 def smoke_target_dir(smoke_params) -> Path:
-    """Trains the smoke target once (about a minute on 2 cores)."""
+    """Trains the smoke target once (about a minute on 2 cores), once for all xdist workers."""
+    from filelock import FileLock
+
     from mialib import experiment
 
-    return Path(experiment.prepare_target(smoke_params, progress=False))
+    with FileLock(f"{smoke_params['MODEL']}.lock"):
+        return Path(experiment.prepare_target(smoke_params, progress=False))
 
 
 @pytest.fixture(scope="session")

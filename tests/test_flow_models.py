@@ -8,6 +8,7 @@ refusals with their messages."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,7 @@ ATTACKS = {
 }
 ATTACKS["sd3"].append("clid")  # SD3 has a trained unconditional branch; FLUX.1 has none (refused below)
 CAPTIONS = ["red apple", "man farmer"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,6 +101,23 @@ def test_flow_families_score_in_every_file_form(flow_zoo, user_set, tmp_path, fa
     one, _ = _score(model["folder"], user_set, tmp_path / "one", "--lora", str(model["lora"]), attacks=attacks)
     assert set(one["model"]) == {f"{model['folder'].name}+{model['lora'].name}:1"}
     assert not np.array_equal(one["score"], scores["score"])
+
+
+@pytest.mark.parametrize(("family", "preset"), [("sd3", "sd35-lora"), ("flux", "flux-lora")])
+def test_the_lora_presets_attacks_all_run_on_their_family(flow_zoo, user_set, tmp_path, family, preset):
+    """configs/sd35-lora.yaml and configs/flux-lora.yaml on the tiny model of their family and its LoRA: every
+    model attack of ATTACKS and AUDIT_ATTACKS scores (the base model is the reference), none is refused."""
+    from mialib import experiment
+    from mialib.attacks.registry import get
+
+    params = experiment.load_preset(ROOT / "configs" / f"{preset}.yaml")
+    assert params["LORA"] and not params["REFERENCE_MODELS"]
+    texts = [*params["ATTACKS"].values(), *params["AUDIT_ATTACKS"].values()]
+    model_attacks = sorted({t for t in texts if get(runs.as_requests([t])[t].name).kind != "blind"})
+    assert any("calibrate=reference" in t for t in model_attacks)
+    scores, _ = _score(flow_zoo[family]["folder"], user_set, tmp_path / preset, "--lora", str(flow_zoo[family]["lora"]),
+                       attacks=model_attacks)  # fmt: skip
+    assert scores["run"].nunique() == len(model_attacks) and np.isfinite(scores["score"]).all()
 
 
 def test_sd3_without_t5_and_flux_schnell_load_and_score(flow_zoo, user_set, tmp_path):
@@ -252,3 +271,31 @@ def test_a_single_flow_file_is_refused_with_what_to_pass(flow_zoo, tmp_path):
     save_file({"x": torch.zeros(1)}, str(file))
     with pytest.raises(UnsupportedModel, match=r"single-file sd3 checkpoints are not read here; pass the diffusers"):
         load_target(file, config=flow_zoo["sd3"]["folder"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The embedded flow target (configs/flow.yaml) at a few steps
+# --------------------------------------------------------------------------------------------------
+def test_the_tiny_flow_target_trains_saves_as_sd3_and_scores(tmp_path, user_set):
+    """TINY_FAMILY: sd3 builds an SD3 pipeline folder with the project's training code (here 20 steps), its
+    checkpoints hold the transformer and both text encoders, and it scores through `mialib score`."""
+    from mialib import experiment
+
+    params = experiment.load_preset(ROOT / "configs" / "smoke.yaml")
+    params.update(
+        MODEL=str(tmp_path / "tiny-flow"), VAE_STEPS=10, UNET_STEPS=20, CHECKPOINTS=[10, 20], TINY_FAMILY="sd3"
+    )
+    folder = Path(experiment.prepare_target(params, progress=False))
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline" and index["text_encoder_3"] == [None, None]
+    losses = json.loads((folder / "training" / "unet_loss.json").read_text())
+    assert len(losses) == 20 and np.isfinite(losses).all()
+    final = load_target(folder)
+    early = load_target(folder, checkpoint=folder / "checkpoints" / "step-000010")
+    assert final.family == early.family == "sd3" and set(early.sources) == set(final.sources)
+    assert all(
+        "step-000010" in p for name in ("transformer", "text_encoder", "text_encoder_2") for p in early.sources[name]
+    )
+    assert final.fingerprint() != early.fingerprint()
+    scores, parameters = _score(folder, user_set, tmp_path / "scores", attacks=["structural", "loss", "clid"])
+    assert parameters["family"] == "sd3" and np.isfinite(scores["score"]).all()
