@@ -154,6 +154,40 @@ def reference_calibrated(scores, references) -> np.ndarray:
     return (scores - references.mean(axis=0)) / spread
 
 
+def fitted_summary(features, labels, fit, folds) -> np.ndarray:
+    """A per-image curve (n, k) summarised by a logistic regression of membership on it (standardised features,
+    scikit-learn's ``LogisticRegression``), fitted on the rows where ``fit`` is true (the calibration split,
+    members and non-members) and nowhere else: those rows' own scores are cross-fitted by ``folds`` (no
+    score comes from a fit that saw its image), every other row's from the fit on all of them. The score is
+    the fit's decision function (log-odds of membership): higher means member."""
+    from sklearn.linear_model import LogisticRegression
+
+    features = np.asarray(features, dtype=np.float64)
+    labels, fit, folds = np.asarray(labels), np.asarray(fit, dtype=bool), np.asarray(folds)
+    if features.ndim != 2 or not len(features) == len(labels) == len(fit) == len(folds):
+        raise ValueError(f"features must be (n, k) with n labels, fit flags and folds, got {features.shape}")
+    if not np.isfinite(features).all():
+        raise ValueError("a curve value is NaN or infinite")
+    rows = np.flatnonzero(fit)
+    counts = np.bincount(labels[rows].astype(int), minlength=2)
+    if counts.min() < MIN_NONMEMBERS:
+        raise ValueError(
+            f"calibrate=fit fits on the calibration split: {counts[1]} members and {counts[0]} non-members, at least "
+            f"{MIN_NONMEMBERS} of each"
+        )
+
+    def model():
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+
+    summary = model().fit(features[rows], labels[rows]).decision_function(features)
+    for k in np.unique(folds[rows]):
+        inside, outside = rows[folds[rows] != k], rows[folds[rows] == k]
+        if len(np.unique(labels[inside])) < 2:
+            raise ValueError(f"a cross-fitting fold leaves only one class of {len(inside)} calibration images")
+        summary[outside] = model().fit(features[inside], labels[inside]).decision_function(features[outside])
+    return summary
+
+
 def id_folds(ids, seed: int = 0) -> np.ndarray:
     """Each image's cross-fitting fold, from its id and ``seed`` alone (the same in any order or subset)."""
     return np.asarray([image_seed(str(i), seed) % FOLDS for i in ids])

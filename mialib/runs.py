@@ -404,7 +404,9 @@ def calibrated_values(
       non-members only, cross-fitted there; :func:`difficulty_features`);
     - ``reference``: against the same attack at the same point on each reference model, with the same
       seeds and noise per image (:func:`mialib.calibration.reference_calibrated`; their values are kept as
-      ``reference_value_<i>``)."""
+      ``reference_value_<i>``);
+    - ``fit``: the attack's per-image curve classified by a logistic regression fitted on the calibration
+      split only, cross-fitted there (:func:`mialib.calibration.fitted_summary`)."""
     values = values.assign(raw_value=values["score"])
     if request.calibrate == "none":
         return values
@@ -427,6 +429,17 @@ def calibrated_values(
             part = values.iloc[rows]
             calibrated[rows] = calibration.reference_calibrated(
                 part["raw_value"].to_numpy(), part[columns].to_numpy().T
+            )
+    elif request.calibrate == "fit":
+        names = [c for c in values.columns if c.startswith(request.spec.features)]
+        labelled = values[["id"]].merge(
+            imageset.records[["id", "label", "subset"]], on="id", how="left", validate="many_to_one"
+        )
+        fit = (labelled["subset"] == "calibration").to_numpy()
+        folds = calibration.id_folds(labelled["id"], settings.seed)  # by id: the same folds in any row order
+        for rows in groups:
+            calibrated[rows] = calibration.fitted_summary(
+                values[names].to_numpy()[rows], labelled["label"].to_numpy()[rows], fit[rows], folds[rows]
             )
     else:
         features = difficulty_features(target, imageset, settings, cache_dir, batch_size, size, progress)
@@ -595,7 +608,17 @@ def check_schedule(target, requests) -> None:
 
 
 def _difficulty_shortfall(request, records) -> str | None:
-    """Why ``calibrate=difficulty`` cannot fit on this set (too few calibration non-members), or None."""
+    """Why ``calibrate=difficulty`` (``fit``) cannot fit on this set (too few calibration non-members, or of
+    either class), or None."""
+    if request.calibrate == "fit":
+        counts = records.loc[records["subset"] == "calibration", "label"].value_counts()
+        least = min(int(counts.get(0, 0)), int(counts.get(1, 0)))
+        if least >= calibration.MIN_NONMEMBERS:
+            return None
+        return (
+            f"calibrate=fit fits on the calibration split; this set has {int(counts.get(1, 0))} members and "
+            f"{int(counts.get(0, 0))} non-members there (at least {calibration.MIN_NONMEMBERS} of each)"
+        )
     if request.calibrate != "difficulty":
         return None
     fitted_on = int(((records["subset"] == "calibration") & (records["label"] == 0)).sum())

@@ -409,11 +409,10 @@ def chosen_requests(chosen: dict, kinds=("model", "control"), study=None) -> dic
         if spec.kind not in kinds:
             continue
         calibrate = record.get("calibrate", "none")
-        if study is not None and calibrate == "difficulty":
+        if study is not None and calibrate in ("difficulty", "fit"):
             study.skip(
                 run,
-                "difficulty calibration is fitted on the calibration split's non-members; this study scores test "
-                "images only",
+                f"calibrate={calibrate} is fitted on the calibration split; this study scores test images only",
             )
             continue
         direction = int(record["direction"])
@@ -631,9 +630,9 @@ def audit_requests(attacks) -> dict:
             raise ValueError(
                 f"{run}: the blind baselines are fitted on membership labels, which an audit does not have"
             )
-        if request.calibrate == "difficulty":
+        if request.calibrate in ("difficulty", "fit"):
             raise ValueError(
-                f"{run}: calibrate=difficulty is fitted on a labelled split's non-members, which an audit does not "
+                f"{run}: calibrate={request.calibrate} is fitted on a labelled split, which an audit does not "
                 f"have; calibrate=reference works (e.g. {request.name}:calibrate=reference with reference models)"
             )
         if request.grid or request.direction == "auto":

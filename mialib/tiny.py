@@ -660,7 +660,8 @@ def build_tiny_target(
         elif config.unet_data == "pool":
             latents, captions = pool_latents, list(pool_captions)
     data_name = {"members+pool": "members and pool", "stand-ins": "stand-ins"}.get(config.unet_data, config.unet_data)
-    desc = f"fine-tune U-Net ({data_name})" if config.pretrain_steps else f"train U-Net ({data_name})"
+    model = "transformer" if config.family == "sd3" else "U-Net"
+    desc = f"fine-tune {model} ({data_name})" if config.pretrain_steps else f"train {model} ({data_name})"
     losses = train_unet(components, latents, captions, config, target_dir, progress, desc=desc)
     if losses:
         log = target_dir / "training" / "unet_loss.json"

@@ -152,7 +152,7 @@ def test_requests_name_their_calibration_and_refuse_what_cannot_be_calibrated():
     # a grid names the settings it holds away from the defaults: two structural grids never share a name
     assert parse_request("structural:t=50:500:50,recon=true").display == "structural (calibrated, recon=true)"
     assert parse_request("structural:t=50:500:50").display == "structural (calibrated)"
-    with pytest.raises(ValueError, match="calibrate must be one of none, difficulty, reference, got 'lira'"):
+    with pytest.raises(ValueError, match="calibrate must be one of none, difficulty, reference, fit, got 'lira'"):
         parse_request("loss:calibrate=lira")
     with pytest.raises(ValueError, match="applies to attacks that run the model, not to a control"):
         parse_request("vae_control:calibrate=difficulty")

@@ -114,6 +114,8 @@ def test_the_lora_presets_attacks_all_run_on_their_family(flow_zoo, user_set, tm
     assert params["LORA"] and not params["REFERENCE_MODELS"]
     texts = [*params["ATTACKS"].values(), *params["AUDIT_ATTACKS"].values()]
     model_attacks = sorted({t for t in texts if get(runs.as_requests([t])[t].name).kind != "blind"})
+    # calibrate=fit needs 10 calibration images of each class, more than this set has (tests/test_curve.py)
+    model_attacks = [t for t in model_attacks if "calibrate=fit" not in t]
     assert any("calibrate=reference" in t for t in model_attacks)
     scores, _ = _score(flow_zoo[family]["folder"], user_set, tmp_path / preset, "--lora", str(flow_zoo[family]["lora"]),
                        attacks=model_attacks)  # fmt: skip

@@ -394,7 +394,7 @@ def test_04_robustness(smoke_outputs, smoke_params):
     skipped = pd.read_csv(smoke_outputs / "tables" / "skipped_studies_04_robustness.csv").set_index("study")
     difficulty = [r for r, q in requests.items() if q.calibrate == "difficulty"]
     assert difficulty and set(difficulty) <= set(skipped.index)
-    assert skipped.loc[difficulty[0], "reason"].startswith("difficulty calibration is fitted on the calibration")
+    assert skipped.loc[difficulty[0], "reason"].startswith("calibrate=difficulty is fitted on the calibration split")
     np.testing.assert_allclose(clean["auc"], fair.loc[clean.index, "auc"], atol=1e-9)
     np.testing.assert_allclose(clean["tpr_at_1fpr"], fair.loc[clean.index, "tpr_at_1fpr"], atol=1e-9)
     assert list(clean["attack"]) == list(fair.loc[clean.index, "display"])

@@ -12,6 +12,7 @@ they share, the prompt conditioning and the per-image seeds live below them (:mo
 from .backward import backward_attack
 from .base import AttackOutput
 from .clid import clid_attack, reduce_caption
+from .curve import noise_curve_attack
 from .latent import latent_attack
 from .loss import loss_attack, loss_errors
 from .pia import pia_attack
@@ -32,6 +33,7 @@ __all__ = [
     "latent_attack",
     "loss_attack",
     "loss_errors",
+    "noise_curve_attack",
     "parse_request",
     "pia_attack",
     "pixel_attack",

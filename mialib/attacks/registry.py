@@ -33,6 +33,7 @@ A *request* names an attack and its parameters as text, on the command line and 
     structural:t=100,direction=-1      force a direction (+1: the method's, -1: reversed, auto: calibrate)
     loss:calibrate=difficulty          per-image calibration of the score (:mod:`mialib.calibration`):
     loss:calibrate=reference           against image-only difficulty features, or against reference models
+    curve:calibrate=fit                a curve's summary fitted on the calibration split
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ import yaml
 from .. import blind
 from .backward import backward_attack
 from .clid import clid_attack
+from .curve import FEATURE_PREFIX, noise_curve_attack
+from .curve import levels as curve_levels
 from .latent import latent_attack
 from .loss import loss_attack
 from .pia import pia_attack
@@ -58,8 +61,9 @@ from .vae_control import vae_control
 
 KINDS = ("model", "control", "blind")
 # Per-image calibration of a request's scores (mialib.calibration): none, against image-only difficulty
-# features, or against the same attack on reference models.
-CALIBRATIONS = ("none", "difficulty", "reference")
+# features, against the same attack on reference models, or (an attack with a per-image curve, ``features``)
+# a summary of that curve fitted on the calibration split.
+CALIBRATIONS = ("none", "difficulty", "reference", "fit")
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 2^-23: one float32 rounding, relative
 
 
@@ -182,6 +186,22 @@ def _clid_rounding(p, x):
     )
 
 
+def _curve_rounding(p, x):
+    """score = -mean_k log e_k, e_k a constant of t times the noise-prediction error m_k: each log moves by
+    d m_k / m_k, m_k's squared-error bound against unit noise."""
+    moves = [_squared_error(x[f"mse_t{t}"], 1.0) / np.asarray(x[f"mse_t{t}"], dtype=np.float64) for t in
+             curve_levels(p["t_min"], p["t_max"], p["points"])]  # fmt: skip
+    return np.mean(moves, axis=0)
+
+
+def _curve_levels_rule(p: dict) -> str | None:
+    if p["t_min"] >= p["t_max"]:
+        return f"t_min must be below t_max, got t_min={p['t_min']}, t_max={p['t_max']}"
+    if p["t_max"] - p["t_min"] < p["points"] - 1:
+        return f"{p['points']} levels do not fit between t_min={p['t_min']} and t_max={p['t_max']}"
+    return None
+
+
 def _pixel_rounding(p, x):
     mse_bound = _squared_error(x["mse"], x["pixel_rms"])
     return mse_bound if p["metric"] == "mse" else 10 / np.log(10) * mse_bound / np.asarray(x["mse"], dtype=np.float64)
@@ -208,6 +228,7 @@ class AttackSpec:
     citation: str = ""
     requires: Callable | None = None  # records -> why the attack cannot run on them (None: it can)
     unconditional: bool = False  # contrasts a caption with the unconditional branch (refused where there is none)
+    features: str = ""  # prefix of the extras that form a per-image curve: calibrate=fit classifies it
     schema: dict = field(default_factory=dict)  # parameter -> Param: what each one may be
     rules: tuple = ()  # params -> None, or what is wrong with a combination of parameters
     deepest: Callable | None = None  # params -> (the deepest timestep visited, how it is reached): check_schedule
@@ -468,6 +489,28 @@ REGISTRY: dict[str, AttackSpec] = {
             roundings=ROUNDINGS,
         ),
         AttackSpec(
+            "curve",
+            noise_curve_attack,
+            "noise-level curve",
+            dict(t_min=50, t_max=950, points=11, n_noise=3),
+            {},
+            cost=lambda p, s: int(p["points"]) * int(p["n_noise"]) * _branches(s),
+            measure=lambda p: "-mean log one-step error",
+            citation="Sesmat et al., ICML 2026",
+            schema={
+                "t_min": _timestep(low=1),
+                "t_max": _timestep(low=1),
+                "points": Param("int", low=2),
+                "n_noise": Param("int", low=1),
+            },  # fmt: skip
+            rules=(_curve_levels_rule,),
+            deepest=lambda p: (p["t_max"], f"t_max = {p['t_max']}"),
+            features=FEATURE_PREFIX,
+            # tolerance = 64 eps * mean_k 2 (2 + sqrt(m_k)) / sqrt(m_k) (each level's log error)
+            rounding=_curve_rounding,
+            roundings=ROUNDINGS,
+        ),
+        AttackSpec(
             "vae_control",
             vae_control,
             "VAE-only control",
@@ -535,7 +578,9 @@ class AttackRequest:
     ``direction``: ``"method"`` scores as the method says (+1); ``"auto"`` lets calibration reverse it
     (the structural family only); ``1`` / ``-1`` fix it. ``run`` is the stable id of the result rows.
     ``calibrate``: ``"none"``, or per-image calibration of every grid point's scores before the choice
-    (``"difficulty"``, ``"reference"``: :mod:`mialib.calibration`; attacks that run the model only).
+    (``"difficulty"``, ``"reference"``: :mod:`mialib.calibration`; attacks that run the model only), or
+    ``"fit"``: the attack's per-image curve (:attr:`AttackSpec.features`) classified by a model fitted on
+    the calibration split (:func:`mialib.calibration.fitted_summary`).
 
     Every fixed value and every grid value is checked here, once, against the attack's :attr:`AttackSpec.schema`
     (and normalised: ``100.0`` becomes ``100``), and so is every grid point's combination (``t`` a multiple
@@ -562,6 +607,12 @@ class AttackRequest:
             raise ValueError(
                 f"{spec.name}: calibrate={self.calibrate} applies to attacks that run the model, not to a {spec.kind} "
                 "(a control or blind baseline is itself a measure of the image)"
+            )
+        if self.calibrate == "fit" and not spec.features:
+            with_curves = [s.name for s in REGISTRY.values() if s.features]
+            raise ValueError(
+                f"{spec.name}: calibrate=fit classifies an attack's per-image curve, which {spec.name} does not have "
+                f"(attacks with one: {', '.join(with_curves)})"
             )
         unknown = (set(self.fixed) | set(self.grid)) - set(spec.defaults)
         if unknown:
@@ -606,6 +657,8 @@ class AttackRequest:
     def display(self) -> str:
         if self.label:
             return self.label
+        if self.calibrate == "fit":
+            return self._display() + ", fitted on calibration"
         return self._display() + ("" if self.calibrate == "none" else f" vs {self.calibrate}")
 
     def _display(self) -> str:
