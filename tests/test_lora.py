@@ -67,6 +67,34 @@ def test_a_lora_fuses_as_its_hand_computation_and_scale_zero_is_the_base(lora_mo
     assert half.name.endswith("+pytorch_lora_weights.safetensors:0.5") and half.loras == ((str(lora), 0.5),)
 
 
+@pytest.mark.numerics
+def test_a_kohya_format_lora_fuses_as_the_same_adapter_in_diffusers_format(lora_models, tmp_path):
+    """The adapter rewritten as kohya's sd-scripts write SD 1.x U-Net LoRAs (``lora_unet_<module path with
+    underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, no metadata), loaded through the same
+    --lora path: diffusers converts it, and the fused weights equal those of the diffusers-format file."""
+    from mialib.target import load_target
+
+    base_dir, lora = lora_models
+    kohya = {}
+    for key, value in load_file(str(lora)).items():
+        module, kind = key[len("unet.") :].rsplit(".lora.", 1)  # kind: down.weight or up.weight
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{kind}"] = value
+        kohya[f"{name}.alpha"] = torch.tensor(float(ALPHA))
+    assert len(kohya) == 3 * len(load_file(str(lora))) // 2
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    ours = load_target(base_dir, loras=[f"{tmp_path / 'kohya.safetensors'}:0.5"]).unet.state_dict()
+    theirs = load_target(base_dir, loras=[(str(lora), 0.5)]).unet.state_dict()
+    base = load_target(base_dir).unet.state_dict()
+    assert set(ours) == set(theirs) == set(base)  # no adapter layer is left
+    changed = 0
+    for key, value in theirs.items():
+        # alpha / rank is applied to the weights before the fuse here, after it there: a float32 rounding apart
+        torch.testing.assert_close(ours[key], value, rtol=0, atol=4e-7 * value.abs().max().item())
+        changed += not torch.equal(value, base[key])
+    assert changed >= 8
+
+
 def test_scale_zero_scores_exactly_as_the_base_model(lora_models, lora_set, tmp_path):
     from mialib import imagesets, runs
     from mialib.settings import Settings
