@@ -95,6 +95,25 @@ def test_a_kohya_format_lora_fuses_as_the_same_adapter_in_diffusers_format(lora_
     assert changed >= 8
 
 
+def test_an_sdxl_lora_fuses_into_its_unet_and_scale_zero_is_the_base(tmp_path):
+    """An SDXL LoRA (saved by StableDiffusionXLPipeline's own save_lora_weights) through the same --lora path:
+    the SDXL pipeline's loader fuses it into the U-Net; at scale 0 every weight is the base model's, at scale 1
+    the adapted projections move."""
+    import model_zoo
+    from mialib.target import load_target
+
+    pipeline = model_zoo.build_sdxl(tmp_path / "sdxl")
+    lora = helpers.save_tiny_lora(pipeline, tmp_path / "sdxl-lora")
+    base = load_target(tmp_path / "sdxl").unet.state_dict()
+    zero = load_target(tmp_path / "sdxl", loras=[f"{lora}:0"])
+    one = load_target(tmp_path / "sdxl", loras=[str(lora)])
+    assert zero.family == "sdxl" and zero.name.endswith(f"+{lora.name}:0")
+    for key, value in base.items():
+        assert torch.equal(zero.unet.state_dict()[key], value), key
+    moved = [key for key, value in one.unet.state_dict().items() if not torch.equal(value, base[key])]
+    assert len(moved) >= 8 and all(any(m in key for m in ("to_q", "to_k", "to_v", "to_out")) for key in moved)
+
+
 def test_scale_zero_scores_exactly_as_the_base_model(lora_models, lora_set, tmp_path):
     from mialib import imagesets, runs
     from mialib.settings import Settings
