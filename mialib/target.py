@@ -456,7 +456,8 @@ class Target:
         n = sample.shape[0]
         self.unet_evals += n
         if self.flow == "sd3":
-            timestep = torch.full((n,), level * 1000, device=self.device, dtype=self.dtype)
+            # float32, as the SD3 pipeline passes its scheduler's timesteps (FLUX's casts them to the latents' dtype)
+            timestep = torch.full((n,), level * 1000, device=self.device, dtype=torch.float32)
             return self.unet(
                 hidden_states=sample, timestep=timestep, encoder_hidden_states=cond.hidden,
                 pooled_projections=cond.pooled, return_dict=False,
