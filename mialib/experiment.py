@@ -160,6 +160,8 @@ TINY_KEYS = {
     "FILLER_IMAGES": "filler_images",
     "SHARED_SEED": "shared_seed",
     "TINY_FAMILY": "family",  # sd (default) or sd3: the flow-matching tiny target (configs/flow.yaml)
+    "LORA_RANK": "lora_rank",  # > 0: the fine-tuning trains a LoRA of this rank (07's LoRA regime)
+    "LORA_LR": "lora_lr",  # the LoRA's learning rate
 }
 FILLER = FILLER_MANIFEST  # the catalogue's images outside the split: the regimes' extra training images
 
@@ -251,14 +253,26 @@ def stand_ins(images: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return public.sample(n=n, random_state=seed)  # numpy's legacy RandomState: the same draw in every release
 
 
-REGIME_KEYS = {"UNET_STEPS", "CHECKPOINTS", "UNET_LR", "UNET_DATA", "PRETRAIN_STEPS", "FILLER_IMAGES", "VAE_STEPS"}
+REGIME_KEYS = {
+    "UNET_STEPS",
+    "CHECKPOINTS",
+    "UNET_LR",
+    "UNET_DATA",
+    "PRETRAIN_STEPS",
+    "FILLER_IMAGES",
+    "VAE_STEPS",
+    "LORA_RANK",
+    "LORA_LR",
+    "TINY_FAMILY",
+    "SEEDS",  # the regime's own training seeds instead of REGIME_SEEDS (a regime too costly for all of them)
+}
 
 
 def regime_targets(params: dict) -> dict[tuple[str, int], dict]:
     """(regime, seed) -> the preset that builds that target: ``REGIMES`` (regime -> target keys it
-    changes) times ``REGIME_SEEDS``. Every target shares the VAE seeded by ``TRAIN_SEED`` (and the
-    fine-tuned seeds share their pretrained base model); the seed changes the U-Net's initialisation and
-    its training batches. A regime that changes nothing, at ``TRAIN_SEED``, is ``MODEL`` itself; the
+    changes) times ``REGIME_SEEDS`` (or the regime's own ``SEEDS``). Every target shares the VAE seeded by
+    ``TRAIN_SEED`` (and the fine-tuned seeds share their pretrained base model); the seed changes the U-Net's
+    initialisation and its training batches. A regime that changes nothing, at ``TRAIN_SEED``, is ``MODEL`` itself; the
     others are built beside it, ``<MODEL>-<regime>-seed<seed>``."""
     regimes, seeds = params.get("REGIMES") or {}, [int(s) for s in params.get("REGIME_SEEDS") or []]
     if not regimes or not seeds:
@@ -281,7 +295,10 @@ def regime_targets(params: dict) -> dict[tuple[str, int], dict]:
         unknown = set(overrides) - REGIME_KEYS
         if unknown:
             raise ValueError(f"REGIMES[{regime!r}] sets {sorted(unknown)}; a regime may set {sorted(REGIME_KEYS)}")
-        for seed in seeds:
+        own_seeds = [int(s) for s in overrides.pop("SEEDS", seeds)]
+        if not own_seeds:
+            raise ValueError(f"REGIMES[{regime!r}] sets SEEDS: []; a regime needs at least one training seed")
+        for seed in own_seeds:
             model = (
                 params["MODEL"]
                 if not overrides and seed == base_seed
@@ -319,7 +336,9 @@ def regime_references(params: dict) -> dict[str, list[dict]]:
         wrong = set(changes) - REGIME_KEYS
         if wrong:
             raise ValueError(f"REGIME_REFERENCES[{regime!r}] sets {sorted(wrong)}; it may set {sorted(REGIME_KEYS)}")
-        recipe = {**params, **(regimes[regime] or {}), **changes}
+        if "SEEDS" in changes:
+            raise ValueError(f"REGIME_REFERENCES[{regime!r}] sets SEEDS; the references' seeds are REFERENCE_SEEDS")
+        recipe = {**params, **{k: v for k, v in (regimes[regime] or {}).items() if k != "SEEDS"}, **changes}
         fixed = int(recipe["UNET_STEPS"]) == 0  # no training step: the base model itself, whatever the seed
         if recipe.get("UNET_DATA", "members") in ("members", "members+pool") and not fixed:
             raise ValueError(
@@ -458,8 +477,12 @@ class Study:
         )
 
     def skip(self, study: str, reason: str) -> None:
-        """Record (and print) that a study does not apply to this set or model."""
-        self.notes.append({"notebook": self.notebook, "study": study, "reason": reason})
+        """Record (and print) that a study does not apply to this set or model (once: a study skipped again
+        for the same reason is not recorded twice)."""
+        note = {"notebook": self.notebook, "study": study, "reason": reason}
+        if note in self.notes:
+            return
+        self.notes.append(note)
         print(f"skipped {study}: {reason}", flush=True)
         path = self.tables / f"skipped_studies_{self.notebook}.csv"
         pd.DataFrame(self.notes).to_csv(path, index=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -581,14 +582,17 @@ def training_dynamics(study, checkpoints: list[int]) -> pd.DataFrame | None:
     None (with the reason recorded) when the model has no such checkpoints."""
     from .experiment import locate_model
     from .target import load_target
-    from .tiny import checkpoint_dir
+    from .tiny import LORA_FILE, checkpoint_dir, target_loras
 
     model_dir = locate_model(study.params["MODEL"])
-    steps = [s for s in checkpoints if (checkpoint_dir(model_dir, s) / "unet").exists()]
+    lora = bool(target_loras(model_dir))  # a LoRA target's checkpoints are LoRA files of its base model
+    flow = (Path(model_dir) / "transformer").is_dir()  # a flow model's checkpoints hold its transformer
+    saved = LORA_FILE if lora else Path("transformer" if flow else "unet")
+    steps = [s for s in checkpoints if (checkpoint_dir(model_dir, s) / saved).exists()]
     if not steps:
         study.skip(
             "training dynamics",
-            f"{study.params['MODEL']} has no training checkpoints (checkpoints/step-N/unet) for steps "
+            f"{study.params['MODEL']} has no training checkpoints (checkpoints/step-N/{saved.as_posix()}) for steps "
             f"{list(checkpoints)}",
         )
         return None
@@ -596,11 +600,13 @@ def training_dynamics(study, checkpoints: list[int]) -> pd.DataFrame | None:
     test = study.imageset.subset("test")
     rows = []
     for step in steps:
+        folder = checkpoint_dir(model_dir, step)
         snapshot = load_target(
             model_dir,
             device=study.params.get("DEVICE", "cpu"),
             dtype=study.settings.dtype,
-            checkpoint=checkpoint_dir(model_dir, step),
+            checkpoint=None if lora else folder,
+            loras=[str(folder / LORA_FILE)] if lora else (),
         )
         scores, _ = study.score(requests, imageset=test, target=snapshot, progress=False)
         for run, group in scores.groupby("run", sort=False):
@@ -790,13 +796,19 @@ def regime_study(study, regime: str, seed: int, model: str, references: dict | N
 
     from .experiment import claim_output, locate_model
     from .target import load_target
+    from .tiny import target_loras
 
     out = claim_output(study.out / "regimes" / f"{regime}-seed{seed}")
-    sub = replace(study, out=out, notes=[], params={**study.params, "MODEL": model})
+    # one list of skip notes per regime and seed, kept by this notebook's study: the audit after the comparison
+    # adds to the comparison's notes instead of overwriting them
+    notes = study.__dict__.setdefault("regime_notes", {}).setdefault((regime, seed), [])
+    sub = replace(study, out=out, notes=notes, params={**study.params, "MODEL": model})
     for folder in (sub.tables, sub.figures):
         folder.mkdir(parents=True, exist_ok=True)
     device, dtype = study.params.get("DEVICE", "cpu"), study.settings.dtype
-    sub.target = load_target(locate_model(model), device=device, dtype=dtype)
+    folder = locate_model(model)
+    sub.target = load_target(folder, device=device, dtype=dtype, loras=target_loras(folder))  # the LoRA regime's file
+    sub.params["LORA"] = target_loras(folder)
     sub.references = [
         load_target(locate_model(folder), device=device, dtype=dtype) for folder in (references or {}).get(regime, [])
     ]
@@ -857,8 +869,11 @@ def regime_summary(table: pd.DataFrame) -> pd.DataFrame:
         auc_min=("auc", "min"),
         auc_max=("auc", "max"),
     ).reset_index()
-    summary["AUC"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(summary["auc_mean"], summary["auc_sd"].fillna(0))]
-    summary["TPR@1%FPR"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(summary["tpr_mean"], summary["tpr_sd"].fillna(0))]
+    for name, column in (("AUC", "auc"), ("TPR@1%FPR", "tpr")):  # one seed has no spread: said, not written 0
+        summary[name] = [
+            f"{m:.3f} ± {s:.3f}" if n > 1 else f"{m:.3f} (one seed)"
+            for m, s, n in zip(summary[f"{column}_mean"], summary[f"{column}_sd"], summary["seeds"])
+        ]
     return summary
 
 

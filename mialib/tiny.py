@@ -76,6 +76,11 @@ class TinyConfig:
     shared_seed: int = -1
     # sd: the U-Net of SD 1.x; sd3: an SD3-shaped flow transformer with SD3's two CLIP encoders (no T5)
     family: str = "sd"
+    # > 0: the fine-tuning (after ``pretrain_steps``) trains a LoRA of this rank on the U-Net's attention projections
+    # instead of the whole U-Net and text encoder; the target is the base model's pipeline and the LoRA file
+    # (``lora/pytorch_lora_weights.safetensors``, diffusers' format), loaded like a user's (--lora)
+    lora_rank: int = 0
+    lora_lr: float = 1e-2  # the LoRA's learning rate (the base model trains at ``unet_lr``)
 
     def __post_init__(self):
         self.vae_channels = tuple(self.vae_channels)
@@ -91,6 +96,13 @@ class TinyConfig:
             raise ValueError(f"family={self.family!r}: one of {FAMILIES}")
         if self.family != "sd" and (self.uses_pool or self.unet_data != "members"):
             raise ValueError("the memorisation regimes' recipes train the SD-shaped target only (family='sd')")
+        if not self.unet_steps:
+            self.lora_rank = 0  # no fine-tuning step: the base model itself, with or without a LoRA recipe
+        if self.lora_rank and not self.pretrain_steps:
+            raise ValueError(
+                f"lora_rank={self.lora_rank}: a LoRA fine-tunes a base model; set pretrain_steps (the base model's "
+                "training on the pool)"
+            )
 
     @property
     def uses_pool(self) -> bool:
@@ -106,6 +118,54 @@ class TinyConfig:
 UNET_DATA = ("members", "members+pool", "stand-ins", "pool")
 FAMILIES = ("sd", "sd3")
 FLOW_SHIFT = 3.0  # SD3's scheduler shift
+LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts adapt
+LORA_FILE = Path("lora") / "pytorch_lora_weights.safetensors"  # a LoRA target's adapter, beside its base model
+LORA_STATE = Path("lora") / "lora_parameters.safetensors"  # a checkpoint's LoRA parameters by name, to resume from
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None, init: bool | str = "gaussian") -> None:
+    """Add a peft LoRA adapter of ``rank`` (scale ``alpha / rank``; ``alpha`` defaults to ``rank``) to the
+    attention projections of a diffusers U-Net or transformer, as diffusers' LoRA training scripts do; only
+    the adapter's parameters train. ``init=False`` draws both factors at random (a nonzero update at once)."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=init, target_modules=list(LORA_MODULES))
+    model.add_adapter(config)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+
+
+def target_loras(folder: str | Path) -> list[str]:
+    """The adapter of a LoRA target (``lora_rank`` > 0: :data:`LORA_FILE` beside its base model), to load with
+    ``load_target(folder, loras=...)``; [] for any other folder."""
+    file = Path(folder) / LORA_FILE
+    return [str(file)] if file.exists() else []
+
+
+def lora_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: parameter for name, parameter in model.named_parameters() if "lora_" in name}
+
+
+def save_lora(model: torch.nn.Module, folder: str | Path, pipeline_class=None) -> Path:
+    """Save the LoRA adapter of ``model`` (a U-Net, or an SD3 / FLUX transformer, given its pipeline class)
+    with the pipeline class's own ``save_lora_weights``, as diffusers' training scripts do: safetensors,
+    rank and alpha in the metadata. Returns the file."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline_class = pipeline_class or StableDiffusionPipeline
+    component = "unet" if isinstance(model, UNet2DConditionModel) else "transformer"
+    layers = get_peft_model_state_dict(model)
+    pipeline_class.save_lora_weights(
+        folder,
+        **{
+            f"{component}_lora_layers": convert_state_dict_to_diffusers(layers) if component == "unet" else layers,
+            f"{component}_lora_adapter_metadata": model.peft_config["default"].to_dict(),
+        },
+        safe_serialization=True,
+    )
+    return Path(folder) / LORA_FILE.name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,8 +441,16 @@ def train_unet(
     SD3's shift, on the 1,000-step grid, as diffusers' SD3 training script draws it), conditioned through the
     SD3 pipeline's own ``encode_prompt``."""
     flow = "transformer" in components
+    lora = bool(config.lora_rank)  # a LoRA of the U-Net; the base weights and the text encoder stay frozen
     names = ("transformer", "text_encoder", "text_encoder_2") if flow else ("unet", "text_encoder")
+    names = names[:1] if lora else names
     modules = torch.nn.ModuleDict({name: components[name] for name in names})
+    unet = components[names[0]]
+    if lora:
+        components["text_encoder"].eval().requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):  # peft draws the initial factors from torch's global generator
+            torch.manual_seed(config.seed + 3)
+            add_lora(components["unet"], config.lora_rank)
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     if flow:
         from .flow import noise_levels
@@ -397,30 +465,37 @@ def train_unet(
         ).input_ids  # fmt: skip
         caption_tokens, null_tokens = tokens[:-1], tokens[-1:]
     generator = torch.Generator().manual_seed(config.seed + 2)
-    optimizer = torch.optim.AdamW(modules.parameters(), lr=config.unet_lr)
+    trained = [p for p in modules.parameters() if p.requires_grad] if lora else list(modules.parameters())
+    learning_rate = config.lora_lr if lora else config.unet_lr
+    optimizer = torch.optim.AdamW(trained, lr=learning_rate)
     state_path = target_dir / "training" / "unet_optimizer.safetensors"
     start = 0
-    done = [
-        s
-        for s in config.checkpoints
-        if (checkpoint_dir(target_dir, s) / names[0] / "diffusion_pytorch_model.safetensors").exists()
-    ]
+    saved_file = LORA_STATE if lora else Path(names[0]) / "diffusion_pytorch_model.safetensors"
+    done = [s for s in config.checkpoints if (checkpoint_dir(target_dir, s) / saved_file).exists()]
     if done and state_path.exists():
         start = max(done)
         folder = checkpoint_dir(target_dir, start)
-        for name in names:
+        if lora:
+            state = load_file(folder / LORA_STATE)
+            missing = set(lora_parameters(unet)) - set(state)
+            if missing:
+                raise ValueError(f"{folder / LORA_STATE} lacks {len(missing)} LoRA parameters; remove it to retrain")
+            unet.load_state_dict(state, strict=False)
+        for name in () if lora else names:
             saved = type(modules[name]).from_pretrained(folder / name, use_safetensors=True)
             modules[name].load_state_dict(saved.state_dict())
         _load_optimizer(optimizer, generator, state_path)
     # The generator state was restored, so the batch stream continues where the run stopped.
     batches = _batches(len(latents), config.batch_size, generator)
     losses = []
-    modules.train().requires_grad_(True)
+    modules.train()
+    if not lora:
+        modules.requires_grad_(True)
     for step in tqdm(
         range(start + 1, config.unet_steps + 1), initial=start, total=config.unet_steps, desc=desc, disable=not progress
     ):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(config.unet_lr, step - 1, config.unet_steps)
+            group["lr"] = cosine_lr(learning_rate, step - 1, config.unet_steps)
         index = next(batches)
         z0 = latents[index]
         noise = torch.randn(z0.shape, generator=generator)
@@ -452,7 +527,10 @@ def train_unet(
             # A new batch stream starts after every checkpoint so that a resumed run sees the same batches.
             batches = _batches(len(latents), config.batch_size, generator)
             folder = checkpoint_dir(target_dir, step)
-            for name in names:
+            if lora:
+                save_lora(unet, folder / LORA_FILE.parent)
+                save_file({k: v.detach().contiguous() for k, v in lora_parameters(unet).items()}, folder / LORA_STATE)
+            for name in () if lora else names:
                 modules[name].save_pretrained(folder / name, safe_serialization=True)
             state_path.parent.mkdir(parents=True, exist_ok=True)
             _save_optimizer(optimizer, generator, step, state_path)
@@ -549,6 +627,7 @@ def _pretrained(
         seed=config.shared_seed,
         unet_steps=config.pretrain_steps,
         checkpoints=(config.pretrain_steps // 2, config.pretrain_steps),
+        lora_rank=0,  # the base model trains in full; a LoRA regime adapts it afterwards
     )
     final = checkpoint_dir(folder, config.pretrain_steps)
     if not (final / "unet" / "diffusion_pytorch_model.safetensors").exists():
@@ -662,7 +741,15 @@ def build_tiny_target(
     data_name = {"members+pool": "members and pool", "stand-ins": "stand-ins"}.get(config.unet_data, config.unet_data)
     model = "transformer" if config.family == "sd3" else "U-Net"
     desc = f"fine-tune {model} ({data_name})" if config.pretrain_steps else f"train {model} ({data_name})"
+    if config.lora_rank:
+        import copy
+
+        base_unet = copy.deepcopy(components["unet"])  # the pipeline keeps the base model; the LoRA is a file
+        desc = f"train a rank-{config.lora_rank} LoRA of the U-Net ({data_name})"
     losses = train_unet(components, latents, captions, config, target_dir, progress, desc=desc)
+    if config.lora_rank:
+        save_lora(components["unet"], target_dir / LORA_FILE.parent)
+        components["unet"] = base_unet
     if losses:
         log = target_dir / "training" / "unet_loss.json"
         previous = json.loads(log.read_text()) if log.exists() else []

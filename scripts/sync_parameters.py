@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 YAML_KEY = re.compile(r"^([A-Z][A-Z0-9_]*):(.*)$")
 YAML_ENTRY = re.compile(r"^\s+([A-Za-z0-9_]+):(.*)$")
 CELL_KEY = re.compile(r"^([A-Z][A-Z0-9_]*) = (.*)$")
-CELL_ENTRY = re.compile(r"^\s+'([A-Za-z0-9_]+)': (.*)$")
+CELL_ENTRY = re.compile(r"^ {4}'([A-Za-z0-9_]+)':(?: (.*))?$")  # a mapping's entry (one level deep)
 COMMENT = re.compile(r"\s+#\s?(.*)$")
 
 

@@ -61,35 +61,20 @@ def save_tiny_pipeline(folder: Path):
     return pipeline
 
 
-LORA_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
 def save_tiny_lora(pipeline, folder: Path, rank: int = 4, alpha: int = 8, seed: int = 0) -> Path:
     """A LoRA of ``pipeline``'s U-Net (SD3 / FLUX: transformer) attention projections with random (nonzero)
     weights, made with peft and saved with the pipeline class's own ``save_lora_weights`` (safetensors, its rank
-    and alpha in the metadata), as diffusers' training scripts save them; returns the file. ``pipeline`` is
-    left without the adapter."""
+    and alpha in the metadata), as diffusers' training scripts save them (:func:`mialib.tiny.save_lora`);
+    returns the file. ``pipeline`` is left without the adapter."""
     import copy
 
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    from mialib.tiny import add_lora, save_lora
 
     component = "transformer" if getattr(pipeline, "transformer", None) is not None else "unet"
     model = copy.deepcopy(getattr(pipeline, component))
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_MODULES, init_lora_weights=False)
     torch.manual_seed(seed)
-    model.add_adapter(config)
-    layers = get_peft_model_state_dict(model)
-    type(pipeline).save_lora_weights(
-        folder,
-        **{
-            f"{component}_lora_layers": convert_state_dict_to_diffusers(layers) if component == "unet" else layers,
-            f"{component}_lora_adapter_metadata": config.to_dict(),
-        },
-        safe_serialization=True,
-    )
-    return Path(folder) / "pytorch_lora_weights.safetensors"
+    add_lora(model, rank, alpha, init=False)
+    return save_lora(model, folder, type(pipeline))
 
 
 def make_images(n: int = 2, size: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor:

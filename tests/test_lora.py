@@ -171,3 +171,84 @@ def test_lora_files_are_checked_before_anything_loads(lora_models, tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         load_target(base_dir, loras=[str(unrelated)])
     assert Path(lora).exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The embedded LoRA regime (07): a LoRA of the fine-tuned regime's base model, trained by the project
+# --------------------------------------------------------------------------------------------------
+def _build_lora_target(folder: Path, shared: Path, lora_rank: int = 4):
+    from mialib import experiment, tiny
+
+    config = tiny.TinyConfig(
+        vae_steps=6, pretrain_steps=8, unet_steps=8, checkpoints=(4, 8), lora_rank=lora_rank, lora_lr=1e-2, seed=1
+    )
+    g = torch.Generator().manual_seed(0)
+    public, members = torch.rand(24, 3, 32, 32, generator=g) * 2 - 1, torch.rand(12, 3, 32, 32, generator=g) * 2 - 1
+    captions = [f"a grinning face number {i}" for i in range(12)]
+    pool_captions = [f"a smiling cat number {i}" for i in range(24)]
+    return tiny.build_tiny_target(
+        folder, public, members, captions, captions + pool_captions, config, progress=False,
+        tokenizer=experiment.emoji_tokenizer(config), pool_images=public, pool_captions=pool_captions, shared=shared,
+    ), config  # fmt: skip
+
+
+def test_the_lora_regime_trains_a_lora_file_of_the_shared_base_model(tmp_path, monkeypatch):
+    """LORA_RANK: the fine-tuning trains a peft LoRA of the U-Net's attention projections on the members; the
+    folder holds the base model (the shared pretrained U-Net and text encoder, untouched) and the adapter saved
+    in diffusers' format, which loads like a user's (--lora) as W + up @ down (alpha = rank). Its checkpoints
+    are LoRA files, and an interrupted training resumes to the same adapter."""
+    from mialib import tiny
+    from mialib.target import load_target
+
+    folder, config = _build_lora_target(tmp_path / "lora-target", tmp_path / "shared")
+    assert tiny.target_loras(folder) == [str(folder / tiny.LORA_FILE)]
+    assert tiny.target_loras(tmp_path / "shared") == []
+    base_dir = next((tmp_path / "shared").glob("base-*")) / "checkpoints" / "step-000008"
+    for name in ("unet", "text_encoder"):  # the pipeline is the base model: the LoRA is only in the file
+        ours = load_file(str(folder / name / "model.safetensors" if name == "text_encoder" else
+                             folder / name / "diffusion_pytorch_model.safetensors"))  # fmt: skip
+        theirs = load_file(str(next((base_dir / name).glob("*.safetensors"))))
+        assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    adapter = load_file(str(folder / tiny.LORA_FILE))
+    downs = [k for k in adapter if k.endswith(".lora.down.weight")]
+    assert len(downs) >= 8 and all(adapter[k].shape[0] == config.lora_rank for k in downs)
+    assert all(any(m in k for m in tiny.LORA_MODULES) for k in adapter)
+    base = load_target(folder).unet.state_dict()
+    adapted = load_target(folder, loras=tiny.target_loras(folder)).unet.state_dict()
+    moved = 0
+    for key in downs:
+        module = key[len("unet.") : -len(".lora.down.weight")]
+        up = adapter[f"unet.{module}.lora.up.weight"]
+        assert up.abs().max() > 0  # trained: peft starts the up factor at zero
+        expected = base[f"{module}.weight"] + up @ adapter[key]  # alpha = rank: scale 1
+        torch.testing.assert_close(
+            adapted[f"{module}.weight"], expected, rtol=0, atol=4e-7 * expected.abs().max().item()
+        )
+        moved += not torch.equal(adapted[f"{module}.weight"], base[f"{module}.weight"])
+    assert moved == len(downs)
+    early = load_file(str(tiny.checkpoint_dir(folder, 4) / tiny.LORA_FILE))
+    assert set(early) == set(adapter) and any(not torch.equal(early[k], adapter[k]) for k in adapter)
+    # a second build killed while it writes the checkpoint at step 8 resumes from step 4 to the same adapter
+    calls, save = [], tiny.save_lora
+
+    def killed(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(tiny, "save_lora", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _build_lora_target(tmp_path / "killed", tmp_path / "shared")
+    monkeypatch.setattr(tiny, "save_lora", save)
+    again, _ = _build_lora_target(tmp_path / "killed", tmp_path / "shared")
+    losses = json.loads((again / "training" / "unet_loss.json").read_text())
+    assert len(losses) == 4  # the 4 steps after the resume (the killed run wrote no log)
+    resumed = load_file(str(again / tiny.LORA_FILE))
+    assert set(resumed) == set(adapter) and all(torch.equal(resumed[k], adapter[k]) for k in adapter)
+    # the full fine-tune of the same recipe (LORA_RANK 0) starts from the same base model: one shared folder
+    _build_lora_target(tmp_path / "full", tmp_path / "shared", lora_rank=0)
+    assert len(list((tmp_path / "shared").glob("base-*"))) == 1 and not tiny.target_loras(tmp_path / "full")
+    with pytest.raises(ValueError, match="fine-tunes a base model"):
+        tiny.TinyConfig(lora_rank=4)
+    assert tiny.TinyConfig(lora_rank=4, pretrain_steps=8, unet_steps=0).lora_rank == 0  # no step: the base model

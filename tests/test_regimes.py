@@ -4,18 +4,25 @@ size (configs/smoke.yaml's REGIMES, two seeds), checked against the numbers each
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
-from mialib import experiment, studies
+from mialib import experiment, studies, tiny
 from mialib.tiny import TinyConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _seeds(params: dict, regime: str) -> list[int]:
+    """A regime's training seeds: its own SEEDS, else REGIME_SEEDS."""
+    return list((params["REGIMES"][regime] or {}).get("SEEDS", params["REGIME_SEEDS"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -39,8 +46,8 @@ def test_a_config_written_before_the_regimes_reads_back_as_the_same_target():
 def test_regime_targets_expand_the_preset():
     params = experiment.load_preset(ROOT / "configs" / "regimes.yaml")
     targets = experiment.regime_targets(params)
-    assert list(targets) == [(regime, seed) for regime in params["REGIMES"] for seed in params["REGIME_SEEDS"]]
-    assert len(params["REGIME_SEEDS"]) >= 3
+    assert list(targets) == [(regime, seed) for regime in params["REGIMES"] for seed in _seeds(params, regime)]
+    assert len(params["REGIME_SEEDS"]) >= 3 and _seeds(params, "flow") == [0]  # the flow target: one seed
     # the from-scratch regime at the preset's seed is the default target itself, the others are built beside it
     assert targets[("from-scratch", 0)]["MODEL"] == params["MODEL"]
     assert targets[("weak", 2)]["MODEL"] == f"{params['MODEL']}-weak-seed2"
@@ -59,8 +66,20 @@ def test_regime_targets_expand_the_preset():
     share = params["N_MEMBERS"] / (params["N_MEMBERS"] + pool)
     epochs = weak.unet_steps * weak.batch_size / (params["N_MEMBERS"] + pool)
     assert share < 0.1 and 3 <= epochs <= 8, (share, epochs)
+    # the LoRA regime adapts the fine-tuned regime's base model (the same pretraining, shared), rank 8
+    lora = configs[("lora", 1)]
+    assert lora.lora_rank == 8 and lora.unet_data == "members" and lora.seed == 1
+    assert {k: getattr(lora, k) for k in tiny.BASE_FIELDS} == {k: getattr(fine, k) for k in tiny.BASE_FIELDS}
+    # the flow regime is the from-scratch recipe on the SD3-shaped target
+    flow, scratch = configs[("flow", 0)], configs[("from-scratch", 0)]
+    assert flow.family == "sd3" and replace(flow, family="sd") == scratch
+    assert targets[("flow", 0)]["MODEL"] == f"{params['MODEL']}-flow-seed0"
     with pytest.raises(ValueError, match="may set"):
         experiment.regime_targets({**params, "REGIMES": {"odd": {"IMAGE_SIZE": 64}}})
+    with pytest.raises(ValueError, match="at least one training seed"):
+        experiment.regime_targets({**params, "REGIMES": {"flow": {"TINY_FAMILY": "sd3", "SEEDS": []}}})
+    with pytest.raises(ValueError, match="SD-shaped target only"):  # a LoRA of a flow base model: not built
+        experiment.tiny_config({**targets[("lora", 0)], "TINY_FAMILY": "sd3"})
     with pytest.raises(ValueError, match="DATA=emoji"):
         experiment.regime_targets({**params, "DATA": "imagefolder:somewhere"})
     assert isinstance(experiment.notebook_runs({**params, "DATA": "imagefolder:x"})["07_regimes"], str)
@@ -73,6 +92,7 @@ def test_regime_references_train_each_recipe_without_the_members():
     assert len(seeds) >= 2 and {r: len(p) for r, p in references.items()} == {
         "from-scratch": len(seeds),
         "fine-tuned": 1,  # the base model does not depend on a seed: built once
+        "lora": 1,  # the same base model, without the LoRA
         "weak": len(seeds),
     }
     configs = {(r, i): experiment.tiny_config(p) for r, presets in references.items() for i, p in enumerate(presets)}
@@ -90,6 +110,9 @@ def test_regime_references_train_each_recipe_without_the_members():
     fine = targets[("fine-tuned", 0)]
     assert base.unet_steps == 0 and base.pretrain_steps == fine.pretrain_steps and base.shared_seed == fine.shared_seed
     assert references["fine-tuned"][0]["MODEL"] == f"{params['MODEL']}-fine-tuned-base"
+    lora_base = configs[("lora", 0)]
+    assert lora_base.unet_steps == 0 and lora_base.lora_rank == 0 and lora_base.pretrain_steps == fine.pretrain_steps
+    assert "flow" not in references  # no reference recipe: its calibrate=reference rows are skipped, with the reason
     # weak: the same training on the pool alone
     weak = configs[("weak", 0)]
     assert weak.unet_data == "pool" and weak.unet_steps == targets[("weak", 0)].unet_steps and weak.uses_pool
@@ -170,8 +193,23 @@ def test_07_ran_every_regime_and_seed(regimes_run):
     assert {k: v["status"] for k, v in runs.items()} == {"07_regimes": "ok"}
     assert (out / "html" / "07_regimes.html").exists()
     metrics = pd.read_csv(out / "tables" / "regime_metrics.csv")
-    expected = {(r, s, run) for r in params["REGIMES"] for s in params["REGIME_SEEDS"] for run in params["ATTACKS"]}
-    assert set(zip(metrics["regime"], metrics["seed"], metrics["run"])) == expected and len(metrics) == len(expected)
+    expected = {(r, s, run) for r in params["REGIMES"] for s in _seeds(params, r) for run in params["ATTACKS"]}
+    assert {"lora", "flow"} <= set(params["REGIMES"]) and _seeds(params, "flow") == [0]
+    # the flow regime has no reference models: its calibrate=reference runs are skipped, with the reason
+    skipped = {(r, s, run) for r, s, run in expected if r == "flow" and run.endswith("_reference")}
+    assert skipped
+    assert set(zip(metrics["regime"], metrics["seed"], metrics["run"])) == expected - skipped
+    assert len(metrics) == len(expected - skipped)
+    notes = pd.read_csv(out / "regimes" / "flow-seed0" / "tables" / "skipped_studies_07_regimes.csv")
+    said = set(notes.loc[notes["reason"].str.contains("no reference models"), "study"])
+    assert {run for _, _, run in skipped} <= said
+    # the dynamics follow both fine-tunings; a LoRA's checkpoints are LoRA files: its last one is the target itself
+    dynamics = pd.read_csv(out / "tables" / "regime_dynamics.csv")
+    assert set(dynamics["regime"]) == {"fine-tuned", "lora"}
+    last = dynamics[dynamics["step"] == params["REGIMES"]["lora"]["UNET_STEPS"]]
+    both = last.merge(metrics, on=["regime", "seed", "run"], suffixes=("_checkpoint", ""))
+    assert set(both["regime"]) == {"fine-tuned", "lora"} and len(both) == len(last)
+    np.testing.assert_array_equal(both["auc_checkpoint"], both["auc"])
     for figure in ("regimes", "regime_audit", "regime_dynamics"):
         assert (out / "figures" / f"{figure}.png").stat().st_size > 1000
     # each row is the regime's own 03 run: its test AUC is sklearn's on the scores that run wrote
@@ -187,15 +225,27 @@ def test_07_targets_share_the_vae_and_the_fine_tuned_base(regimes_run):
     vaes = [load_file(str(Path(model) / "vae" / "diffusion_pytorch_model.safetensors")) for model in targets.values()]
     for other in vaes[1:]:
         assert all(np.array_equal(vaes[0][k].numpy(), other[k].numpy()) for k in vaes[0])
+    trained = {key: model for key, model in targets.items() if key[0] not in ("lora", "flow")}
     unets = {
         key: load_file(str(Path(model) / "unet" / "diffusion_pytorch_model.safetensors"))
-        for key, model in targets.items()
+        for key, model in trained.items()
     }
     first = next(iter(unets.values()))
     name = next(k for k in first if k.endswith("weight"))
     assert len({unets[key][name].sum().item() for key in unets}) == len(
         unets
     )  # every seed and regime trained its own U-Net
+    # the LoRA regime's U-Net is the fine-tuned regime's base model; its seeds differ in the LoRA file alone
+    base = load_file(str(Path(targets[("lora", 0)]) / "unet" / "diffusion_pytorch_model.safetensors"))
+    loras = [load_file(str(Path(targets[("lora", s)]) / tiny.LORA_FILE)) for s in _seeds(params, "lora")]
+    up = next(k for k in loras[0] if k.endswith("lora.up.weight"))
+    assert len({lora[up].sum().item() for lora in loras}) == len(loras) and loras[0][up].abs().max() > 0
+    for seed in _seeds(params, "lora"):
+        assert tiny.target_loras(targets[("lora", seed)]) == [str(Path(targets[("lora", seed)]) / tiny.LORA_FILE)]
+        theirs = load_file(str(Path(targets[("lora", seed)]) / "unet" / "diffusion_pytorch_model.safetensors"))
+        assert all(torch.equal(base[k], theirs[k]) for k in base)
+    # the flow regime trained an SD3-shaped transformer
+    assert (Path(targets[("flow", 0)]) / "transformer" / "diffusion_pytorch_model.safetensors").exists()
     shared = Path(next(iter(targets.values()))).parent / ".tiny-shared"
     bases = sorted(p.name for p in shared.iterdir() if p.name.startswith("base-"))
     assert len(bases) == 1, bases  # one pretrained base model for every fine-tuned seed
@@ -212,9 +262,10 @@ def test_07_summary_is_the_mean_and_spread_over_seeds(regimes_run):
     summary = studies.regime_summary(metrics).set_index(["regime", "run"])
     for (regime, run), group in metrics.groupby(["regime", "run"]):
         row = summary.loc[(regime, run)]
-        assert row["seeds"] == len(params["REGIME_SEEDS"])
+        assert row["seeds"] == len(_seeds(params, regime))
         assert row["auc_mean"] == pytest.approx(group["auc"].mean(), abs=1e-12)
-        assert row["auc_sd"] == pytest.approx(group["auc"].std(ddof=1), abs=1e-12)
+        assert row["auc_sd"] == pytest.approx(group["auc"].std(ddof=1), abs=1e-12, nan_ok=True)
+        assert row["AUC"].endswith("(one seed)") == (len(group) == 1)  # no spread is written for one seed
         assert row["tpr_mean"] == pytest.approx(group["tpr_at_1fpr"].mean(), abs=1e-12)
     table = pd.read_csv(out / "tables" / "regime_table.csv", header=[0, 1], index_col=0)
     assert len(table) == len(params["ATTACKS"])
@@ -297,10 +348,14 @@ def test_07_reference_runs_score_against_each_regimes_own_references(regimes_run
 
     out, params, targets = regimes_run
     references = experiment.prepare_regime_references(params, progress=False)
-    assert {r: len(f) for r, f in references.items()} == {"from-scratch": 2, "fine-tuned": 1, "weak": 2}
+    assert {r: len(f) for r, f in references.items()} == {"from-scratch": 2, "fine-tuned": 1, "lora": 1, "weak": 2}
     base = load_file(str(Path(references["fine-tuned"][0]) / "unet" / "diffusion_pytorch_model.safetensors"))
     fine = load_file(str(Path(targets[("fine-tuned", 0)]) / "unet" / "diffusion_pytorch_model.safetensors"))
     assert any(not np.array_equal(base[k].numpy(), fine[k].numpy()) for k in base)  # the fine-tuning moved it
+    # the LoRA's reference is the same base model: the U-Net the LoRA target loads before its adapter
+    for folder in (references["lora"][0], targets[("lora", 0)]):
+        theirs = load_file(str(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"))
+        assert set(theirs) == set(base) and all(torch.equal(base[k], theirs[k]) for k in base)
     imageset, settings = experiment.open_data(params), Settings.from_parameters(params)
     size, batch = int(params["IMAGE_SIZE"]), int(params["BATCH_SIZE"])
     own = {
@@ -316,6 +371,9 @@ def test_07_reference_runs_score_against_each_regimes_own_references(regimes_run
     for (regime, seed), _ in targets.items():
         scores = pd.read_parquet(out / "regimes" / f"{regime}-seed{seed}" / "scores.parquet")
         calibrated = scores[scores["run"] == "structural_reference"].set_index("id")
+        if regime not in references:  # the flow regime: no reference models, no reference rows (the skip is noted)
+            assert calibrated.empty and regime == "flow"
+            continue
         raw = scores[scores["run"] == "structural_paper"].set_index("id").loc[calibrated.index]
         assert (calibrated["calibrate"] == "reference").all()
         np.testing.assert_array_equal(calibrated["raw_value"], raw["value"])
@@ -328,7 +386,7 @@ def test_07_reference_runs_score_against_each_regimes_own_references(regimes_run
         np.testing.assert_allclose(calibrated["value"], expected, rtol=0, atol=1e-12 * np.abs(expected).max())
         assert np.abs(expected).max() > 0
     metrics = pd.read_csv(out / "tables" / "regime_metrics.csv")
-    assert set(metrics.loc[metrics["run"] == "pia_reference", "regime"]) == set(params["REGIMES"])
+    assert set(metrics.loc[metrics["run"] == "pia_reference", "regime"]) == set(params["REGIMES"]) - {"flow"}
     audit_features = pd.read_parquet(out / "regimes" / "fine-tuned-seed0" / "audit_features.parquet")
     assert audit_features["structural_reference"].notna().all()
 
