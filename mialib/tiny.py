@@ -94,8 +94,11 @@ class TinyConfig:
             raise ValueError(f"unet_data={self.unet_data!r}: one of {UNET_DATA}")
         if self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r}: one of {FAMILIES}")
-        if self.family != "sd" and (self.uses_pool or self.unet_data != "members"):
-            raise ValueError("the memorisation regimes' recipes train the SD-shaped target only (family='sd')")
+        if self.family != "sd" and (self.uses_pool or self.unet_data not in ("members", "stand-ins")):
+            raise ValueError(
+                "the memorisation regimes' pool recipes train the SD-shaped target only (family='sd'); the flow "
+                "target trains on the members, or on stand-ins for its reference models"
+            )
         if not self.unet_steps:
             self.lora_rank = 0  # no fine-tuning step: the base model itself, with or without a LoRA recipe
         if self.lora_rank and not self.pretrain_steps:

@@ -94,6 +94,7 @@ def test_regime_references_train_each_recipe_without_the_members():
         "fine-tuned": 1,  # the base model does not depend on a seed: built once
         "lora": 1,  # the same base model, without the LoRA
         "weak": len(seeds),
+        "flow": len(seeds),
     }
     configs = {(r, i): experiment.tiny_config(p) for r, presets in references.items() for i, p in enumerate(presets)}
     targets = {key: experiment.tiny_config(p) for key, p in experiment.regime_targets(params).items()}
@@ -112,7 +113,10 @@ def test_regime_references_train_each_recipe_without_the_members():
     assert references["fine-tuned"][0]["MODEL"] == f"{params['MODEL']}-fine-tuned-base"
     lora_base = configs[("lora", 0)]
     assert lora_base.unet_steps == 0 and lora_base.lora_rank == 0 and lora_base.pretrain_steps == fine.pretrain_steps
-    assert "flow" not in references  # no reference recipe: its calibrate=reference rows are skipped, with the reason
+    # flow: the flow target's recipe on stand-ins, as from scratch
+    flow_reference = configs[("flow", 1)]
+    assert flow_reference.family == "sd3" and flow_reference.unet_data == "stand-ins" and len(references["flow"]) == 2
+    assert replace(flow_reference, family="sd") == configs[("from-scratch", 1)]
     # weak: the same training on the pool alone
     weak = configs[("weak", 0)]
     assert weak.unet_data == "pool" and weak.unet_steps == targets[("weak", 0)].unet_steps and weak.uses_pool
@@ -174,12 +178,15 @@ def regimes_run(smoke_params, smoke_target_dir, tmp_path_factory):
     # and audit features that those runs already scored (structural t=100, loss t=100, PIA t=200)
     features = {run: smoke_params["AUDIT_ATTACKS"][run] for run in ("structural", "loss", "pia")}
     features["structural_reference"] = "structural:calibrate=reference"
+    # the weak regime without its references (the recipe is checked above): its reference runs are skipped
+    references = {regime: recipe for regime, recipe in smoke_params["REGIME_REFERENCES"].items() if regime != "weak"}
     params = dict(
         smoke_params,
         OUTPUT_DIR=str(folder / "outputs"),
         NOTEBOOKS=["07_regimes"],
         ATTACKS=attacks,
         AUDIT_ATTACKS=features,
+        REGIME_REFERENCES=references,
     )
     path = folder / "preset.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -195,14 +202,16 @@ def test_07_ran_every_regime_and_seed(regimes_run):
     metrics = pd.read_csv(out / "tables" / "regime_metrics.csv")
     expected = {(r, s, run) for r in params["REGIMES"] for s in _seeds(params, r) for run in params["ATTACKS"]}
     assert {"lora", "flow"} <= set(params["REGIMES"]) and _seeds(params, "flow") == [0]
-    # the flow regime has no reference models: its calibrate=reference runs are skipped, with the reason
-    skipped = {(r, s, run) for r, s, run in expected if r == "flow" and run.endswith("_reference")}
-    assert skipped
+    # the weak regime has no reference models here: its calibrate=reference runs are skipped, with the reason, which
+    # the audit (whose features include one of them) adds to without overwriting the comparison's
+    skipped = {(r, s, run) for r, s, run in expected if r == "weak" and run.endswith("_reference")}
+    assert len(skipped) == 2 * len(_seeds(params, "weak"))
     assert set(zip(metrics["regime"], metrics["seed"], metrics["run"])) == expected - skipped
     assert len(metrics) == len(expected - skipped)
-    notes = pd.read_csv(out / "regimes" / "flow-seed0" / "tables" / "skipped_studies_07_regimes.csv")
-    said = set(notes.loc[notes["reason"].str.contains("no reference models"), "study"])
-    assert {run for _, _, run in skipped} <= said
+    for seed in _seeds(params, "weak"):
+        notes = pd.read_csv(out / "regimes" / f"weak-seed{seed}" / "tables" / "skipped_studies_07_regimes.csv")
+        said = notes.loc[notes["reason"].str.contains("no reference models"), "study"]
+        assert sorted(said) == sorted(run for r, s, run in skipped if s == seed)  # each once
     # the dynamics follow both fine-tunings; a LoRA's checkpoints are LoRA files: its last one is the target itself
     dynamics = pd.read_csv(out / "tables" / "regime_dynamics.csv")
     assert set(dynamics["regime"]) == {"fine-tuned", "lora"}
@@ -289,7 +298,7 @@ def test_07_audit_null_rate_and_power_per_regime(regimes_run):
         null["fpr_permutation"] <= 0.05 + 3 * null["mc_se"]
     ).all()
     # the written rates are what the audit gives on that seed's features
-    regime, seed = "weak", params["REGIME_SEEDS"][-1]
+    regime, seed = "lora", _seeds(params, "lora")[-1]
     features = pd.read_parquet(out / "regimes" / f"{regime}-seed{seed}" / "audit_features.parquet")
     nonmembers = features[features["label"] == 0].reset_index(drop=True)
     written = null[(null["regime"] == regime) & (null["seed"] == seed) & (null["feature_set"] == "combined")]
@@ -348,7 +357,8 @@ def test_07_reference_runs_score_against_each_regimes_own_references(regimes_run
 
     out, params, targets = regimes_run
     references = experiment.prepare_regime_references(params, progress=False)
-    assert {r: len(f) for r, f in references.items()} == {"from-scratch": 2, "fine-tuned": 1, "lora": 1, "weak": 2}
+    assert {r: len(f) for r, f in references.items()} == {"from-scratch": 2, "fine-tuned": 1, "lora": 1, "flow": 2}
+    assert all((Path(folder) / "transformer").is_dir() for folder in references["flow"])  # flow models, as the target
     base = load_file(str(Path(references["fine-tuned"][0]) / "unet" / "diffusion_pytorch_model.safetensors"))
     fine = load_file(str(Path(targets[("fine-tuned", 0)]) / "unet" / "diffusion_pytorch_model.safetensors"))
     assert any(not np.array_equal(base[k].numpy(), fine[k].numpy()) for k in base)  # the fine-tuning moved it
@@ -371,8 +381,8 @@ def test_07_reference_runs_score_against_each_regimes_own_references(regimes_run
     for (regime, seed), _ in targets.items():
         scores = pd.read_parquet(out / "regimes" / f"{regime}-seed{seed}" / "scores.parquet")
         calibrated = scores[scores["run"] == "structural_reference"].set_index("id")
-        if regime not in references:  # the flow regime: no reference models, no reference rows (the skip is noted)
-            assert calibrated.empty and regime == "flow"
+        if regime not in references:  # the weak regime here: no reference models, no reference rows (skip noted)
+            assert calibrated.empty and regime == "weak"
             continue
         raw = scores[scores["run"] == "structural_paper"].set_index("id").loc[calibrated.index]
         assert (calibrated["calibrate"] == "reference").all()
@@ -386,7 +396,7 @@ def test_07_reference_runs_score_against_each_regimes_own_references(regimes_run
         np.testing.assert_allclose(calibrated["value"], expected, rtol=0, atol=1e-12 * np.abs(expected).max())
         assert np.abs(expected).max() > 0
     metrics = pd.read_csv(out / "tables" / "regime_metrics.csv")
-    assert set(metrics.loc[metrics["run"] == "pia_reference", "regime"]) == set(params["REGIMES"]) - {"flow"}
+    assert set(metrics.loc[metrics["run"] == "pia_reference", "regime"]) == set(params["REGIMES"]) - {"weak"}
     audit_features = pd.read_parquet(out / "regimes" / "fine-tuned-seed0" / "audit_features.parquet")
     assert audit_features["structural_reference"].notna().all()
 
