@@ -807,8 +807,8 @@ def regime_study(study, regime: str, seed: int, model: str, references: dict | N
         folder.mkdir(parents=True, exist_ok=True)
     device, dtype = study.params.get("DEVICE", "cpu"), study.settings.dtype
     folder = locate_model(model)
-    sub.target = load_target(folder, device=device, dtype=dtype, loras=target_loras(folder))  # the LoRA regime's file
-    sub.params["LORA"] = target_loras(folder)
+    sub.params["LORA"] = target_loras(folder)  # the LoRA regime's file, loaded as a user's --lora
+    sub.target = load_target(folder, device=device, dtype=dtype, loras=sub.params["LORA"])
     sub.references = [
         load_target(locate_model(folder), device=device, dtype=dtype) for folder in (references or {}).get(regime, [])
     ]

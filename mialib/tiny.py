@@ -453,7 +453,7 @@ def train_unet(
         components["text_encoder"].eval().requires_grad_(False)
         with torch.random.fork_rng(devices=[]):  # peft draws the initial factors from torch's global generator
             torch.manual_seed(config.seed + 3)
-            add_lora(components["unet"], config.lora_rank)
+            add_lora(unet, config.lora_rank)
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     if flow:
         from .flow import noise_levels
