@@ -41,8 +41,8 @@ NOTEBOOKS = (
 )
 # Keys read by `prepare` (the embedded target's training) and the runner, not by every notebook.
 TARGET_KEYS = {
-    "PRESET", "VAE_STEPS", "UNET_STEPS", "TRAIN_SEED", "TRAIN_BATCH_SIZE", "BUILD_TINY_TARGET", "NOTEBOOKS",
-    "TINY_FAMILY",
+    "PRESET", "VAE_STEPS", "VAE_LR", "UNET_STEPS", "TRAIN_SEED", "TRAIN_BATCH_SIZE", "BUILD_TINY_TARGET", "NOTEBOOKS",
+    "TINY_FAMILY", "EXTRA_NONMEMBERS_RUNS",
 }  # fmt: skip
 
 
@@ -150,6 +150,7 @@ def emoji_training_images(params: dict) -> pd.DataFrame:
 TINY_KEYS = {
     "IMAGE_SIZE": "image_size",
     "VAE_STEPS": "vae_steps",
+    "VAE_LR": "vae_lr",  # the VAE's peak learning rate (cosine schedule)
     "UNET_STEPS": "unet_steps",
     "CHECKPOINTS": "checkpoints",
     "TRAIN_SEED": "seed",
@@ -494,6 +495,17 @@ class Study:
         return json.loads(path.read_text())
 
 
+def _own_set_suffix(out: Path, params: dict, notebook: str) -> str:
+    """``tables/image_set.csv`` is the run's attacked set (the one ``make run`` writes ``parameters.json``
+    for); a notebook run without the preset's extra non-members (``EXTRA_NONMEMBERS_RUNS``) writes its own
+    set beside it, ``image_set_<notebook>.csv``, instead of overwriting it."""
+    saved = out / "parameters.json"
+    if not saved.exists():
+        return ""
+    preset_extra = int(json.loads(saved.read_text()).get("EXTRA_NONMEMBERS") or 0)
+    return "" if preset_extra == int(params.get("EXTRA_NONMEMBERS") or 0) else f"_{notebook}"
+
+
 def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
     """One call at the top of every notebook: the UPPER_CASE names of ``params`` (a notebook passes
     ``globals()``) are its parameters. Opens the image set (writing its records and skip table), checks
@@ -509,8 +521,9 @@ def setup(params: dict, notebook: str, load_model: bool = True) -> Study:
         folder.mkdir(parents=True, exist_ok=True)
     settings = Settings.from_parameters(params)
     imageset = open_data(params)
-    imageset.records.drop(columns=["location"]).to_csv(out / "tables" / "image_set.csv", index=False)
-    imageset.skipped.to_csv(out / "tables" / "skipped_images.csv", index=False)
+    suffix = _own_set_suffix(out, params, notebook)
+    imageset.records.drop(columns=["location"]).to_csv(out / "tables" / f"image_set{suffix}.csv", index=False)
+    imageset.skipped.to_csv(out / "tables" / f"skipped_images{suffix}.csv", index=False)
     print(imageset.summary(), flush=True)
     study = Study(params, notebook, out, settings, imageset)
     claim_output(study.cache)
@@ -600,6 +613,9 @@ def notebook_runs(params: dict) -> dict[str, tuple[str, dict] | str]:
     ``03_attack_biased`` repeats the comparison on the biased split (non-members from a shifted source);
     it exists only for the embedded emoji set. It shares the fair run's cache: results are keyed per
     image, so the members (the same images) are read back and only the shifted non-members are scored.
+    With ``EXTRA_NONMEMBERS_RUNS`` (a list of run names), only those runs get ``EXTRA_NONMEMBERS``; the
+    others attack the split without them (sweeps that report AUC, which the split resolves, at a third of
+    the cost).
     """
     output_dir = params["OUTPUT_DIR"]
     cache_dir = params.get("CACHE_DIR") or f"{output_dir}/cache"
@@ -617,7 +633,7 @@ def notebook_runs(params: dict) -> dict[str, tuple[str, dict] | str]:
         if data_kind(params) == "emoji"
         else f"the biased split exists only for the embedded emoji set (DATA is {params.get('DATA')!r})"
     )
-    return {
+    runs = {
         "01_data_split": ("01_data_split", {}),
         "02_observation": ("02_observation", {}),
         "03_attack": ("03_attack", {}),
@@ -629,6 +645,17 @@ def notebook_runs(params: dict) -> dict[str, tuple[str, dict] | str]:
         if data_kind(params) == "emoji"
         else f"the regimes are trainings of the embedded target on the emoji set (DATA is {params.get('DATA')!r})",
     }
+    # EXTRA_NONMEMBERS_RUNS: the runs that attack the extra test non-members; the others attack the split alone
+    extra_runs = params.get("EXTRA_NONMEMBERS_RUNS", "all")
+    if extra_runs != "all":
+        unknown = sorted(set(extra_runs) - set(runs))
+        if unknown:
+            raise ValueError(f"EXTRA_NONMEMBERS_RUNS names unknown notebook runs {unknown}; known: {list(runs)}")
+        if int(params.get("EXTRA_NONMEMBERS") or 0):
+            for name, run in runs.items():
+                if isinstance(run, tuple) and name not in extra_runs:
+                    runs[name] = (run[0], {**run[1], "EXTRA_NONMEMBERS": 0})
+    return runs
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_a_config_written_before_the_regimes_reads_back_as_the_same_target():
         "unet_lr": 0.001, "batch_size": 16, "caption_dropout": 0.1, "checkpoints": [300, 600, 900], "seed": 0,
         "threads": 0,
     }  # fmt: skip
-    params = experiment.load_preset(ROOT / "configs" / "default.yaml")
+    params = experiment.load_preset(ROOT / "configs" / "quick.yaml")  # the default of those days
     assert TinyConfig.from_saved(old) == experiment.tiny_config(params)
     assert experiment.tiny_config(params).shared_seed == params["TRAIN_SEED"]
     with pytest.raises(ValueError, match="unet_data"):
@@ -52,9 +52,8 @@ def test_regime_targets_expand_the_preset():
     assert targets[("from-scratch", 0)]["MODEL"] == params["MODEL"]
     assert targets[("weak", 2)]["MODEL"] == f"{params['MODEL']}-weak-seed2"
     configs = {key: experiment.tiny_config(target) for key, target in targets.items()}
-    assert configs[("from-scratch", 0)] == experiment.tiny_config(
-        experiment.load_preset(ROOT / "configs" / "default.yaml")
-    )
+    quick = experiment.load_preset(ROOT / "configs" / "quick.yaml")
+    assert configs[("from-scratch", 0)] == experiment.tiny_config(quick)
     assert {c.shared_seed for c in configs.values()} == {params["TRAIN_SEED"]} and {
         c.seed for c in configs.values()
     } == set(params["REGIME_SEEDS"])
@@ -329,22 +328,67 @@ def test_07_audit_null_rate_and_power_per_regime(regimes_run):
         assert f"In the {regime} regime the best per-image attack" in text
 
 
-def test_the_strong_preset_builds_a_stronger_target_in_its_own_folder():
-    """configs/strong.yaml: the default with an accurate autoencoder and stronger memorisation, and 500 test
-    non-members; its folder is neither the default's nor a regime's (a folder built with other settings is
-    refused, never overwritten)."""
-    default = experiment.load_preset(ROOT / "configs" / "default.yaml")
-    strong = experiment.load_preset(ROOT / "configs" / "strong.yaml")
-    differ = ("PRESET", "OUTPUT_DIR", "MODEL", "VAE_STEPS", "UNET_STEPS", "CHECKPOINTS", "EXTRA_NONMEMBERS")
-    # and the fuller sweeps, which the default trims to keep `make run` within 20 minutes
-    differ += ("CAPTION_CONTROLS", "ROBUSTNESS_SWEEP", "ABLATION_STRIDES", "ABLATION_RESOLUTIONS")
-    assert {k: v for k, v in strong.items() if k not in differ} == {k: v for k, v in default.items() if k not in differ}
-    # and 500 test non-members: the filler images that the strong target never saw
-    assert strong["N_NONMEMBERS"] // 2 + strong["EXTRA_NONMEMBERS"] >= 500 and default["EXTRA_NONMEMBERS"] == 0
-    experiment.check_unseen_extras(strong)  # not built here: nothing to refuse; built, its tiny_config has no filler
-    ours, theirs = experiment.tiny_config(strong), experiment.tiny_config(default)
-    assert ours.vae_steps == 10 * theirs.vae_steps and ours.unet_steps > 3 * theirs.unet_steps
-    assert not str(strong["MODEL"]).startswith(str(default["MODEL"])) and strong["OUTPUT_DIR"] != default["OUTPUT_DIR"]
+def test_the_default_is_the_papers_regime_and_quick_and_strong_are_its_variants():
+    """configs/default.yaml: an accurate autoencoder and strong memorisation (the regime the structural attack's paper
+    studies) and 500 test non-members in 03 and 06; configs/quick.yaml: the same preset with the cheaper target of the
+    regimes (07) and no extra non-members; configs/strong.yaml: the most accurate autoencoder and the fuller sweeps.
+    Each target has its own folder (a folder built with other settings is refused, never overwritten)."""
+    default, quick, strong, regimes = (
+        experiment.load_preset(ROOT / "configs" / f"{name}.yaml") for name in ("default", "quick", "strong", "regimes")
+    )
+    target = ("MODEL", "VAE_STEPS", "VAE_LR", "UNET_STEPS", "CHECKPOINTS")
+    extras = ("EXTRA_NONMEMBERS", "EXTRA_NONMEMBERS_RUNS")
+    sweeps = ("CAPTION_CONTROLS", "ROBUSTNESS_SWEEP", "ABLATION_STRIDES", "ABLATION_RESOLUTIONS")  # trimmed for time
+
+    def same(a, b, differ):
+        differ = ("PRESET", "OUTPUT_DIR", *differ)
+        return {k: v for k, v in a.items() if k not in differ} == {k: v for k, v in b.items() if k not in differ}
+
+    assert same(default, quick, target + extras) and same(default, strong, target + extras + sweeps)
+    ours, cheap, accurate = (experiment.tiny_config(p) for p in (default, quick, strong))
+    assert ours.unet_steps == accurate.unet_steps == 3000 and ours.unet_lr == accurate.unet_lr
+    assert ours.vae_steps == 2000 and ours.vae_lr == 3e-3 and accurate.vae_steps == 4000 and accurate.vae_lr == 1e-3
+    # the quick target is 07's from-scratch target
+    assert cheap == experiment.tiny_config({**regimes, **regimes["REGIMES"]["from-scratch"]})
+    assert (cheap.vae_steps, cheap.unet_steps) == (400, 900)
+    # 500 test non-members: the filler images that neither the default nor the strong target ever saw
+    for preset in (default, strong):
+        assert preset["N_NONMEMBERS"] // 2 + preset["EXTRA_NONMEMBERS"] >= 500
+        experiment.check_unseen_extras(preset)  # built or not: no filler image in its training
+    assert quick["EXTRA_NONMEMBERS"] == 0 and strong["EXTRA_NONMEMBERS_RUNS"] == "all"
+    models = [str(p["MODEL"]) for p in (default, quick, strong)]
+    assert len(set(models)) == 3 and not any(a != b and a.startswith(b) for a in models for b in models)
+    assert len({p["OUTPUT_DIR"] for p in (default, quick, strong)}) == 3
+
+
+def test_extra_nonmembers_go_to_the_runs_that_ask_for_them():
+    """EXTRA_NONMEMBERS_RUNS: those notebook runs attack the extra test non-members, the others the split alone."""
+    params = experiment.load_preset(ROOT / "configs" / "default.yaml")
+    runs = experiment.notebook_runs(params)
+    extra = {name: run[1].get("EXTRA_NONMEMBERS", params["EXTRA_NONMEMBERS"]) for name, run in runs.items()}
+    attacked = {name for name, n in extra.items() if n}
+    assert attacked == set(params["EXTRA_NONMEMBERS_RUNS"]) == {"03_attack", "06_set_audit"}
+    assert extra["03_attack"] == 372 and extra["04_robustness"] == extra["03_attack_biased"] == 0
+    assert runs["03_attack_biased"][1]["NONMEMBER_STYLE"] == "shifted"  # its own overrides stay
+    every = experiment.notebook_runs({**params, "EXTRA_NONMEMBERS_RUNS": "all"})
+    assert all("EXTRA_NONMEMBERS" not in run[1] for run in every.values())
+    with pytest.raises(ValueError, match=r"unknown notebook runs \['03_atack'\]"):
+        experiment.notebook_runs({**params, "EXTRA_NONMEMBERS_RUNS": ["03_atack"]})
+
+
+def test_a_run_without_the_extra_nonmembers_keeps_the_runs_image_set_table(tmp_path):
+    """tables/image_set.csv is the set of the run (the preset `make run` wrote parameters.json for); a notebook run
+    without its extra non-members writes its own table beside it instead of overwriting it."""
+    out = experiment.claim_output(tmp_path / "run")  # as run_notebooks does, before it writes parameters.json
+    params = {**experiment.load_preset(ROOT / "configs" / "default.yaml"), "OUTPUT_DIR": str(out)}
+    params["EXTRA_NONMEMBERS"] = 20
+    (out / "parameters.json").write_text(json.dumps(params))
+    experiment.setup(params, "03_attack", load_model=False)
+    experiment.setup({**params, "EXTRA_NONMEMBERS": 0}, "04_robustness", load_model=False)
+    tables = out / "tables"
+    run, own = pd.read_csv(tables / "image_set.csv"), pd.read_csv(tables / "image_set_04_robustness.csv")
+    assert (len(run), len(own)) == (404, 384) and set(own["id"]) < set(run["id"])
+    assert (tables / "skipped_images_04_robustness.csv").exists()
 
 
 def test_07_reference_runs_score_against_each_regimes_own_references(regimes_run, tmp_path):
