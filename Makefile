@@ -41,8 +41,8 @@ lab: $(STAMP) ## JupyterLab with the project's kernel
 benchmark: $(STAMP) ## speed and memory figures of the attacks on the embedded target
 	$(PY) scripts/benchmark.py --preset configs/$(PRESET).yaml
 
-benchmark-sd: $(STAMP) ## SD 1.5-shaped random weights: load, fingerprint memory, `mialib score` at 64 and 256 px (4 GB disk)
-	$(PY) scripts/benchmark_sd.py
+benchmark-sd: $(STAMP) ## random weights in real shapes: SD 1.5 (64 and 256 px, 4 GB disk); ARGS="--family sd3|flux --device cuda": SD3.5-medium / FLUX.1-dev at 1024 px in bf16 (16 / 34 GB); ARGS="--family sd3 --scale tiny" on a CPU
+	$(PY) scripts/benchmark_sd.py $(ARGS)
 
 install: $(STAMP)
 
