@@ -648,6 +648,8 @@ def notebook_runs(params: dict) -> dict[str, tuple[str, dict] | str]:
     # EXTRA_NONMEMBERS_RUNS: the runs that attack the extra test non-members; the others attack the split alone
     extra_runs = params.get("EXTRA_NONMEMBERS_RUNS", "all")
     if extra_runs != "all":
+        if isinstance(extra_runs, str):
+            raise ValueError(f"EXTRA_NONMEMBERS_RUNS: {extra_runs!r}; a list of notebook runs, or all")
         unknown = sorted(set(extra_runs) - set(runs))
         if unknown:
             raise ValueError(f"EXTRA_NONMEMBERS_RUNS names unknown notebook runs {unknown}; known: {list(runs)}")

@@ -374,6 +374,8 @@ def test_extra_nonmembers_go_to_the_runs_that_ask_for_them():
     assert all("EXTRA_NONMEMBERS" not in run[1] for run in every.values())
     with pytest.raises(ValueError, match=r"unknown notebook runs \['03_atack'\]"):
         experiment.notebook_runs({**params, "EXTRA_NONMEMBERS_RUNS": ["03_atack"]})
+    with pytest.raises(ValueError, match="a list of notebook runs, or all"):
+        experiment.notebook_runs({**params, "EXTRA_NONMEMBERS_RUNS": "03_attack"})
 
 
 def test_a_run_without_the_extra_nonmembers_keeps_the_runs_image_set_table(tmp_path):
